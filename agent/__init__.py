@@ -1,0 +1,1 @@
+"""The prism-agent daemon and its command line."""

@@ -1,0 +1,156 @@
+"""Model adapters: the row-local pieces of ViT, BERT and GPT-2 blocks, on `transformers` weights.
+
+An adapter never copies a model file: it calls the model's own submodules (embeddings,
+Q/K/V and output projections, LayerNorms, MLPs, heads) on the rows a rank owns, and
+leaves attention to :mod:`engine.attention`. ``reference`` runs the plain `transformers`
+forward, the exact path every PRISM run is checked against.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from engine.errors import BadRequest
+
+Tensors = dict[str, torch.Tensor]
+
+
+class Task(enum.Enum):
+    """What a job asks of a model."""
+
+    CLASSIFY = "classify"  # ViT / BERT: class logits from the first token
+    FEATURES = "features"  # ViT: final first-token (CLS) features
+    EMBED = "embed"  # BERT: mean-pooled sentence embedding over real tokens
+    NEXT_TOKEN = "next_token"  # GPT-2: next-token logits after the last real token
+    LOGLIK = "loglik"  # GPT-2: summed log-likelihood and token count per sample
+
+
+@dataclass(frozen=True, slots=True)
+class Shapes:
+    """Batch size and token count of a job."""
+
+    batch: int
+    n_tokens: int
+
+
+class Adapter:
+    """Row-local operations of one model family; subclasses fill them in."""
+
+    family = ""
+    causal = False
+    tasks: tuple[Task, ...] = ()
+
+    def __init__(self, model: Any, backbone: Any, layers: Any) -> None:
+        # `transformers` submodules are untyped; Any keeps attribute access honest to read.
+        self.model: Any = model.eval()
+        self.backbone: Any = backbone
+        self.layers: Any = layers
+        self.config: Any = backbone.config
+        self.dtype = next(model.parameters()).dtype
+
+    # -- shapes and inputs ------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        """Number of Transformer blocks."""
+        return len(self.layers)
+
+    @property
+    def hidden_size(self) -> int:
+        """Model width D."""
+        return int(self.config.hidden_size)
+
+    def check_task(self, task: Task) -> None:
+        """Raise ``BadRequest`` unless this model can do ``task``."""
+        if task not in self.tasks:
+            names = ", ".join(t.value for t in self.tasks)
+            raise BadRequest(f"a {self.family} model does not do '{task.value}' (it does: {names})")
+
+    def shapes(self, inputs: Tensors) -> Shapes:
+        """Batch size and token count of ``inputs``."""
+        ids = inputs["input_ids"]
+        return Shapes(int(ids.shape[0]), int(ids.shape[1]))
+
+    def token_mask(self, shared: Tensors, shapes: Shapes) -> torch.Tensor:
+        """(B, N) bool: which positions hold real (non-padding) tokens."""
+        mask = shared.get("attention_mask")
+        if mask is None:
+            return torch.ones(shapes.batch, shapes.n_tokens, dtype=torch.bool)
+        return mask.bool()
+
+    def split_inputs(self, inputs: Tensors, spans: list[range]) -> tuple[Tensors, list[Tensors]]:
+        """(what every rank gets, what each rank gets) — token inputs are small, so shared."""
+        return dict(inputs), [{} for _ in spans]
+
+    # -- the block, row-local ---------------------------------------------------------
+    def embed(self, shared: Tensors, local: Tensors, span: range) -> torch.Tensor:
+        """Embeddings of the rows in ``span`` -> (B, n, D)."""
+        raise NotImplementedError
+
+    def attn_input(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        """What enters layer i's Q/K/V projections (this is what gets averaged)."""
+        raise NotImplementedError
+
+    def project(self, i: int, x_q: torch.Tensor, x_kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Q from ``x_q`` (B, n, D), K/V from ``x_kv`` (B, K, D); each (B, heads, rows, d)."""
+        raise NotImplementedError
+
+    def scaling(self, i: int) -> float:
+        """Logit scale of layer i."""
+        raise NotImplementedError
+
+    def finish(self, i: int, h: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        """Output projection, residuals, norms and MLP of layer i; ctx (B, heads, n, d)."""
+        raise NotImplementedError
+
+    def final_norm(self, h: torch.Tensor) -> torch.Tensor:
+        """The norm after the last block (identity for BERT)."""
+        return h
+
+    # -- outputs ----------------------------------------------------------------------
+    def partials(self, task: Task, h: torch.Tensor, shared: Tensors, span: range, shapes: Shapes) -> Tensors:
+        """This rank's sum-reducible share of the output, from final hidden rows h (B, n, D)."""
+        raise NotImplementedError
+
+    def finalize(self, task: Task, summed: Tensors) -> Tensors:
+        """The job's output from the partials summed over ranks."""
+        raise NotImplementedError
+
+    def reference(self, task: Task, inputs: Tensors) -> Tensors:
+        """The plain `transformers` forward: the exact answer (plus ``hidden``)."""
+        raise NotImplementedError
+
+
+def heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """(B, n, h*d) -> (B, h, n, d)."""
+    b, n, _ = x.shape
+    return x.view(b, n, -1, head_dim).transpose(1, 2)
+
+
+def merge_heads(ctx: torch.Tensor) -> torch.Tensor:
+    """(B, h, n, d) -> (B, n, h*d)."""
+    b, h, n, d = ctx.shape
+    return ctx.transpose(1, 2).reshape(b, n, h * d)
+
+
+def place_rows(h: torch.Tensor, span: range, shapes: Shapes) -> torch.Tensor:
+    """This rank's rows written into a zero (B, N, D) tensor (summed over ranks = gather)."""
+    full = h.new_zeros(shapes.batch, shapes.n_tokens, h.shape[-1])
+    full[:, span.start : span.stop] = h
+    return full
+
+
+def first_row(h: torch.Tensor, span: range) -> torch.Tensor:
+    """Row of global position 0 if this rank holds it, else zeros; (B, D)."""
+    if span.start == 0:
+        return h[:, 0]
+    return h.new_zeros(h.shape[0], h.shape[-1])
+
+
+def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over real tokens: hidden (B, N, D), mask (B, N) -> (B, D)."""
+    m = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)

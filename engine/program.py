@@ -1,0 +1,113 @@
+"""The rank-local PRISM program: what one rank computes, step by step.
+
+Both runners execute exactly this code; they differ only in how segment rows move
+between ranks (a loop in one process, or a GLOO all-to-all), so they give the same
+numbers for the same plan (DESIGN.md §3.7).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.adapters import Adapter, Shapes, Task, Tensors, place_rows
+from engine.attention import attend, key_bias
+from engine.errors import BadRequest
+from engine.plan import PartitionPlan
+from engine.segments import Compression, SegmentLayout, layout
+
+
+@dataclass(frozen=True, slots=True)
+class JobSpec:
+    """Everything every rank must agree on to run one job (travels as control data)."""
+
+    model: str
+    task: Task
+    plan: PartitionPlan
+    comp: Compression
+    batch: int
+    gather_hidden: bool = False
+
+    @property
+    def shapes(self) -> Shapes:
+        """Batch and token count of the job."""
+        return Shapes(self.batch, self.plan.n_tokens)
+
+
+class RankProgram:
+    """One rank's share of a job: embed its rows, then per layer send / finish."""
+
+    def __init__(self, adapter: Adapter, spec: JobSpec, rank: int, shared: Tensors, local: Tensors) -> None:
+        self.adapter = adapter
+        self.spec = spec
+        self.rank = rank
+        self.span = spec.plan.span(rank)
+        self.shared = shared
+        self.local = local
+        mask = adapter.token_mask(shared, spec.shapes)  # (B, N) bool
+        self.layouts: list[SegmentLayout] = [layout(spec.plan, q, mask, spec.comp) for q in range(spec.plan.ranks)]
+        others = [q for q in range(spec.plan.ranks) if q != rank]
+        # Causal models only need rows from earlier ranks (DESIGN.md §3.5).
+        self.senders = [q for q in others if q < rank] if adapter.causal else others
+        self.receivers = [q for q in others if q > rank] if adapter.causal else others
+        self.bias = key_bias(
+            mask[:, self.span.start : self.span.stop],
+            [self.layouts[q].counts for q in self.senders],
+            count_bias=spec.comp.count_bias,
+            causal=adapter.causal,
+            dtype=adapter.dtype,
+        )
+
+    @property
+    def my_layout(self) -> SegmentLayout:
+        """Segments this rank sends."""
+        return self.layouts[self.rank]
+
+    def rows_from(self, sender: int) -> int:
+        """Rows per sample this rank receives from ``sender``."""
+        return self.layouts[sender].n_segments
+
+    def embed(self) -> torch.Tensor:
+        """Embeddings of this rank's rows, (B, n, D)."""
+        return self.adapter.embed(self.shared, self.local, self.span)
+
+    def send(self, i: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer i's attention input x (B, n, D) and what to send of it, (B, L, D)."""
+        x = self.adapter.attn_input(i, h)
+        return x, self.my_layout.means(x)
+
+    def finish(self, i: int, h: torch.Tensor, x: torch.Tensor, remote: list[torch.Tensor]) -> torch.Tensor:
+        """Layer i given the rows received from ``self.senders`` (in that order)."""
+        unique = torch.cat([x, *remote], dim=1) if remote else x  # (B, n + sum L_q, D)
+        q, k, v = self.adapter.project(i, x, unique)
+        ctx = attend(q, k, v, self.bias, self.adapter.scaling(i))  # (B, h, n, d)
+        return self.adapter.finish(i, h, ctx)
+
+    def partials(self, h: torch.Tensor) -> Tensors:
+        """This rank's sum-reducible share of the output."""
+        h = self.adapter.final_norm(h)
+        out = self.adapter.partials(self.spec.task, h, self.shared, self.span, self.spec.shapes)
+        if self.spec.gather_hidden:
+            out["hidden"] = place_rows(h, self.span, self.spec.shapes)
+        return out
+
+
+def plan_job(
+    adapter: Adapter,
+    model: str,
+    task: Task,
+    inputs: Tensors,
+    *,
+    ranks: int,
+    comp: Compression,
+    weights: list[float] | None = None,
+    gather_hidden: bool = False,
+) -> JobSpec:
+    """Check a job against the model and build the spec every rank will run."""
+    adapter.check_task(task)
+    shapes = adapter.shapes(inputs)
+    plan = PartitionPlan.weighted(shapes.n_tokens, weights) if weights else PartitionPlan.equal(shapes.n_tokens, ranks)
+    if plan.ranks != ranks:
+        raise BadRequest(f"{len(weights or [])} rank weights given for {ranks} ranks")
+    return JobSpec(model, task, plan, comp, shapes.batch, gather_hidden)

@@ -1,0 +1,126 @@
+"""Segment Means: what a rank sends instead of its full attention input (DESIGN.md §3.3).
+
+A rank's positions are cut into contiguous, near-equal segments of about ``cr`` tokens
+and only each segment's mean row travels, with its count of real tokens. Padding is
+left out of means and counts; a segment without real tokens has count 0 and is masked
+out by the receiver. Chosen positions (the global first token, each sample's last real
+token) can be kept exact as count-1 segments of their own.
+
+Every rank can compute every rank's layout from the plan and the global token mask,
+so counts never need to travel.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from engine.errors import BadRequest
+from engine.plan import PartitionPlan
+
+
+@dataclass(frozen=True, slots=True)
+class Compression:
+    """How ranks compress what they exchange.
+
+    ``cr`` is tokens per segment; ``None`` means full exchange (exact rows, the
+    "Voltage" baseline). ``keep_first`` sends global position 0 (CLS) exactly;
+    ``keep_last`` sends each sample's last real token exactly ([SEP] in BERT).
+    ``count_bias`` adds ``log(count)`` to a segment's attention logit so it weighs as
+    the tokens it stands for (switch off only for ablation).
+    """
+
+    cr: float | None = None
+    keep_first: bool = True
+    keep_last: bool = False
+    count_bias: bool = True
+
+    def __post_init__(self) -> None:
+        if self.cr is not None and (not math.isfinite(self.cr) or self.cr < 1):
+            raise BadRequest(f"compression rate must be a number >= 1 (or 'full'), got {self.cr}")
+
+    @property
+    def is_full(self) -> bool:
+        """True for exact full-tensor exchange."""
+        return self.cr is None
+
+    def label(self) -> str:
+        """Short human name: ``full`` or ``cr=8``."""
+        return "full" if self.cr is None else f"cr={self.cr:g}"
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentLayout:
+    """One rank's segments for one batch.
+
+    ``assign`` (B, L, n) holds 1 where local row j belongs to segment l (padding rows
+    belong to none); ``counts`` (B, L) is the number of real tokens per segment.
+    """
+
+    assign: torch.Tensor | None  # (B, L, n); None for full exchange (identity)
+    counts: torch.Tensor  # (B, L) float
+
+    @property
+    def n_segments(self) -> int:
+        """L, the number of rows this rank sends per sample."""
+        return int(self.counts.shape[1])
+
+    def means(self, x: torch.Tensor) -> torch.Tensor:
+        """Segment means of ``x`` (B, n, D) -> (B, L, D); empty segments are zero rows."""
+        if self.assign is None:
+            return x
+        sums = torch.bmm(self.assign.to(x.dtype), x)  # (B, L, D)
+        return sums / self.counts.clamp(min=1.0).to(x.dtype).unsqueeze(-1)
+
+
+def _regular_segments(n_positions: int, cr: float) -> list[int]:
+    """Sizes of near-equal contiguous segments of at most about ``cr`` positions."""
+    if n_positions == 0:
+        return []
+    n_segments = math.ceil(n_positions / cr - 1e-9)
+    base, extra = divmod(n_positions, n_segments)
+    return [base + 1] * extra + [base] * (n_segments - extra)
+
+
+def last_real_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Global index of each sample's last real token, (B,) long."""
+    n = mask.shape[1]
+    idx = torch.arange(n, device=mask.device).expand_as(mask)
+    return torch.where(mask, idx, torch.full_like(idx, -1)).max(dim=1).values
+
+
+def layout(plan: PartitionPlan, rank: int, mask: torch.Tensor, comp: Compression) -> SegmentLayout:
+    """Segments rank ``rank`` sends for a batch whose real tokens are ``mask`` (B, N) bool."""
+    span = plan.span(rank)
+    local_mask = mask[:, span.start : span.stop]  # (B, n)
+    if comp.cr is None:
+        return SegmentLayout(assign=None, counts=local_mask.to(torch.float32))
+
+    batch, n = local_mask.shape
+    # seg_id[b, j]: segment of local row j in sample b, -1 for rows in no segment.
+    seg_id = torch.full((batch, n), -1, dtype=torch.long)
+    regular = torch.ones(n, dtype=torch.bool)
+    next_id = 0
+    if comp.keep_first and span.start == 0:
+        seg_id[:, 0] = 0
+        regular[0] = False
+        next_id = 1
+    reg_pos = torch.nonzero(regular).flatten()
+    offset = 0
+    for size in _regular_segments(len(reg_pos), comp.cr):
+        seg_id[:, reg_pos[offset : offset + size]] = next_id
+        next_id += 1
+        offset += size
+    if comp.keep_last:
+        last = last_real_positions(mask) - span.start  # (B,) local index
+        holders = (last >= 0) & (last < n)
+        if bool(holders.any()):
+            rows = torch.nonzero(holders).flatten()
+            seg_id[rows, last[rows]] = next_id
+            next_id += 1
+    seg_id = torch.where(local_mask, seg_id, torch.full_like(seg_id, -1))
+    ids = torch.arange(next_id).view(1, next_id, 1)
+    assign = (seg_id.unsqueeze(1) == ids).to(torch.float32)  # (B, L, n)
+    return SegmentLayout(assign=assign, counts=assign.sum(dim=-1))

@@ -1,0 +1,98 @@
+"""ViT adapter (pre-LN; `transformers` 5 ``ViTModel`` with ``.layers``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from engine.adapters import Adapter, Shapes, Task, Tensors, first_row, heads, merge_heads
+from engine.errors import BadRequest
+
+
+class ViTAdapter(Adapter):
+    """Image classification and CLS features. Token 0 is CLS, tokens 1.. are patches."""
+
+    family = "vit"
+    tasks = (Task.CLASSIFY, Task.FEATURES)
+
+    def __init__(self, model: Any) -> None:
+        backbone: Any = model.vit if hasattr(model, "vit") else model
+        super().__init__(model, backbone, backbone.layers)
+        self.classifier: Any = getattr(model, "classifier", None)
+        emb = backbone.embeddings
+        self.patch = int(emb.patch_size if isinstance(emb.patch_size, int) else emb.patch_size[0])
+        size = emb.image_size
+        self.image_hw = (int(size[0]), int(size[1])) if not isinstance(size, int) else (size, size)
+        self.channels = int(self.config.num_channels)
+
+    def check_task(self, task: Task) -> None:
+        super().check_task(task)
+        if task is Task.CLASSIFY and self.classifier is None:
+            raise BadRequest("this ViT has no classification head (use task 'features')")
+
+    def shapes(self, inputs: Tensors) -> Shapes:
+        pixels = inputs["pixel_values"]
+        if pixels.dim() != 4 or tuple(pixels.shape[1:]) != (self.channels, *self.image_hw):
+            want = (self.channels, *self.image_hw)
+            raise BadRequest(f"pixel_values must be (B, {want[0]}, {want[1]}, {want[2]}), got {tuple(pixels.shape)}")
+        n_patches = (self.image_hw[0] // self.patch) * (self.image_hw[1] // self.patch)
+        return Shapes(int(pixels.shape[0]), n_patches + 1)
+
+    def split_inputs(self, inputs: Tensors, spans: list[range]) -> tuple[Tensors, list[Tensors]]:
+        """Each rank gets only the pixels of its own patches."""
+        px = inputs["pixel_values"]
+        b, c, hgt, wid = px.shape
+        p = self.patch
+        patches = px.view(b, c, hgt // p, p, wid // p, p).permute(0, 2, 4, 1, 3, 5)
+        patches = patches.reshape(b, -1, c, p, p)  # (B, n_patches, C, p, p), row-major
+        local = []
+        for span in spans:
+            first = max(span.start, 1) - 1  # token t >= 1 is patch t - 1
+            local.append({"patches": patches[:, first : span.stop - 1].contiguous()})
+        return {}, local
+
+    def embed(self, shared: Tensors, local: Tensors, span: range) -> torch.Tensor:
+        emb = self.backbone.embeddings
+        patches = local["patches"]  # (B, m, C, p, p)
+        b, m = patches.shape[:2]
+        rows = emb.patch_embeddings.projection(patches.flatten(0, 1)).view(b, m, -1)  # (B, m, D)
+        if span.start == 0:
+            rows = torch.cat([emb.cls_token.expand(b, -1, -1), rows], dim=1)
+        return rows + emb.position_embeddings[:, span.start : span.stop]
+
+    def attn_input(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        return self.layers[i].layernorm_before(h)
+
+    def project(self, i: int, x_q: torch.Tensor, x_kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        att = self.layers[i].attention
+        d = att.head_dim
+        return heads(att.q_proj(x_q), d), heads(att.k_proj(x_kv), d), heads(att.v_proj(x_kv), d)
+
+    def scaling(self, i: int) -> float:
+        return float(self.layers[i].attention.scaling)
+
+    def finish(self, i: int, h: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        layer = self.layers[i]
+        h = h + layer.attention.o_proj(merge_heads(ctx))
+        return h + layer.mlp(layer.layernorm_after(h))
+
+    def final_norm(self, h: torch.Tensor) -> torch.Tensor:
+        return self.backbone.layernorm(h)
+
+    def partials(self, task: Task, h: torch.Tensor, shared: Tensors, span: range, shapes: Shapes) -> Tensors:
+        # Only CLS's row travels; the head runs once, on the coordinator.
+        return {"cls": first_row(h, span)}
+
+    def finalize(self, task: Task, summed: Tensors) -> Tensors:
+        if task is Task.CLASSIFY:
+            assert self.classifier is not None
+            return {"logits": self.classifier(summed["cls"])}
+        return {"features": summed["cls"]}
+
+    def reference(self, task: Task, inputs: Tensors) -> Tensors:
+        hidden = self.backbone(pixel_values=inputs["pixel_values"]).last_hidden_state
+        if task is Task.CLASSIFY:
+            logits = self.model(pixel_values=inputs["pixel_values"]).logits
+            return {"logits": logits, "hidden": hidden}
+        return {"features": hidden[:, 0], "hidden": hidden}

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Set up .venv with prism-agent and its dependencies; idempotent and quick when nothing changed.
+#   scripts/setup.sh          runtime only
+#   scripts/setup.sh dev      plus test and lint tools
+# TORCH_INDEX_URL=<url> picks where torch comes from (e.g. PyTorch's CPU index on a machine
+# whose pip would otherwise fetch the multi-GB CUDA build). On Jetson see README "Jetson".
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+extra="${1:-}"
+py="${PYTHON:-python3}"
+
+if ! "$py" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
+    echo "setup: need Python >= 3.10 (found: $("$py" --version 2>&1 || echo none))" >&2
+    exit 1
+fi
+
+if [ ! -x .venv/bin/python ]; then
+    if ! "$py" -m venv .venv 2>/dev/null; then
+        rm -rf .venv
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+            echo "setup: installing python3-venv" >&2
+            apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+            "$py" -m venv .venv
+        else
+            echo "setup: '$py -m venv' failed; install python3-venv (apt-get install python3-venv)" >&2
+            exit 1
+        fi
+    fi
+fi
+
+stamp=".venv/.prism-setup-$extra"
+want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+    exit 0
+fi
+
+pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
+# torch first and pinned, so nothing later can pull another build.
+if [ -n "${TORCH_INDEX_URL:-}" ]; then
+    "${pip[@]}" --index-url "$TORCH_INDEX_URL" "torch==2.13.0"
+else
+    "${pip[@]}" "torch==2.13.0"
+fi
+if [ "$extra" = dev ]; then
+    "${pip[@]}" -e ".[dev]"
+else
+    "${pip[@]}" -e .
+fi
+echo "$want" > "$stamp"

@@ -1,0 +1,1 @@
+"""Transport: GLOO process groups for tensors (MQTT control and link probes come later)."""

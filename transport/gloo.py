@@ -1,0 +1,239 @@
+"""GLOO process groups and a byte-counting, timed tensor channel over one.
+
+Groups are standalone ``ProcessGroupGloo`` objects (no global default group), so one
+process can hold several and tear one down without touching the others. On CUDA
+devices every tensor is staged through pinned CPU memory, timed as staging.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from engine.errors import GroupError
+from engine.trace import RankTrace
+
+Tensors = dict[str, torch.Tensor]
+
+
+def connect_store(host: str, port: int, rank: int, size: int, *, timeout_s: float) -> Any:
+    """The rendezvous store of a group: rank 0 serves it at ``host:port``, the others join."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    try:
+        return dist.TCPStore(host, port, size, rank == 0, timeout=timeout, wait_for_workers=False)  # type: ignore[attr-defined]
+    except (RuntimeError, ValueError) as exc:
+        raise GroupError(f"cannot reach the group's rendezvous at {host}:{port} as rank {rank}: {exc}") from exc
+
+
+def make_group(
+    store: Any,
+    rank: int,
+    size: int,
+    *,
+    timeout_s: float,
+    interface: str | None = None,
+    address: str | None = None,
+    prefix: str = "prism",
+) -> Any:
+    """A GLOO group of ranks ``0..size-1`` over ``store`` (several may share one store).
+
+    ``interface`` (e.g. ``lo``, ``eth0``) or ``address`` pins the NIC GLOO uses; without
+    either GLOO resolves the hostname, which often lands on 127.0.0.1 and fails.
+    Every collective on the group fails after ``timeout_s``.
+    """
+    timeout = datetime.timedelta(seconds=timeout_s)
+    gloo: Any = dist.ProcessGroupGloo
+    options = gloo._Options()
+    options._timeout = timeout
+    try:
+        if interface or address:
+            device = gloo.create_device(hostname=address or "", interface=interface or "")
+        else:
+            device = gloo.create_default_device()
+        options._devices = [device]
+        return gloo(dist.PrefixStore(prefix, store), rank, size, options)  # type: ignore[attr-defined]
+    except (RuntimeError, ValueError) as exc:
+        raise GroupError(f"cannot form a GLOO group of {size} as rank {rank}: {exc}") from exc
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class GlooComm:
+    """Collectives the engine needs, with bytes and seconds booked into ``trace``.
+
+    Per-layer hidden-state traffic (``exchange``) is booked as exchange bytes; inputs,
+    outputs and control as io bytes.
+    """
+
+    def __init__(self, group: Any, device: torch.device | None = None) -> None:
+        self.group = group
+        self.rank = group.rank()
+        self.size = group.size()
+        self.device = device or torch.device("cpu")
+        self.trace = RankTrace(rank=self.rank)
+
+    # -- plumbing ---------------------------------------------------------------------
+    @contextmanager
+    def _collective(self, what: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        except RuntimeError as exc:
+            raise GroupError(f"GLOO {what} failed on rank {self.rank}: {str(exc).splitlines()[0]}") from exc
+        finally:
+            self.trace.comm_s += time.perf_counter() - start
+
+    def _to_cpu(self, t: torch.Tensor) -> torch.Tensor:
+        """Stage a device tensor into pinned CPU memory (GLOO works on CPU tensors)."""
+        if t.device.type == "cpu":
+            return t.contiguous()
+        start = time.perf_counter()
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        torch.cuda.synchronize(t.device)
+        self.trace.staging_s += time.perf_counter() - start
+        return host
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cpu":
+            return t
+        start = time.perf_counter()
+        out = t.to(self.device, non_blocking=True)
+        torch.cuda.synchronize(self.device)
+        self.trace.staging_s += time.perf_counter() - start
+        return out
+
+    # -- the per-layer exchange -------------------------------------------------------
+    def exchange(
+        self,
+        send: torch.Tensor,
+        receivers: list[int],
+        senders: list[int],
+        recv_shapes: Sequence[tuple[int, ...]],
+    ) -> list[torch.Tensor]:
+        """Send ``send`` to every rank in ``receivers``; get one tensor from each sender."""
+        host = self._to_cpu(send).flatten()
+        in_splits = [host.numel() if q in receivers else 0 for q in range(self.size)]
+        out_splits = [0] * self.size
+        for q, shape in zip(senders, recv_shapes, strict=True):
+            out_splits[q] = math.prod(shape)
+        inp = host.repeat(len(receivers)) if receivers else host[:0]
+        out = torch.empty(sum(out_splits), dtype=host.dtype)
+        with self._collective("exchange"):
+            self.group.alltoall_base(out, inp, out_splits, in_splits, dist.AllToAllOptions()).wait()
+        self.trace.exchange_bytes_sent += _nbytes(inp)
+        self.trace.exchange_bytes_recv += _nbytes(out)
+        pieces = torch.split(out, out_splits)
+        return [self._to_device(pieces[q].view(shape)) for q, shape in zip(senders, recv_shapes, strict=True)]
+
+    # -- inputs, outputs, control -----------------------------------------------------
+    def _header(self, tensors: Tensors) -> torch.Tensor:
+        meta = [[k, str(v.dtype).removeprefix("torch."), list(v.shape)] for k, v in tensors.items()]
+        return torch.frombuffer(bytearray(json.dumps(meta).encode()), dtype=torch.uint8)
+
+    @staticmethod
+    def _empty_from(header: torch.Tensor) -> Tensors:
+        meta = json.loads(bytes(header.tolist()).decode())
+        return {k: torch.empty(shape, dtype=getattr(torch, dtype)) for k, dtype, shape in meta}
+
+    def _bcast(self, t: torch.Tensor, root: int) -> None:
+        opts = dist.BroadcastOptions()
+        opts.rootRank = root
+        with self._collective("broadcast"):
+            self.group.broadcast([t], opts).wait()
+        if self.rank == root:
+            self.trace.io_bytes_sent += _nbytes(t) * (self.size - 1)
+        else:
+            self.trace.io_bytes_recv += _nbytes(t)
+
+    def broadcast_tensors(self, tensors: Tensors | None, root: int = 0) -> Tensors:
+        """Rank ``root`` passes ``tensors``; every rank returns them (on its device)."""
+        if self.rank == root:
+            assert tensors is not None
+            host = {k: self._to_cpu(v) for k, v in tensors.items()}
+            header = self._header(host)
+            self._bcast(torch.tensor([header.numel()]), root)
+            self._bcast(header, root)
+        else:
+            length = torch.zeros(1, dtype=torch.long)
+            self._bcast(length, root)
+            header = torch.empty(int(length.item()), dtype=torch.uint8)
+            self._bcast(header, root)
+            host = self._empty_from(header)
+        for v in host.values():
+            self._bcast(v, root)
+        return {k: self._to_device(v) for k, v in host.items()}
+
+    def _p2p(self, t: torch.Tensor, peer: int, sending: bool) -> None:
+        with self._collective("send" if sending else "recv"):
+            if sending:
+                self.group.send([t], peer, 0).wait()
+                self.trace.io_bytes_sent += _nbytes(t)
+            else:
+                self.group.recv([t], peer, 0).wait()
+                self.trace.io_bytes_recv += _nbytes(t)
+
+    def send_tensors(self, tensors: Tensors, dst: int) -> None:
+        """Send a dict of tensors to one rank."""
+        host = {k: self._to_cpu(v) for k, v in tensors.items()}
+        header = self._header(host)
+        self._p2p(torch.tensor([header.numel()]), dst, True)
+        self._p2p(header, dst, True)
+        for v in host.values():
+            self._p2p(v, dst, True)
+
+    def recv_tensors(self, src: int) -> Tensors:
+        """Receive a dict of tensors sent with :meth:`send_tensors`."""
+        length = torch.zeros(1, dtype=torch.long)
+        self._p2p(length, src, False)
+        header = torch.empty(int(length.item()), dtype=torch.uint8)
+        self._p2p(header, src, False)
+        host = self._empty_from(header)
+        for v in host.values():
+            self._p2p(v, src, False)
+        return {k: self._to_device(v) for k, v in host.items()}
+
+    def reduce_sum(self, tensors: Tensors, root: int = 0) -> Tensors:
+        """Element-wise sum over ranks, valid on ``root``; all ranks pass equal shapes."""
+        keys = list(tensors)
+        host = [self._to_cpu(tensors[k]) for k in keys]
+        flat = torch.cat([t.flatten() for t in host])
+        opts = dist.ReduceOptions()
+        opts.rootRank = root
+        opts.reduceOp = dist.ReduceOp.SUM  # type: ignore[assignment]
+        with self._collective("reduce"):
+            self.group.reduce([flat], opts).wait()
+        if self.rank == root:
+            self.trace.io_bytes_recv += _nbytes(flat) * (self.size - 1)
+        else:
+            self.trace.io_bytes_sent += _nbytes(flat)
+        out = {}
+        for k, t, piece in zip(keys, host, torch.split(flat, [t.numel() for t in host]), strict=True):
+            out[k] = self._to_device(piece.view(t.shape))
+        return out
+
+    def gather_traces(self, trace: RankTrace) -> list[RankTrace]:
+        """Every rank's trace, on every rank (a few dozen bytes; not booked)."""
+        mine = trace.to_tensor()
+        outs = [[torch.empty_like(mine) for _ in range(self.size)]]
+        with self._collective("allgather"):
+            self.group.allgather(outs, [mine]).wait()
+        return [RankTrace.from_tensor(t) for t in outs[0]]
+
+    def all_values(self, value: float) -> list[float]:
+        """One float from every rank (control: fingerprints, health)."""
+        mine = torch.tensor([value], dtype=torch.float64)
+        outs = [[torch.empty_like(mine) for _ in range(self.size)]]
+        with self._collective("allgather"):
+            self.group.allgather(outs, [mine]).wait()
+        return [float(t.item()) for t in outs[0]]
