@@ -39,7 +39,9 @@ def cluster() -> Iterator[LocalCluster]:
         yield c
 
 
-def token_inputs(batch: int, n: int, vocab: int = 1000, pad_rows: dict[int, int] | None = None, seed: int = 0) -> Tensors:
+def token_inputs(
+    batch: int, n: int, vocab: int = 1000, pad_rows: dict[int, int] | None = None, seed: int = 0
+) -> Tensors:
     """Random ids; ``pad_rows`` maps sample -> number of trailing padding tokens."""
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(5, vocab, (batch, n), generator=gen)

@@ -13,8 +13,9 @@ def test_log_count_bias_equals_repeating_each_segment_mean() -> None:
     q = torch.randn(b, h, n_local, d, generator=gen)
     k = torch.randn(b, h, n_local + 3, d, generator=gen)
     v = torch.randn(b, h, n_local + 3, d, generator=gen)
-    bias = key_bias(torch.ones(b, n_local, dtype=torch.bool), [counts], count_bias=True, causal=False,
-                    dtype=torch.float32)
+    bias = key_bias(
+        torch.ones(b, n_local, dtype=torch.bool), [counts], count_bias=True, causal=False, dtype=torch.float32
+    )
     got = attend(q, k, v, bias, d**-0.5)
     for s in range(b):
         # The sequence a full exchange would see: each remote mean repeated `count` times.

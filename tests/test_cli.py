@@ -41,8 +41,13 @@ def test_bad_arguments_give_one_line_and_nonzero_exit(
 def test_console_script_reports_errors_without_traceback() -> None:
     exe = shutil.which("prism-agent")
     assert exe, "prism-agent console script is not installed (pip install -e .)"
-    proc = subprocess.run([exe, "fidelity", "--model", "nope", "--ranks", "2", "--cr", "2"],
-                          capture_output=True, text=True, timeout=120, check=False)
+    proc = subprocess.run(
+        [exe, "fidelity", "--model", "nope", "--ranks", "2", "--cr", "2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode == 1
     assert proc.stderr.strip().startswith("prism-agent: error: unknown model 'nope'")
     assert "Traceback" not in proc.stderr
@@ -58,8 +63,7 @@ def test_fidelity_json_contract(capsys: pytest.CaptureFixture[str]) -> None:
 
 @pytest.mark.gloo
 def test_fidelity_over_gloo_processes(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["fidelity", "--model", "tiny-bert", "--ranks", "2", "--cr", "full", "--runner", "gloo",
-                 "--json"]) == 0
+    assert main(["fidelity", "--model", "tiny-bert", "--ranks", "2", "--cr", "full", "--runner", "gloo", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["runner"] == "gloo"
     assert out["max_abs_diff"] <= 1e-4
@@ -68,12 +72,24 @@ def test_fidelity_over_gloo_processes(capsys: pytest.CaptureFixture[str]) -> Non
 
 @pytest.mark.gloo
 def test_bench_engine_json_contract(capsys: pytest.CaptureFixture[str]) -> None:
-    argv = ["bench", "engine", "--model", "tiny-vit", "--ranks", "2", "--cr", "8", "--batch", "2", "--repeat", "2",
-            "--json"]
+    argv = [
+        "bench",
+        "engine",
+        "--model",
+        "tiny-vit",
+        "--ranks",
+        "2",
+        "--cr",
+        "8",
+        "--batch",
+        "2",
+        "--repeat",
+        "2",
+        "--json",
+    ]
     assert main(argv) == 0
     out = json.loads(capsys.readouterr().out)
-    for key in ("bytes_full", "bytes_prism", "comm_reduction", "macs_reduction_vs_local", "local_ms",
-                "distributed_ms"):
+    for key in ("bytes_full", "bytes_prism", "comm_reduction", "macs_reduction_vs_local", "local_ms", "distributed_ms"):
         assert key in out
     assert out["bytes_prism"] < out["bytes_full"]
     assert out["comm_reduction"] == pytest.approx(1 - out["bytes_prism"] / out["bytes_full"])

@@ -51,7 +51,9 @@ def test_compression_sends_fewer_bytes_and_stays_close(models: Models, name: str
     model = models(name)
     inputs = inputs_for(model.adapter.family)
     ref = run_local(model.adapter, task, inputs).outputs
-    full = run_simulated(model.adapter, plan_job(model.adapter, name, task, inputs, ranks=2, comp=Compression()), inputs)
+    full = run_simulated(
+        model.adapter, plan_job(model.adapter, name, task, inputs, ranks=2, comp=Compression()), inputs
+    )
     spec = plan_job(model.adapter, name, task, inputs, ranks=2, comp=Compression(cr=4))
     prism = run_simulated(model.adapter, spec, inputs)
     assert prism.exchange_bytes < 0.35 * full.exchange_bytes
@@ -65,8 +67,9 @@ def test_gpt2_rank0_is_exact_under_compression(models: Models) -> None:
     model = models("tiny-gpt2")
     inputs = inputs_for("gpt2")
     ref = run_local(model.adapter, Task.NEXT_TOKEN, inputs).outputs
-    spec = plan_job(model.adapter, "tiny-gpt2", Task.NEXT_TOKEN, inputs, ranks=2, comp=Compression(cr=8),
-                    gather_hidden=True)
+    spec = plan_job(
+        model.adapter, "tiny-gpt2", Task.NEXT_TOKEN, inputs, ranks=2, comp=Compression(cr=8), gather_hidden=True
+    )
     got = run_simulated(model.adapter, spec, inputs).outputs
     first = spec.plan.span(0)
     assert max_diff(got["hidden"][:, first.start : first.stop], ref["hidden"][:, first.start : first.stop]) <= 1e-5

@@ -16,8 +16,12 @@ from tests.conftest import Models, inputs_for, max_diff
 
 pytestmark = pytest.mark.gloo
 
-FAMILIES = [("tiny-vit", Task.CLASSIFY, "logits"), ("tiny-bert", Task.CLASSIFY, "logits"),
-            ("tiny-bert", Task.EMBED, "embedding"), ("tiny-gpt2", Task.NEXT_TOKEN, "logits")]
+FAMILIES = [
+    ("tiny-vit", Task.CLASSIFY, "logits"),
+    ("tiny-bert", Task.CLASSIFY, "logits"),
+    ("tiny-bert", Task.EMBED, "embedding"),
+    ("tiny-gpt2", Task.NEXT_TOKEN, "logits"),
+]
 
 
 @pytest.mark.parametrize(("name", "task", "key"), FAMILIES)
@@ -36,8 +40,14 @@ def test_gloo_full_exchange_equals_plain_model(
 
 
 @pytest.mark.parametrize(("name", "task", "key"), FAMILIES)
-@pytest.mark.parametrize(("ranks", "comp"), [(2, Compression(cr=4)), (3, Compression(cr=3.3, keep_last=True)),
-                                             (4, Compression(cr=8, keep_first=False, count_bias=False))])
+@pytest.mark.parametrize(
+    ("ranks", "comp"),
+    [
+        (2, Compression(cr=4)),
+        (3, Compression(cr=3.3, keep_last=True)),
+        (4, Compression(cr=8, keep_first=False, count_bias=False)),
+    ],
+)
 def test_gloo_matches_in_process_runner_under_compression(
     cluster: LocalCluster, models: Models, name: str, task: Task, key: str, ranks: int, comp: Compression
 ) -> None:
