@@ -120,7 +120,11 @@ class Adapter:
         raise NotImplementedError
 
     def reference(self, task: Task, inputs: Tensors) -> Tensors:
-        """The plain `transformers` forward: the exact answer (plus ``hidden``)."""
+        """The plain `transformers` backbone forward and the model's own head: the exact answer.
+
+        One forward pass (it is also the local baseline in benchmarks); ``hidden`` is the
+        final hidden state, after the last norm.
+        """
         raise NotImplementedError
 
 

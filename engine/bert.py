@@ -66,8 +66,9 @@ class BertAdapter(Adapter):
 
     def reference(self, task: Task, inputs: Tensors) -> Tensors:
         kwargs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-        hidden = self.backbone(**kwargs).last_hidden_state
+        out = self.backbone(**kwargs)
+        hidden = out.last_hidden_state
         if task is Task.CLASSIFY:
-            return {"logits": self.model(**kwargs).logits, "hidden": hidden}
+            return {"logits": self.classifier(out.pooler_output), "hidden": hidden}
         mask = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"]))
         return {"embedding": masked_mean(hidden, mask), "hidden": hidden}

@@ -86,13 +86,11 @@ class GPT2Adapter(Adapter):
     def reference(self, task: Task, inputs: Tensors) -> Tensors:
         ids = inputs["input_ids"]
         mask = inputs.get("attention_mask", torch.ones_like(ids))
-        out = self.model(input_ids=ids, attention_mask=mask)
-        hidden = self.backbone(input_ids=ids, attention_mask=mask).last_hidden_state
-        logits = out.logits  # (B, N, V)
-        if task is Task.NEXT_TOKEN:
+        hidden = self.backbone(input_ids=ids, attention_mask=mask).last_hidden_state  # after ln_f
+        if task is Task.NEXT_TOKEN:  # the head on the rows asked for only, as PRISM does
             last = last_real_positions(mask.bool())
-            return {"logits": logits[torch.arange(ids.shape[0]), last], "hidden": hidden}
-        logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+            return {"logits": self.lm_head(hidden[torch.arange(ids.shape[0]), last]), "hidden": hidden}
+        logp = F.log_softmax(self.lm_head(hidden[:, :-1]).float(), dim=-1)
         valid = (mask[:, 1:] * mask[:, :-1]).to(logp.dtype)
         picked = logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1) * valid
         return {"loglik": picked.sum(dim=1), "count": valid.sum(dim=1), "hidden": hidden}

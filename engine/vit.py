@@ -92,7 +92,4 @@ class ViTAdapter(Adapter):
 
     def reference(self, task: Task, inputs: Tensors) -> Tensors:
         hidden = self.backbone(pixel_values=inputs["pixel_values"]).last_hidden_state
-        if task is Task.CLASSIFY:
-            logits = self.model(pixel_values=inputs["pixel_values"]).logits
-            return {"logits": logits, "hidden": hidden}
-        return {"features": hidden[:, 0], "hidden": hidden}
+        return {**self.finalize(task, {"cls": hidden[:, 0]}), "hidden": hidden}

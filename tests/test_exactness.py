@@ -74,3 +74,18 @@ def test_gpt2_rank0_is_exact_under_compression(models: Models) -> None:
     first = spec.plan.span(0)
     assert max_diff(got["hidden"][:, first.start : first.stop], ref["hidden"][:, first.start : first.stop]) <= 1e-5
     assert max_diff(got["hidden"], ref["hidden"]) > 1e-4
+
+
+@pytest.mark.parametrize(
+    ("name", "task"), [("tiny-vit", Task.CLASSIFY), ("tiny-bert", Task.CLASSIFY), ("tiny-gpt2", Task.NEXT_TOKEN)]
+)
+def test_reference_is_the_transformers_model_forward(models: Models, name: str, task: Task) -> None:
+    """The local baseline (one backbone pass + head) equals the full `transformers` model call."""
+    model = models(name)
+    inputs = inputs_for(model.adapter.family)
+    ref = run_local(model.adapter, task, inputs).outputs["logits"]
+    with torch.inference_mode():
+        logits = model.adapter.model(**inputs).logits
+    if task is Task.NEXT_TOKEN:
+        logits = logits[:, -1]
+    assert max_diff(ref, logits) <= 1e-5
