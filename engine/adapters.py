@@ -50,7 +50,9 @@ class Adapter:
         self.backbone: Any = backbone
         self.layers: Any = layers
         self.config: Any = backbone.config
-        self.dtype = next(model.parameters()).dtype
+        first = next(model.parameters())
+        self.dtype = first.dtype
+        self.device = first.device
 
     # -- shapes and inputs ------------------------------------------------------------
     @property
@@ -78,7 +80,7 @@ class Adapter:
         """(B, N) bool: which positions hold real (non-padding) tokens."""
         mask = shared.get("attention_mask")
         if mask is None:
-            return torch.ones(shapes.batch, shapes.n_tokens, dtype=torch.bool)
+            return torch.ones(shapes.batch, shapes.n_tokens, dtype=torch.bool, device=self.device)
         return mask.bool()
 
     def split_inputs(self, inputs: Tensors, spans: list[range]) -> tuple[Tensors, list[Tensors]]:

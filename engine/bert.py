@@ -30,7 +30,7 @@ class BertAdapter(Adapter):
         ids = shared["input_ids"][:, span.start : span.stop]
         types = shared.get("token_type_ids")
         types = torch.zeros_like(ids) if types is None else types[:, span.start : span.stop]
-        positions = torch.arange(span.start, span.stop).unsqueeze(0)
+        positions = torch.arange(span.start, span.stop, device=ids.device).unsqueeze(0)
         out: torch.Tensor = self.backbone.embeddings(input_ids=ids, token_type_ids=types, position_ids=positions)
         return out
 
@@ -54,7 +54,7 @@ class BertAdapter(Adapter):
     def partials(self, task: Task, h: torch.Tensor, shared: Tensors, span: range, shapes: Shapes) -> Tensors:
         if task is Task.CLASSIFY:
             return {"cls": first_row(h, span)}
-        mask = self.token_mask(shared, shapes)[:, span.start : span.stop]
+        mask = self.token_mask(shared, shapes)[:, span.start : span.stop].to(h.device)
         m = mask.to(h.dtype).unsqueeze(-1)
         return {"sum": (h * m).sum(dim=1), "count": m.sum(dim=1)}
 

@@ -25,6 +25,7 @@ class Comm(Protocol):
     rank: int
     size: int
     trace: RankTrace
+    device: torch.device
 
     def exchange(
         self, send: torch.Tensor, receivers: list[int], senders: list[int], recv_shapes: Sequence[tuple[int, ...]]
@@ -45,6 +46,7 @@ def run_rank(comm: Comm, adapter: Adapter, spec: JobSpec, inputs: Tensors | None
     """Run this process's rank of ``spec``. Rank 0 passes ``inputs`` and gets the result."""
     trace = RankTrace(rank=comm.rank)
     comm.trace = trace
+    comm.device = adapter.device  # received tensors land where the model lives
     start = time.perf_counter()
     with torch.inference_mode():
         if comm.rank == 0:

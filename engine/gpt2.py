@@ -29,7 +29,7 @@ class GPT2Adapter(Adapter):
 
     def embed(self, shared: Tensors, local: Tensors, span: range) -> torch.Tensor:
         ids = shared["input_ids"][:, span.start : span.stop]
-        positions = torch.arange(span.start, span.stop).unsqueeze(0)
+        positions = torch.arange(span.start, span.stop, device=ids.device).unsqueeze(0)
         out: torch.Tensor = self.backbone.wte(ids) + self.backbone.wpe(positions)
         return out
 
@@ -59,11 +59,11 @@ class GPT2Adapter(Adapter):
         return out
 
     def partials(self, task: Task, h: torch.Tensor, shared: Tensors, span: range, shapes: Shapes) -> Tensors:
-        mask = self.token_mask(shared, shapes)
+        mask = self.token_mask(shared, shapes).to(h.device)
         if task is Task.NEXT_TOKEN:
             last = last_real_positions(mask) - span.start  # (B,)
             mine = (last >= 0) & (last < h.shape[1])
-            rows = h[torch.arange(h.shape[0]), last.clamp(0, h.shape[1] - 1)]
+            rows = h[torch.arange(h.shape[0], device=h.device), last.clamp(0, h.shape[1] - 1)]
             return {"last": torch.where(mine.unsqueeze(-1), rows, torch.zeros_like(rows))}
         # Position i predicts token i + 1; the last local row predicts the next rank's first.
         ids = shared["input_ids"]
@@ -89,7 +89,10 @@ class GPT2Adapter(Adapter):
         hidden = self.backbone(input_ids=ids, attention_mask=mask).last_hidden_state  # after ln_f
         if task is Task.NEXT_TOKEN:  # the head on the rows asked for only, as PRISM does
             last = last_real_positions(mask.bool())
-            return {"logits": self.lm_head(hidden[torch.arange(ids.shape[0]), last]), "hidden": hidden}
+            return {
+                "logits": self.lm_head(hidden[torch.arange(ids.shape[0], device=ids.device), last]),
+                "hidden": hidden,
+            }
         logp = F.log_softmax(self.lm_head(hidden[:, :-1]).float(), dim=-1)
         valid = (mask[:, 1:] * mask[:, :-1]).to(logp.dtype)
         picked = logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1) * valid

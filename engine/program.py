@@ -45,8 +45,12 @@ class RankProgram:
         self.span = spec.plan.span(rank)
         self.shared = shared
         self.local = local
-        mask = adapter.token_mask(shared, spec.shapes)  # (B, N) bool
-        self.layouts: list[SegmentLayout] = [layout(spec.plan, q, mask, spec.comp) for q in range(spec.plan.ranks)]
+        # Layouts and biases are small and built once per job on the CPU, then moved.
+        mask = adapter.token_mask(shared, spec.shapes).cpu()  # (B, N) bool
+        device = adapter.device
+        self.layouts: list[SegmentLayout] = [
+            layout(spec.plan, q, mask, spec.comp).to(device) for q in range(spec.plan.ranks)
+        ]
         others = [q for q in range(spec.plan.ranks) if q != rank]
         # Causal models only need rows from earlier ranks (DESIGN.md §3.5).
         self.senders = [q for q in others if q < rank] if adapter.causal else others
@@ -57,7 +61,7 @@ class RankProgram:
             count_bias=spec.comp.count_bias,
             causal=adapter.causal,
             dtype=adapter.dtype,
-        )
+        ).to(device)
 
     @property
     def my_layout(self) -> SegmentLayout:

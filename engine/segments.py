@@ -62,6 +62,11 @@ class SegmentLayout:
     assign: torch.Tensor | None  # (B, L, n); None for full exchange (identity)
     counts: torch.Tensor  # (B, L) float
 
+    def to(self, device: torch.device) -> SegmentLayout:
+        """The same layout on ``device``."""
+        assign = None if self.assign is None else self.assign.to(device)
+        return SegmentLayout(assign=assign, counts=self.counts.to(device))
+
     @property
     def n_segments(self) -> int:
         """L, the number of rows this rank sends per sample."""
