@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 from engine.errors import PrismError
@@ -92,6 +94,37 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("--repeat", type=_positive, default=5, help="timed runs per mode (median reported)")
     eng.add_argument("--warmup", type=int, default=1, help="untimed runs per mode")
 
+    run = sub.add_parser("run", help="run the agent daemon (MQTT job service)")
+    run.add_argument("--config", type=Path, default=None, help="TOML settings file")
+    run.add_argument("--broker", default=None, help="mqtt://host:port (default: mqtt://127.0.0.1:1883)")
+    run.add_argument("--cluster", default=None, help="cluster name (topic root prism/v1/NAME)")
+    run.add_argument("--node-id", dest="node_id", default=None, help="this node's id (default: hostname)")
+    run.add_argument("--interface", default=None, help="network interface for discovery and GLOO")
+    run.add_argument(
+        "--model",
+        dest="models",
+        action="append",
+        default=None,
+        metavar="NAME=SOURCE",
+        help="serve a model (repeatable); SOURCE is a directory, hub id or built-in name",
+    )
+    run.add_argument("--threads", type=_positive, default=None, help="torch threads")
+    run.add_argument("--log-format", dest="log_format", choices=["auto", "json", "console"], default=None)
+
+    sm = sub.add_parser("submit", help="publish one job over MQTT and print its result")
+    sm.add_argument("--broker", default="mqtt://127.0.0.1:1883")
+    sm.add_argument("--cluster", default="default")
+    sm.add_argument("--model", required=True, help="model name as the agents serve it")
+    sm.add_argument("--text", action="append", default=None, help="input text (repeat for a batch)")
+    sm.add_argument("--image", action="append", type=Path, default=None, help="image file (repeat for a batch)")
+    sm.add_argument("--token-ids", dest="token_ids", action="append", default=None, help="comma-separated ids")
+    sm.add_argument("--mode", choices=["auto", "local", "distributed"], default="auto")
+    sm.add_argument("--cr", default=None, help="compression rate or 'full'")
+    sm.add_argument("--task", default=None)
+    sm.add_argument("--node", default=None, help="send to this node only")
+    sm.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the result")
+    sm.add_argument("--json", action="store_true", help="print the result object")
+
     demo = sub.add_parser("demo", help="the main job: a model local vs split over two GLOO processes")
     demo.add_argument("--model", default="minilm", help="model to run (default: real all-MiniLM-L6-v2)")
     demo.add_argument("--batch", type=_positive, default=8)
@@ -149,6 +182,51 @@ def _print_pairs(result: dict[str, Any]) -> None:
         print(f"{key.ljust(width)}  {_fmt(value)}")
 
 
+def _run_daemon(ns: argparse.Namespace) -> int:
+    import asyncio
+
+    import torch
+
+    from agent import daemon, logs
+    from agent.config import load_settings, parse_broker
+
+    overrides = {
+        k: getattr(ns, k) for k in ("broker", "cluster", "node_id", "interface", "models", "threads", "log_format")
+    }
+    settings = load_settings(ns.config, os.environ, overrides)
+    if settings.broker is None:
+        settings = dataclasses.replace(settings, broker=parse_broker("mqtt://127.0.0.1:1883"))
+    logs.configure(settings.log_format)
+    torch.set_num_threads(settings.threads)
+    asyncio.run(daemon.main_async(settings))
+    return 0
+
+
+def _submit(ns: argparse.Namespace) -> int:
+    import asyncio
+
+    from agent.client import build_job, submit
+    from agent.config import parse_broker
+
+    try:
+        ids = [[int(t) for t in row.split(",") if t.strip()] for row in ns.token_ids or []]
+    except ValueError:
+        raise SystemExit("prism-agent: error: --token-ids must be comma-separated integers") from None
+    job = build_job(
+        ns.model, text=ns.text, images=ns.image, token_ids=ids or None, mode=ns.mode, cr=ns.cr, task=ns.task
+    )
+    try:
+        result = asyncio.run(submit(parse_broker(ns.broker), ns.cluster, job, node=ns.node, timeout_s=ns.timeout))
+    except asyncio.TimeoutError:
+        print(f"prism-agent: error: no result for job {job['id']} within {ns.timeout:g} s", file=sys.stderr)
+        return 3
+    if ns.json:
+        print(json.dumps(result))
+    else:
+        _print_pairs({k: v for k, v in result.items() if k != "v"})
+    return 0 if result.get("ok") else 1
+
+
 def run(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` and run the command; returns the exit status."""
     ns = build_parser().parse_args(argv)
@@ -164,6 +242,10 @@ def run(argv: Sequence[str] | None = None) -> int:
     elif ns.command == "bench":
         result = engine_cmds.bench_engine(_job_args(ns), ns.warmup, ns.repeat)
         print(json.dumps(result)) if ns.json else _print_pairs(result)
+    elif ns.command == "run":
+        return _run_daemon(ns)
+    elif ns.command == "submit":
+        return _submit(ns)
     elif ns.command == "demo":
         try:
             crs = [c for c in (parse_cr(x) for x in ns.crs.split(",") if x.strip()) if c is not None]

@@ -1,0 +1,200 @@
+"""Settings: defaults < TOML file < ``PRISM_*`` environment < command-line flags.
+
+Loaded once in ``main()``; nothing here reads the environment at import time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from engine.errors import PrismError
+from transport.schema import Limits
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # JetPack 6 ships Python 3.10
+    import tomli as tomllib
+
+
+class ConfigError(PrismError):
+    """A setting is missing, malformed or contradictory."""
+
+    code = "config_error"
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    """A model this node serves: the name jobs use, where it loads from, its default task."""
+
+    name: str
+    source: str
+    task: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Broker:
+    """Where the MQTT broker is."""
+
+    host: str
+    port: int = 1883
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything a node needs to run."""
+
+    node_id: str
+    cluster: str = "default"
+    broker: Broker | None = None
+    interface: str | None = None
+    models: tuple[ModelSpec, ...] = ()
+    threads: int = 1
+    queue_max: int = 16
+    health_interval_s: float = 5.0
+    reconnect_min_s: float = 0.2
+    reconnect_max_s: float = 10.0
+    log_format: str = "auto"
+    limits: Limits = field(default_factory=Limits)
+
+    @property
+    def topic_root(self) -> str:
+        """``prism/v1/{cluster}``."""
+        return f"prism/v1/{self.cluster}"
+
+
+def parse_broker(url: str) -> Broker:
+    """``mqtt://host[:port]`` (or ``host[:port]``) -> Broker."""
+    text = url if "://" in url else f"mqtt://{url}"
+    parts = urlsplit(text)
+    if parts.scheme != "mqtt" or not parts.hostname:
+        raise ConfigError(f"broker must look like mqtt://host:port, got {url!r}")
+    try:
+        port = parts.port or 1883
+    except ValueError:
+        raise ConfigError(f"broker port is not a number in {url!r}") from None
+    return Broker(parts.hostname, port)
+
+
+def parse_model(text: str) -> ModelSpec:
+    """``NAME=SOURCE`` or ``NAME=SOURCE:TASK``; SOURCE is a directory, hub id or built-in."""
+    name, sep, source = text.partition("=")
+    if not sep or not name.strip() or not source.strip():
+        raise ConfigError(f"--model must be NAME=SOURCE, got {text!r}")
+    task = None
+    if ":" in source and not source.startswith(("/", ".")) and source.rsplit(":", 1)[1].isidentifier():
+        source, task = source.rsplit(":", 1)
+    return ModelSpec(name.strip(), source.strip(), task)
+
+
+def _models_from_toml(table: Any) -> list[ModelSpec]:
+    if not isinstance(table, dict):
+        raise ConfigError("[models] must be a table of NAME = SOURCE")
+    out = []
+    for name, value in table.items():
+        if isinstance(value, str):
+            out.append(ModelSpec(name, value))
+        elif isinstance(value, dict) and isinstance(value.get("source"), str):
+            out.append(ModelSpec(name, value["source"], value.get("task")))
+        else:
+            raise ConfigError(f"model {name!r}: give a source string or {{ source = ..., task = ... }}")
+    return out
+
+
+_SCALARS: dict[str, type] = {
+    "node_id": str,
+    "cluster": str,
+    "interface": str,
+    "threads": int,
+    "queue_max": int,
+    "health_interval_s": float,
+    "reconnect_min_s": float,
+    "reconnect_max_s": float,
+    "log_format": str,
+}
+
+
+def _coerce(key: str, value: Any) -> Any:
+    kind = _SCALARS[key]
+    try:
+        if kind is int and (isinstance(value, bool) or (isinstance(value, float) and not value.is_integer())):
+            raise ValueError
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"setting {key!r} must be {kind.__name__}, got {value!r}") from None
+
+
+def load_settings(
+    config_file: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Merge the layers and validate. ``overrides`` come from the command line."""
+    values: dict[str, Any] = {}
+    models: dict[str, ModelSpec] = {}
+    limits: dict[str, Any] = {}
+    if config_file is not None:
+        try:
+            data = tomllib.loads(config_file.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {config_file}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config {config_file} is not valid TOML: {exc}") from None
+        for key, value in data.items():
+            if key in _SCALARS:
+                values[key] = _coerce(key, value)
+            elif key == "broker":
+                values["broker"] = parse_broker(str(value))
+            elif key == "models":
+                models.update({m.name: m for m in _models_from_toml(value)})
+            elif key == "limits" and isinstance(value, dict):
+                limits.update(value)
+            else:
+                raise ConfigError(f"unknown setting {key!r} in {config_file}")
+    for key, value in (env or {}).items():
+        if not key.startswith("PRISM_"):
+            continue
+        name = key.removeprefix("PRISM_").lower()
+        if name in _SCALARS:
+            values[name] = _coerce(name, value)
+        elif name == "broker":
+            values["broker"] = parse_broker(value)
+        elif name == "models":
+            models.update({m.name: m for m in (parse_model(t) for t in value.split(",") if t.strip())})
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if key == "broker":
+            values["broker"] = parse_broker(value)
+        elif key == "models":
+            models.update({m.name: m for m in (parse_model(t) for t in value)})
+        elif key in _SCALARS:
+            values[key] = _coerce(key, value)
+    values.setdefault("node_id", socket.gethostname())
+    try:
+        settings = Settings(models=tuple(models.values()), limits=Limits(**limits), **values)
+    except TypeError as exc:
+        raise ConfigError(f"bad [limits]: {exc}") from None
+    return _validated(settings)
+
+
+def _validated(s: Settings) -> Settings:
+    for name, value in (("node_id", s.node_id), ("cluster", s.cluster)):
+        if not value or any(c in value for c in "/+#") or len(value) > 64:
+            raise ConfigError(f"{name} must be 1-64 characters without / + #, got {value!r}")
+    if s.threads < 1 or s.queue_max < 1:
+        raise ConfigError("threads and queue_max must be >= 1")
+    if s.log_format not in ("auto", "json", "console"):
+        raise ConfigError(f"log_format must be auto, json or console, got {s.log_format!r}")
+    if not 0 < s.reconnect_min_s <= s.reconnect_max_s:
+        raise ConfigError("need 0 < reconnect_min_s <= reconnect_max_s")
+    for limit in dataclasses.fields(s.limits):
+        if getattr(s.limits, limit.name) < 1:
+            raise ConfigError(f"limit {limit.name} must be >= 1")
+    return s

@@ -1,0 +1,53 @@
+"""Settings layering: defaults < TOML < PRISM_* environment < flags."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from agent.config import Broker, ConfigError, ModelSpec, load_settings
+
+
+def test_layers_override_in_order(tmp_path: Path) -> None:
+    toml = tmp_path / "agent.toml"
+    toml.write_text(
+        'cluster = "lab"\nnode_id = "from-file"\nbroker = "mqtt://10.0.0.1"\nthreads = 2\n'
+        '[models]\nbert = "tiny-bert"\ngpt = { source = "/opt/gpt2", task = "loglik" }\n[limits]\nmax_batch = 8\n'
+    )
+    env = {"PRISM_NODE_ID": "from-env", "PRISM_THREADS": "3", "HOME": "/root"}
+    s = load_settings(toml, env, {"threads": 4, "models": ["vit=tiny-vit"], "cluster": None})
+    assert (s.cluster, s.node_id, s.threads) == ("lab", "from-env", 4)
+    assert s.broker == Broker("10.0.0.1", 1883)
+    assert s.limits.max_batch == 8
+    assert s.models == (
+        ModelSpec("bert", "tiny-bert"),
+        ModelSpec("gpt", "/opt/gpt2", "loglik"),
+        ModelSpec("vit", "tiny-vit"),
+    )
+    assert s.topic_root == "prism/v1/lab"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("threads = 'many'", "must be int"),
+        ("colour = 'blue'", "unknown setting 'colour'"),
+        ("broker = 'http://x'", "mqtt://host:port"),
+        ("cluster = 'a/b'", "without / + #"),
+        ("[limits]\nmax_batch = 0", "max_batch must be >= 1"),
+        ("[limits]\nmax_bogus = 1", "bad [limits]"),
+        ("this is = not toml =", "not valid TOML"),
+    ],
+)
+def test_bad_settings_say_what_is_wrong(tmp_path: Path, text: str, message: str) -> None:
+    toml = tmp_path / "agent.toml"
+    toml.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_settings(toml, {}, {})
+
+
+def test_model_flag_needs_name_and_source() -> None:
+    with pytest.raises(ConfigError, match="NAME=SOURCE"):
+        load_settings(None, {}, {"models": ["just-a-name"]})

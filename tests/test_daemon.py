@@ -1,0 +1,166 @@
+"""The daemon end to end: real mosquitto, real agent processes, stock MQTT clients."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.mqtt_env import REPO, agent, mosquitto, pub, sub
+
+pytestmark = pytest.mark.mqtt
+
+CLUSTER = "itest"
+
+
+@pytest.fixture(scope="module")
+def broker() -> Iterator[int]:
+    with mosquitto() as port:
+        yield port
+
+
+@pytest.fixture(scope="module")
+def node(broker: int) -> Iterator[subprocess.Popen[str]]:
+    with agent(broker, CLUSTER, "n1", "bert=tiny-bert", "gpt=tiny-gpt2", "vit=tiny-vit") as proc:
+        yield proc
+
+
+def ask(port: int, payloads: list[tuple[str, str | bytes]], count: int) -> dict[str, dict[str, object]]:
+    """Publish payloads to the jobs topic, collect ``count`` results by id."""
+    waiter = sub(port, f"prism/v1/{CLUSTER}/results/#", count)
+    import time
+
+    time.sleep(0.3)  # mosquitto_sub has subscribed by then; results are not retained
+    for topic, payload in payloads:
+        pub(port, topic, payload)
+    out, err = waiter.communicate(timeout=60)
+    results = [json.loads(line) for line in out.splitlines() if line.strip()]
+    assert len(results) == count, f"got {len(results)} of {count} results; stderr: {err}"
+    return {str(r["id"]): r for r in results}
+
+
+def test_json_jobs_from_mosquitto_pub_come_back(broker: int, node: subprocess.Popen[str]) -> None:
+    jobs = f"prism/v1/{CLUSTER}/jobs"
+    got = ask(
+        broker,
+        [
+            (jobs, json.dumps({"id": "local1", "model": "bert", "inputs": {"text": ["hello world"]}, "mode": "local"})),
+            (jobs, json.dumps({"id": "tok1", "model": "gpt", "inputs": {"token_ids": [[5, 6, 7, 8]]}})),
+            (
+                f"prism/v1/{CLUSTER}/nodes/n1/jobs",
+                json.dumps({"id": "direct1", "model": "bert", "inputs": {"text": "to one node"}, "task": "embed"}),
+            ),
+        ],
+        3,
+    )
+    assert got["local1"]["ok"] is True
+    assert got["local1"]["mode"] == "local"
+    assert len(got["local1"]["output"]["logits"][0]) == 3  # type: ignore[index]
+    assert got["tok1"]["ok"] is True
+    assert len(got["tok1"]["output"]["top_ids"][0]) == 5  # type: ignore[index]
+    assert got["direct1"]["ok"] is True
+    assert len(got["direct1"]["output"]["embedding"][0]) == 64  # type: ignore[index]
+    for r in got.values():
+        assert r["node"] == "n1"
+        assert set(r) >= {"id", "ok", "error", "output", "mode", "cr", "peers", "latency_ms", "decision", "fallback"}
+
+
+def test_bad_jobs_get_error_results_and_the_agent_keeps_serving(broker: int, node: subprocess.Popen[str]) -> None:
+    jobs = f"prism/v1/{CLUSTER}/jobs"
+    got = ask(
+        broker,
+        [
+            (jobs, "{this is not json"),  # unparseable: logged and counted, no id to answer
+            (jobs, json.dumps({"id": "bad-model", "model": "nope", "inputs": {"text": ["x"]}})),
+            (jobs, json.dumps({"id": "bad-size", "model": "bert", "inputs": {"text": ["word " * 30000]}})),
+            (jobs, json.dumps({"id": "bad-type", "model": "bert", "inputs": {"text": ["x"]}, "cr": "lots"})),
+            (jobs, json.dumps({"id": "bad-kind", "model": "vit", "inputs": {"text": ["not an image"]}})),
+            (jobs, json.dumps({"id": "bad-task", "model": "gpt", "inputs": {"text": ["x"]}, "task": "classify"})),
+            (jobs, json.dumps({"id": "after", "model": "bert", "inputs": {"text": ["still here"]}})),
+        ],
+        6,
+    )
+    assert got["bad-model"]["error"]["code"] == "unknown_model"  # type: ignore[index]
+    assert got["bad-size"]["error"]["code"] == "too_large"  # type: ignore[index]
+    assert got["bad-type"]["error"]["code"] == "invalid_job"  # type: ignore[index]
+    assert "'cr'" in got["bad-type"]["error"]["message"]  # type: ignore[index]
+    assert got["bad-kind"]["error"]["code"] == "bad_request"  # type: ignore[index]
+    assert got["bad-task"]["error"]["code"] == "bad_request"  # type: ignore[index]
+    assert all(got[k]["ok"] is False for k in got if k != "after")
+    assert got["after"]["ok"] is True
+    assert node.poll() is None
+
+
+def test_msgpack_job_gets_a_msgpack_result(broker: int, node: subprocess.Popen[str]) -> None:
+    import msgpack
+
+    waiter = subprocess.Popen(
+        ["mosquitto_sub", "-p", str(broker), "-t", f"prism/v1/{CLUSTER}/results/mp1", "-C", "1", "-W", "30", "-N"],
+        stdout=subprocess.PIPE,
+    )
+    import time
+
+    time.sleep(0.3)
+    pub(broker, f"prism/v1/{CLUSTER}/jobs", msgpack.packb({"id": "mp1", "model": "bert", "inputs": {"text": "hi"}}))
+    out, _ = waiter.communicate(timeout=60)
+    assert msgpack.unpackb(out)["ok"] is True
+
+
+def test_submit_cli_prints_the_result(broker: int, node: subprocess.Popen[str]) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "agent",
+            "submit",
+            "--broker",
+            f"mqtt://127.0.0.1:{broker}",
+            "--cluster",
+            CLUSTER,
+            "--model",
+            "gpt",
+            "--text",
+            "the licence grants",
+            "--task",
+            "loglik",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["ok"] is True
+    assert result["output"]["perplexity"][0] > 1
+
+
+def test_sigterm_publishes_offline_notifies_systemd_and_exits_zero(broker: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        address = str(Path(tmp) / "notify")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        listener.bind(address)
+        listener.settimeout(30)
+        with agent(broker, CLUSTER, "n2", "bert=tiny-bert", env={"NOTIFY_SOCKET": address}) as proc:
+            seen = set()
+            while "WATCHDOG=1" not in seen or "READY=1" not in seen:
+                seen.add(listener.recv(256).decode())
+            status = sub(broker, f"prism/v1/{CLUSTER}/nodes/n2/status", 2)
+            assert status.stdout is not None
+            assert status.stdout.readline().strip() == "online"  # the retained birth
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0
+            while "STOPPING=1" not in seen:
+                seen.add(listener.recv(256).decode())
+            assert status.stdout.readline().strip() == "offline"
+            status.wait(timeout=30)
+        listener.close()

@@ -1,0 +1,189 @@
+"""The MQTT link: one aiomqtt client with birth/Last-Will, TCP_NODELAY and MQTT 5 properties.
+
+Topics live under ``prism/v1/{cluster}/`` (DESIGN.md §5.1). The link is an async context
+manager; the daemon re-enters a fresh one after a failure, with capped full-jitter
+backoff (:func:`backoff_s`), and re-subscribes and re-publishes its birth every time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from engine.errors import PrismError
+
+#: CONNACK reason codes that no retry will fix (MQTT 3: 4, 5; MQTT 5: 0x84-0x8C).
+AUTH_CODES = {4, 5, 134, 135, 138, 140}
+
+
+class TransportError(PrismError):
+    """The broker could not be reached or refused us."""
+
+    code = "transport_error"
+
+    def __init__(self, message: str, *, fatal: bool = False) -> None:
+        super().__init__(message)
+        self.fatal = fatal
+
+
+@dataclass(frozen=True, slots=True)
+class Topics:
+    """Every topic of one node in one cluster."""
+
+    root: str
+    node: str
+
+    @property
+    def jobs(self) -> str:
+        """Jobs any agent may take."""
+        return f"{self.root}/jobs"
+
+    @property
+    def shared_jobs(self) -> str:
+        """The shared subscription that spreads ``jobs`` over agents."""
+        return f"$share/prism/{self.root}/jobs"
+
+    @property
+    def my_jobs(self) -> str:
+        """Jobs for this node only."""
+        return f"{self.root}/nodes/{self.node}/jobs"
+
+    def node_jobs(self, node: str) -> str:
+        """Jobs for ``node``."""
+        return f"{self.root}/nodes/{node}/jobs"
+
+    def result(self, job_id: str) -> str:
+        """Where a result goes when the job set no response topic."""
+        return f"{self.root}/results/{job_id}"
+
+    @property
+    def status(self) -> str:
+        """Retained online/offline."""
+        return f"{self.root}/nodes/{self.node}/status"
+
+    @property
+    def health(self) -> str:
+        """Retained periodic health."""
+        return f"{self.root}/nodes/{self.node}/health"
+
+    @property
+    def all_status(self) -> str:
+        """Every node's status."""
+        return f"{self.root}/nodes/+/status"
+
+    @property
+    def all_health(self) -> str:
+        """Every node's health."""
+        return f"{self.root}/nodes/+/health"
+
+
+def backoff_s(attempt: int, low_s: float, high_s: float, rng: random.Random | None = None) -> float:
+    """Capped full-jitter exponential backoff: uniform(0, min(high, low * 2**attempt))."""
+    cap = min(high_s, low_s * (2 ** min(attempt, 30)))
+    return (rng or random).uniform(0, cap)
+
+
+def _nodelay() -> list[tuple[int, int, int]]:
+    return [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
+
+
+class MqttLink:
+    """A connected client for one node (async context manager)."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        client_id: str,
+        will: tuple[str, bytes] | None = None,
+        username: str | None = None,
+        password: str | None = None,
+        timeout_s: float = 10.0,
+    ) -> None:
+        will_msg = aiomqtt.Will(will[0], will[1], qos=1, retain=True) if will else None
+        self._client = aiomqtt.Client(
+            host,
+            port,
+            identifier=client_id,
+            protocol=aiomqtt.ProtocolVersion.V5,
+            will=will_msg,
+            username=username,
+            password=password,
+            timeout=timeout_s,
+            keepalive=30,
+            socket_options=_nodelay(),
+        )
+
+    async def __aenter__(self) -> MqttLink:
+        try:
+            await self._client.__aenter__()
+        except aiomqtt.MqttCodeError as exc:
+            rc = getattr(exc, "rc", None)
+            value = int(getattr(rc, "value", rc or 0))
+            raise TransportError(f"broker refused the connection: {exc}", fatal=value in AUTH_CODES) from exc
+        except aiomqtt.MqttError as exc:
+            raise TransportError(f"cannot reach the broker: {exc}") from exc
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        with contextlib.suppress(aiomqtt.MqttError):  # already gone: nothing left to close
+            await self._client.__aexit__(exc_type, exc, tb)
+
+    async def subscribe(self, *topics: str) -> None:
+        """Subscribe to ``topics`` at QoS 1."""
+        try:
+            for topic in topics:
+                await self._client.subscribe(topic, qos=1)
+        except aiomqtt.MqttError as exc:
+            raise TransportError(f"subscribe failed: {exc}") from exc
+
+    async def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        retain: bool = False,
+        qos: int = 1,
+        response_topic: str | None = None,
+        correlation: bytes | None = None,
+    ) -> None:
+        """Publish, with MQTT 5 response-topic and correlation properties when given."""
+        props = None
+        if response_topic or correlation:
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            if response_topic:
+                props.ResponseTopic = response_topic
+            if correlation:
+                props.CorrelationData = correlation
+        try:
+            await self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+        except aiomqtt.MqttError as exc:
+            raise TransportError(f"publish to {topic} failed: {exc}") from exc
+
+    async def messages(self) -> AsyncIterator[aiomqtt.Message]:
+        """Incoming messages until the connection drops (then TransportError)."""
+        try:
+            async for message in self._client.messages:
+                yield message
+        except aiomqtt.MqttError as exc:
+            raise TransportError(f"connection lost: {exc}") from exc
+
+
+def reply_route(message: aiomqtt.Message) -> tuple[str | None, bytes | None]:
+    """The MQTT 5 response topic and correlation data a request carried, if any."""
+    props: Any = message.properties
+    topic = getattr(props, "ResponseTopic", None) if props is not None else None
+    corr = getattr(props, "CorrelationData", None) if props is not None else None
+    return topic, corr
