@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing as mp
-import os
 import socket
+import time
 import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -21,7 +21,7 @@ import torch
 
 from engine.adapters import Tensors
 from engine.distributed import run_rank
-from engine.errors import GroupError, PrismError
+from engine.errors import BadRequest, GroupError, PrismError
 from engine.models import LoadedModel, fingerprint, load
 from engine.program import JobSpec
 from engine.trace import RunResult
@@ -57,48 +57,63 @@ def _groups(cfg: ClusterConfig, port: int, rank: int) -> dict[int, GlooComm]:
 
 
 def _worker(cfg: ClusterConfig, port: int, rank: int, conn: Connection) -> None:
+    """A rank process: form the groups, then serve (seq, op, arg) requests until told to stop."""
     torch.set_num_threads(cfg.threads)
     models: dict[str, LoadedModel] = {}
     try:
         comms = _groups(cfg, port, rank)
-        conn.send(("ok", None))
+        conn.send((0, "ok", None))
     except PrismError as exc:
-        conn.send(("error", str(exc)))
+        conn.send((0, "error", str(exc)))
         return
     while True:
-        msg = conn.recv()
-        if msg[0] == "stop":
-            break
         try:
-            if msg[0] == "load":
-                source = msg[1]
-                if source not in models:
-                    models[source] = load(source)
-                conn.send(("ok", fingerprint(models[source].adapter)))
-            elif msg[0] == "run":
-                spec: JobSpec = msg[1]
-                run_rank(comms[spec.plan.ranks], models[spec.model].adapter, spec)
-                conn.send(("ok", None))
+            seq, op, arg = conn.recv()
+        except (EOFError, OSError):
+            return  # rank 0 is gone
+        if op == "stop":
+            return
+        try:
+            if op == "load":
+                if arg not in models:
+                    models[arg] = load(arg)
+                conn.send((seq, "ok", fingerprint(models[arg].adapter)))
+            elif op == "run":
+                run_rank(comms[arg.plan.ranks], models[arg.model].adapter, arg)
+                conn.send((seq, "ok", None))
         except Exception as exc:  # noqa: BLE001 - reported to rank 0, worker keeps serving
-            conn.send(("error", f"rank {rank}: {exc}\n{traceback.format_exc(limit=3)}"))
+            conn.send((seq, "error", f"rank {rank}: {exc}\n{traceback.format_exc(limit=3)}"))
 
 
 class LocalCluster:
-    """Rank 0 here, ranks 1..P-1 in child processes, joined by real GLOO groups."""
+    """Rank 0 here, ranks 1..P-1 in child processes, joined by real GLOO groups.
+
+    A failed job leaves the GLOO groups in an unknown state, so the cluster marks itself
+    broken and re-spawns its workers before the next job.
+    """
 
     def __init__(self, cfg: ClusterConfig) -> None:
         if cfg.ranks < 2:
-            raise GroupError("a cluster needs at least 2 ranks")
+            raise BadRequest("a cluster needs at least 2 ranks")
         self.cfg = cfg
         self._procs: list[Any] = []
         self._conns: list[Connection] = []
         self._comms: dict[int, GlooComm] = {}
         self._fingerprints: dict[str, float] = {}
+        self._seq = 0
+        self._broken = False
+        self.restarts = 0
 
     def __enter__(self) -> LocalCluster:
+        self._start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _start(self) -> None:
         port = free_port(self.cfg.host)
         ctx = mp.get_context("spawn")
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         try:
             for rank in range(1, self.cfg.ranks):
                 parent, child = ctx.Pipe()
@@ -106,38 +121,72 @@ class LocalCluster:
                 proc.start()
                 self._procs.append(proc)
                 self._conns.append(parent)
-            self._comms = _groups(self.cfg, port, 0)
-            self._replies()
+            try:
+                self._comms = _groups(self.cfg, port, 0)
+            except GroupError as exc:
+                dead = [f"rank {r} exited with {p.exitcode}" for r, p in enumerate(self._procs, 1) if not p.is_alive()]
+                raise GroupError(f"{exc}; {', '.join(dead) or 'no worker exited'}") from exc
+            self._replies(self._conns, 0)
         except BaseException:
             self.close()
             raise
-        return self
+        self._broken = False
 
-    def __exit__(self, *exc: object) -> None:
+    @property
+    def worker_pids(self) -> list[int]:
+        """Process ids of ranks 1..P-1."""
+        return [int(p.pid) for p in self._procs]
+
+    def _restart(self) -> None:
         self.close()
+        self._fingerprints.clear()
+        self.restarts += 1
+        self._start()
 
-    def _replies(self) -> list[Any]:
+    def _replies(self, conns: list[Connection], seq: int, timeout_s: float | None = None) -> list[Any]:
+        """Each worker's answer to request ``seq`` (stale answers to older requests are dropped)."""
         out, errors = [], []
-        for conn, proc in zip(self._conns, self._procs, strict=True):
-            if not conn.poll(self.cfg.timeout_s):
-                errors.append(f"worker pid {proc.pid} did not answer in {self.cfg.timeout_s:g} s")
-                continue
-            status, value = conn.recv()
-            if status == "error":
-                errors.append(value)
+        for rank, conn in enumerate(conns, start=1):
+            proc = self._procs[rank - 1]
+            value = None
+            try:
+                while True:
+                    wait_s = self.cfg.timeout_s if timeout_s is None else timeout_s
+                    if not conn.poll(wait_s):
+                        errors.append(f"rank {rank} (pid {proc.pid}) did not answer in {wait_s:g} s")
+                        break
+                    got, status, value = conn.recv()
+                    if got != seq:
+                        continue
+                    if status == "error":
+                        errors.append(str(value))
+                    break
+            except (EOFError, OSError):
+                proc.join(timeout=1)
+                errors.append(f"rank {rank} (pid {proc.pid}) exited with {proc.exitcode}")
             out.append(value)
         if errors:
             raise GroupError("; ".join(e.splitlines()[0] for e in errors))
         return out
 
+    def _send(self, conns: list[Connection], op: str, arg: Any) -> int:
+        self._seq += 1
+        for rank, conn in enumerate(conns, start=1):
+            try:
+                conn.send((self._seq, op, arg))
+            except OSError:
+                raise GroupError(f"rank {rank} exited with {self._procs[rank - 1].exitcode}") from None
+        return self._seq
+
     def prepare(self, model: LoadedModel) -> None:
         """Make every worker load ``model.name``; fail if any loaded different weights."""
+        if self._broken:
+            self._restart()
         if model.name in self._fingerprints:
             return
-        for conn in self._conns:
-            conn.send(("load", model.name))
+        seq = self._send(self._conns, "load", model.name)
         mine = fingerprint(model.adapter)
-        for rank, theirs in enumerate(self._replies(), start=1):
+        for rank, theirs in enumerate(self._replies(self._conns, seq), start=1):
             if abs(theirs - mine) > 1e-6 * max(1.0, abs(mine)):
                 raise GroupError(f"rank {rank} loaded different weights for '{model.name}'")
         self._fingerprints[model.name] = mine
@@ -145,19 +194,23 @@ class LocalCluster:
     def run(self, model: LoadedModel, spec: JobSpec, inputs: Tensors) -> RunResult:
         """Run ``spec`` over ranks 0..spec.plan.ranks-1; rank 0 is this process."""
         if not 2 <= spec.plan.ranks <= self.cfg.ranks:
-            raise GroupError(f"job wants {spec.plan.ranks} ranks; this cluster has {self.cfg.ranks}")
+            raise BadRequest(f"job wants {spec.plan.ranks} ranks; this cluster has {self.cfg.ranks}")
         self.prepare(model)
         used = self._conns[: spec.plan.ranks - 1]
-        for conn in used:
-            conn.send(("run", spec))
+        seq = self._send(used, "run", spec)
         try:
             result = run_rank(self._comms[spec.plan.ranks], model.adapter, spec, inputs)
-        finally:
-            for conn in used:
-                if conn.poll(self.cfg.timeout_s):
-                    status, value = conn.recv()
-                    if status == "error":
-                        raise GroupError(value.splitlines()[0])
+            self._replies(used, seq)
+        except BaseException as exc:
+            self._broken = True  # the groups may hold half-finished collectives
+            try:  # a worker that failed first explains more than rank 0's timeout
+                self._replies(used, seq, timeout_s=1.0)
+            except GroupError as worker:
+                if "did not answer" not in str(worker):
+                    raise worker from exc
+            if isinstance(exc, PrismError):
+                raise
+            raise GroupError(f"job failed on rank 0: {exc}") from exc
         assert result is not None
         return result
 
@@ -165,12 +218,16 @@ class LocalCluster:
         """Stop the workers (politely, then by force) and drop the groups."""
         for conn in self._conns:
             with contextlib.suppress(OSError):
-                conn.send(("stop",))
+                conn.send((0, "stop", None))
+        deadline = time.monotonic() + 5
         for proc in self._procs:
-            proc.join(timeout=5)
+            proc.join(timeout=max(0.0, deadline - time.monotonic()))
+        for proc in self._procs:
             if proc.is_alive():
                 proc.kill()
                 proc.join(timeout=5)
+        for conn in self._conns:
+            conn.close()
         self._comms.clear()
         self._procs.clear()
         self._conns.clear()

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from engine.adapters import Adapter, Shapes, Task, Tensors, first_row, heads, masked_mean, merge_heads
-from engine.errors import BadRequest
+from engine.errors import BadRequest, ModelError
 
 
 class BertAdapter(Adapter):
@@ -20,6 +20,8 @@ class BertAdapter(Adapter):
         backbone: Any = model.bert if hasattr(model, "bert") else model
         super().__init__(model, backbone, backbone.encoder.layer)
         self.classifier: Any = getattr(model, "classifier", None)
+        if getattr(self.config, "is_decoder", False) or getattr(self.config, "add_cross_attention", False):
+            raise ModelError("BERT decoder / cross-attention configs are not supported (encoders only)")
 
     def check_task(self, task: Task) -> None:
         super().check_task(task)

@@ -14,16 +14,19 @@ MAIN_OUTPUT = {
     Task.FEATURES: "features",
     Task.EMBED: "embedding",
     Task.NEXT_TOKEN: "logits",
-    Task.LOGLIK: "loglik",
+    Task.LOGLIK: "loglik",  # compared per token
 }
 
 
 @dataclass(frozen=True, slots=True)
 class Fidelity:
-    """max |diff| of the main output, mean per-sample cosine, and argmax agreement."""
+    """max |diff| of the main output, mean per-sample cosine, and argmax agreement.
+
+    For ``loglik`` the difference is of the per-token log-likelihood and there is no cosine.
+    """
 
     max_abs_diff: float
-    mean_cosine: float
+    mean_cosine: float | None
     top1_agreement: float | None
 
     def as_dict(self) -> dict[str, float | None]:
@@ -39,11 +42,12 @@ def compare(task: Task, reference: Tensors, got: Tensors) -> Fidelity:
     """Compare ``got`` against the local ``reference`` for ``task``."""
     key = MAIN_OUTPUT[task]
     ref, out = reference[key].float(), got[key].float()
+    if task is Task.LOGLIK:  # per-token log-likelihood; a cosine of scalars means nothing
+        per_ref = ref / reference["count"].float().clamp(min=1)
+        per_out = out / got["count"].float().clamp(min=1)
+        return Fidelity(float((per_ref - per_out).abs().max()), None, None)
     diff = float((ref - out).abs().max())
-    if ref.dim() == 1:  # per-sample scalars (log-likelihood): cosine is meaningless
-        cosine = float(F.cosine_similarity(ref.unsqueeze(0), out.unsqueeze(0)).item())
-    else:
-        cosine = float(F.cosine_similarity(ref.flatten(1), out.flatten(1), dim=1).mean())
+    cosine = float(F.cosine_similarity(ref.flatten(1), out.flatten(1), dim=1).mean())
     top1 = None
     if key == "logits":
         top1 = float((ref.argmax(-1) == out.argmax(-1)).float().mean())

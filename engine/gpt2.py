@@ -70,13 +70,13 @@ class GPT2Adapter(Adapter):
         stop = min(span.stop, shapes.n_tokens - 1)
         n = stop - span.start
         if n <= 0:
-            zero = h.new_zeros(shapes.batch)
+            zero = h.new_zeros(shapes.batch, dtype=torch.float32)
             return {"loglik": zero, "count": zero.clone()}
         logp = F.log_softmax(self.lm_head(h[:, :n]).float(), dim=-1)
         targets = ids[:, span.start + 1 : stop + 1]
         valid = (mask[:, span.start + 1 : stop + 1] & mask[:, span.start : stop]).to(logp.dtype)
         picked = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1) * valid
-        return {"loglik": picked.sum(dim=1).to(h.dtype), "count": valid.sum(dim=1).to(h.dtype)}
+        return {"loglik": picked.sum(dim=1), "count": valid.sum(dim=1)}  # fp32 whatever the model dtype
 
     def finalize(self, task: Task, summed: Tensors) -> Tensors:
         if task is Task.NEXT_TOKEN:

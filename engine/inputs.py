@@ -34,6 +34,8 @@ def tokens(model: LoadedModel, batch: int, seq: int | None, seed: int = 0) -> Te
     if seq is not None and not 1 <= seq <= limit:
         raise BadRequest(f"sequence length must be 1..{limit} for this model, got {seq}")
     tok = model.tokenizer
+    if tok is not None and seq is not None and seq < 4:
+        raise BadRequest(f"--seq {seq} is too short for real text (special tokens need room); use >= 4")
     if tok is not None:
         if seq is None:
             texts = english_sentences(batch)

@@ -140,13 +140,28 @@ def load_dir(source: str, name: str | None = None) -> LoadedModel:
         model = model_cls.from_pretrained(source)
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load weights of '{source}': {exc}") from exc
-    tokenizer = None
-    if family != "vit":
-        try:
-            tokenizer = tf.AutoTokenizer.from_pretrained(source)
-        except (OSError, ValueError, TypeError):
-            tokenizer = None
+    tokenizer = _tokenizer(tf, source, family) if family != "vit" else None
     return LoadedModel(name or source, _adapter(family, model), tokenizer)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")
+
+
+def _tokenizer(tf: Any, source: str, family: str) -> Any | None:
+    """The model's own tokenizer, or None. A directory without tokenizer files gets none
+    (transformers 5 would build an empty one that maps every word to [UNK])."""
+    path = Path(source)
+    if path.is_dir() and not any((path / f).is_file() for f in TOKENIZER_FILES):
+        return None
+    try:
+        tok = tf.AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, TypeError):
+        return None
+    if family == "gpt2":  # GPT-2 ships no pad token; the engine takes right padding only
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        tok.padding_side = "right"
+    return tok
 
 
 def load(source: str) -> LoadedModel:
@@ -155,7 +170,8 @@ def load(source: str) -> LoadedModel:
         return build(source)
     if source == MINILM:
         return load_dir(str(minilm_dir()), MINILM)
-    path = Path(source)
+    path = Path(source).expanduser()
+    source = str(path) if source.startswith("~") else source
     if path.exists() and not path.is_dir():
         raise ModelError(f"model source '{source}' is a file; give a model directory")
     looks_local = source.startswith((".", "/", "~")) or path.is_dir()

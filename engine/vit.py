@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from engine.adapters import Adapter, Shapes, Task, Tensors, first_row, heads, merge_heads
-from engine.errors import BadRequest
+from engine.errors import BadRequest, ModelError
 
 
 class ViTAdapter(Adapter):
@@ -25,6 +25,8 @@ class ViTAdapter(Adapter):
         size = emb.image_size
         self.image_hw = (int(size[0]), int(size[1])) if not isinstance(size, int) else (size, size)
         self.channels = int(self.config.num_channels)
+        if self.image_hw[0] % self.patch or self.image_hw[1] % self.patch:
+            raise ModelError(f"ViT image size {self.image_hw} is not a whole number of {self.patch}-pixel patches")
 
     def check_task(self, task: Task) -> None:
         super().check_task(task)
@@ -56,7 +58,7 @@ class ViTAdapter(Adapter):
         emb = self.backbone.embeddings
         patches = local["patches"]  # (B, m, C, p, p)
         b, m = patches.shape[:2]
-        rows = emb.patch_embeddings.projection(patches.flatten(0, 1)).view(b, m, -1)  # (B, m, D)
+        rows = emb.patch_embeddings.projection(patches.flatten(0, 1)).view(b, m, self.hidden_size)  # (B, m, D)
         if span.start == 0:
             rows = torch.cat([emb.cls_token.expand(b, -1, -1), rows], dim=1)
         return rows + emb.position_embeddings[:, span.start : span.stop]

@@ -9,7 +9,7 @@ from engine.adapters import Task
 from engine.program import plan_job
 from engine.segments import Compression
 from engine.sim import run_local, run_simulated
-from tests.conftest import Models, inputs_for, max_diff
+from tests.conftest import Models, inputs_for, max_diff, token_inputs
 
 CASES = [
     ("tiny-vit", Task.CLASSIFY, "logits"),
@@ -89,3 +89,21 @@ def test_reference_is_the_transformers_model_forward(models: Models, name: str, 
     if task is Task.NEXT_TOKEN:
         logits = logits[:, -1]
     assert max_diff(ref, logits) <= 1e-5
+
+
+def test_gpt2_right_padded_batch_is_exact_at_cr1(models: Models) -> None:
+    model = models("tiny-gpt2")
+    inputs = token_inputs(4, 29, pad_rows={0: 16, 2: 28, 3: 3})
+    for task, key in ((Task.NEXT_TOKEN, "logits"), (Task.LOGLIK, "loglik")):
+        ref = run_local(model.adapter, task, inputs).outputs
+        spec = plan_job(model.adapter, "tiny-gpt2", task, inputs, ranks=3, comp=Compression(cr=1.0))
+        got = run_simulated(model.adapter, spec, inputs).outputs
+        assert max_diff(got[key], ref[key]) <= 1e-4
+
+
+def test_keep_last_is_exact_at_cr1(models: Models) -> None:
+    model = models("tiny-bert")
+    inputs = inputs_for("bert")
+    ref = run_local(model.adapter, Task.EMBED, inputs).outputs
+    spec = plan_job(model.adapter, "tiny-bert", Task.EMBED, inputs, ranks=3, comp=Compression(cr=1.0, keep_last=True))
+    assert max_diff(run_simulated(model.adapter, spec, inputs).outputs["embedding"], ref["embedding"]) <= 1e-4

@@ -60,7 +60,6 @@ def test_gloo_matches_in_process_runner_under_compression(
     # The bytes that crossed the group are exactly those the plan implies.
     assert [t.exchange_bytes_sent for t in real.traces] == [t.exchange_bytes_sent for t in sim.traces]
     assert [t.exchange_bytes_recv for t in real.traces] == [t.exchange_bytes_recv for t in sim.traces]
-    assert all(t.comm_s > 0 and t.compute_s > 0 for t in real.traces)
     assert len(real.traces) == ranks
 
 
@@ -89,7 +88,7 @@ def test_a_job_larger_than_the_cluster_is_refused(cluster: LocalCluster, models:
     model = models("tiny-bert")
     inputs = inputs_for("bert")
     spec = plan_job(model.adapter, "tiny-bert", Task.EMBED, inputs, ranks=5, comp=Compression(cr=4))
-    with pytest.raises(GroupError, match="5 ranks"):
+    with pytest.raises(BadRequest, match="5 ranks"):
         cluster.run(model, spec, inputs)
 
 
@@ -110,3 +109,34 @@ def test_wrong_task_is_a_bad_request(models: Models) -> None:
     model = models("tiny-gpt2")
     with pytest.raises(BadRequest, match="does not do 'classify'"):
         plan_job(model.adapter, "tiny-gpt2", Task.CLASSIFY, inputs_for("gpt2"), ranks=2, comp=Compression())
+
+
+def test_rank0_holding_only_cls_works(cluster: LocalCluster, models: Models) -> None:
+    """A weighted plan can leave rank 0 just the CLS token (a slow coordinator)."""
+    model = models("tiny-vit")
+    inputs = inputs_for("vit")
+    spec = plan_job(
+        model.adapter, "tiny-vit", Task.CLASSIFY, inputs, ranks=2, comp=Compression(cr=1.0), weights=[1.0, 1000.0]
+    )
+    assert spec.plan.sizes[0] == 1
+    ref = run_local(model.adapter, Task.CLASSIFY, inputs).outputs
+    assert max_diff(cluster.run(model, spec, inputs).outputs["logits"], ref["logits"]) <= 1e-4
+
+
+def test_a_killed_worker_fails_the_job_and_the_cluster_recovers(models: Models) -> None:
+    import os
+    import signal
+
+    from agent.localcluster import ClusterConfig
+
+    model = models("tiny-bert")
+    inputs = inputs_for("bert")
+    spec = plan_job(model.adapter, "tiny-bert", Task.EMBED, inputs, ranks=2, comp=Compression(cr=4))
+    with LocalCluster(ClusterConfig(ranks=2, timeout_s=10)) as small:
+        small.run(model, spec, inputs)
+        os.kill(small.worker_pids[0], signal.SIGKILL)
+        with pytest.raises(GroupError):
+            small.run(model, spec, inputs)
+        again = small.run(model, spec, inputs)  # re-spawned workers, fresh groups
+        assert small.restarts == 1
+        assert again.outputs["embedding"].shape == (3, 64)
