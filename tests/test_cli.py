@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -39,8 +40,8 @@ def test_bad_arguments_give_one_line_and_nonzero_exit(
 
 
 def test_console_script_reports_errors_without_traceback() -> None:
-    exe = shutil.which("prism-agent")
-    assert exe, "prism-agent console script is not installed (pip install -e .)"
+    exe = Path(sys.executable).parent / "prism-agent"  # the venv's script, whether or not it is on PATH
+    assert exe.exists(), "prism-agent console script is not installed (pip install -e .)"
     proc = subprocess.run(
         [exe, "fidelity", "--model", "nope", "--ranks", "2", "--cr", "2"],
         capture_output=True,
