@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -22,10 +23,16 @@ import aiomqtt
 import structlog
 
 from agent.compat import BaseExceptionGroup, TaskGroup
-from agent.config import Settings
+from agent.config import ConfigError, Settings
+from agent.discovery import Discovery, advert
+from agent.groups import GroupManager
+from agent.peers import Peer, PeerTable
 from agent.sdnotify import Notifier
 from agent.service import JobService, Served
-from engine.models import load
+from engine.adapters import Tensors
+from engine.models import fingerprint, load
+from engine.program import JobSpec
+from engine.trace import RunResult
 from transport.mqtt import MqttLink, Topics, TransportError, backoff_s, reply_route
 
 log = structlog.get_logger("prism.daemon")
@@ -38,25 +45,83 @@ def load_models(settings: Settings) -> dict[str, Served]:
     served = {}
     for spec in settings.models:
         start = time.monotonic()
-        served[spec.name] = Served(spec, load(spec.source))
+        model = load(spec.source)
+        served[spec.name] = Served(spec, model, fingerprint(model.adapter))
         log.info("model_loaded", model=spec.name, source=spec.source, s=round(time.monotonic() - start, 2))
     return served
 
 
-class Daemon:
-    """A node: its settings, models, job service and broker connection."""
+def local_address(settings: Settings) -> str:
+    """The IPv4 address we advertise and bind GLOO to: the chosen interface's, else the
+    one that routes to the broker (127.0.0.1 for a broker on loopback)."""
+    if settings.interface:
+        import ifaddr
 
-    def __init__(self, settings: Settings, models: Mapping[str, Served], notifier: Notifier | None = None) -> None:
+        for adapter in ifaddr.get_adapters():
+            if adapter.nice_name == settings.interface:
+                for ip in adapter.ips:
+                    if ip.is_IPv4:
+                        return str(ip.ip)
+        raise ConfigError(f"interface {settings.interface!r} has no IPv4 address")
+    assert settings.broker is not None
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect((settings.broker.host, settings.broker.port))  # UDP: sends nothing
+        return str(probe.getsockname()[0])
+
+
+class Daemon:
+    """A node: its settings, models, peers, job service and broker connection."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        models: Mapping[str, Served],
+        notifier: Notifier | None = None,
+        address: str = "127.0.0.1",
+    ) -> None:
         self.settings = settings
-        self.service = JobService(settings, models)
+        self.address = address
+        self.peers = PeerTable(settings.cluster, settings.node_id, max_age_s=max(15.0, 3 * settings.health_interval_s))
+        self.groups = GroupManager(
+            settings.node_id,
+            address,
+            settings.group_timeout_s,
+            models,
+            self._publish,
+            lambda node: f"{settings.topic_root}/nodes/{node}/control",
+        )
+        self.service = JobService(settings, models, self)
+        self._link: MqttLink | None = None
         self.topics = Topics(settings.topic_root, settings.node_id)
         self.notifier = notifier or Notifier(None)
         self.stop = asyncio.Event()
         self._jobs: set[asyncio.Task[None]] = set()
         self._job_seq = 0
 
+    # -- Distributor, for the job service ---------------------------------------------
+    def peers_for(self, model: str, fingerprint: float) -> list[Peer]:
+        """Alive peers serving ``model`` with the same weights, least loaded first."""
+        return self.peers.able(model, fingerprint, time.monotonic())
+
+    async def run_distributed(self, served: Served, spec: JobSpec, inputs: Tensors, peers: list[Peer]) -> RunResult:
+        """Run over a GLOO group with ``peers``."""
+        return await self.groups.run(served, spec, inputs, peers)
+
+    async def _publish(self, topic: str, payload: bytes) -> None:
+        if self._link is None:
+            raise TransportError("not connected to the broker")
+        await self._link.publish(topic, payload)
+
     async def run(self) -> None:
         """Serve until :attr:`stop` is set; reconnect on failures."""
+        interfaces = [self.address]
+        info = advert(
+            self.settings.node_id, self.settings.cluster, self.address, 0, VERSION, sorted(self.service.models)
+        )
+        async with Discovery(self.peers, info, interfaces):
+            await self._serve()
+
+    async def _serve(self) -> None:
         broker = self.settings.broker
         assert broker is not None
         attempt = 0
@@ -79,23 +144,33 @@ class Daemon:
         will = (self.topics.status, b"offline")
         try:
             async with MqttLink(host, port, client_id=f"prism-{self.settings.node_id}", will=will) as link:
-                await link.subscribe(self.topics.shared_jobs, self.topics.my_jobs)
+                self._link = link
+                await link.subscribe(
+                    self.topics.shared_jobs,
+                    self.topics.my_jobs,
+                    self.topics.control,
+                    self.topics.all_health,
+                    self.topics.all_status,
+                )
                 await link.publish(self.topics.status, b"online", retain=True)
                 log.info("mqtt_connected", broker=f"{host}:{port}", node=self.settings.node_id)
                 self.notifier.notify("READY=1")
                 async with TaskGroup() as tg:
                     intake = tg.create_task(self._intake(link, tg), name="intake")
                     health = tg.create_task(self._health(link), name="health")
+                    control = tg.create_task(self.groups.serve_control(), name="control")
                     stop = tg.create_task(self.stop.wait(), name="stop-signal")
                     await asyncio.wait({intake, stop}, return_when=asyncio.FIRST_COMPLETED)
                     if intake.done():  # the connection dropped: let the group raise it
                         stop.cancel()
                         health.cancel()
+                        control.cancel()
                         intake.result()
                     intake.cancel()
                     await self._drain()
                     await link.publish(self.topics.status, b"offline", retain=True)
                     health.cancel()
+                    control.cancel()
                 log.info("stopped", **self.service.stats)
         except BaseExceptionGroup as group:
             transport = [e for e in group.exceptions if isinstance(e, TransportError)]
@@ -112,6 +187,10 @@ class Daemon:
 
     async def _intake(self, link: MqttLink, tg: TaskGroup) -> None:
         async for message in link.messages():
+            topic = str(message.topic)
+            if not topic.endswith("/jobs"):
+                self._observe(topic, message)
+                continue
             self._job_seq += 1
             task = tg.create_task(self._answer(link, message), name=f"job-{self._job_seq}")
             self._jobs.add(task)
@@ -131,6 +210,43 @@ class Daemon:
         except TransportError as exc:
             log.warning("reply_failed", job=result.id, error=str(exc))
 
+    def _observe(self, topic: str, message: aiomqtt.Message) -> None:
+        """Control for this node, and every node's health and status."""
+        payload = message.payload if isinstance(message.payload, bytes) else str(message.payload).encode()
+        if topic == self.topics.control:
+            self.groups.control(payload)
+            return
+        node = topic.split("/")[-2]
+        if node == self.settings.node_id:
+            return
+        if topic.endswith("/status"):
+            if payload == b"offline":
+                self.peers.offline(node)
+                self._spawn(self.groups.membership_changed({node}), f"membership-{node}")
+            return
+        try:
+            health = json.loads(payload)
+            peer = Peer(
+                node=str(health["node"]),
+                cluster=self.settings.cluster,
+                address=str(health["address"]),
+                models={str(k): float(v) for k, v in health["fingerprints"].items()},
+                version=str(health.get("version", "")),
+                load1=float(health["load"]["load1"]),
+                queue=int(health["load"]["queue"]),
+            )
+        except (ValueError, KeyError, TypeError, AttributeError):
+            log.info("health_ignored", node=node)
+            return
+        if self.peers.get(node) is None:
+            log.info("peer_seen", node=node, address=peer.address, via="mqtt")
+        self.peers.seen(peer, time.monotonic())
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._jobs.add(task)
+        task.add_done_callback(self._jobs.discard)
+
     def health(self) -> dict[str, Any]:
         """The retained health document."""
         load1, load5, _ = os.getloadavg()
@@ -141,6 +257,9 @@ class Daemon:
             "load": {"load1": load1, "load5": load5, "cpus": os.cpu_count(), "queue": self.service.queue_depth},
             "jobs": dict(self.service.stats),
             "models": sorted(self.service.models),
+            "fingerprints": {name: s.fingerprint for name, s in self.service.models.items()},
+            "address": self.address,
+            "peers": [p.node for p in self.peers.alive(time.monotonic())],
             "links": {},
         }
 
@@ -161,6 +280,6 @@ def install_signal_handlers(daemon: Daemon) -> None:
 async def main_async(settings: Settings) -> None:
     """Load models, then serve until signalled."""
     models = await asyncio.to_thread(load_models, settings)
-    daemon = Daemon(settings, models, Notifier(os.environ.get("NOTIFY_SOCKET")))
+    daemon = Daemon(settings, models, Notifier(os.environ.get("NOTIFY_SOCKET")), local_address(settings))
     install_signal_handlers(daemon)
     await daemon.run()

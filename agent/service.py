@@ -12,16 +12,21 @@ import asyncio
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import structlog
 
 from agent.config import ModelSpec, Settings
 from agent.engine_cmds import default_task
 from agent.jobinputs import to_output, to_tensors
-from engine.adapters import Task
+from agent.peers import Peer
+from engine.adapters import Task, Tensors
 from engine.errors import BadRequest, PrismError
 from engine.models import LoadedModel
+from engine.program import JobSpec, plan_job
+from engine.segments import Compression
 from engine.sim import run_local
+from engine.trace import RunResult
 from transport.schema import Job, Mode, Result, WireError, parse_job
 
 log = structlog.get_logger("prism.service")
@@ -29,18 +34,49 @@ log = structlog.get_logger("prism.service")
 
 @dataclass(frozen=True, slots=True)
 class Served:
-    """A model this node serves, loaded once at start."""
+    """A model this node serves, loaded once at start (``fingerprint`` identifies its weights)."""
 
     spec: ModelSpec
     model: LoadedModel
+    fingerprint: float = 0.0
+
+
+class Distributor(Protocol):
+    """What the service needs to split a job across peers (the daemon provides it)."""
+
+    def peers_for(self, model: str, fingerprint: float) -> list[Peer]: ...
+
+    async def run_distributed(self, served: Served, spec: JobSpec, inputs: Tensors, peers: list[Peer]) -> RunResult: ...
+
+
+#: Interim rule for ``auto`` until the profiled policy lands: distribute from this batch
+#: size up when a peer is available (the Jetson paper's crossover was batch 8).
+AUTO_MIN_BATCH = 8
+DEFAULT_CR = 8.0
+
+
+def choose(job: Job, batch: int, peers: int) -> tuple[str, str]:
+    """(mode, reason) for a job: pure, table-tested."""
+    if job.mode is Mode.LOCAL:
+        return "local", "requested local"
+    if peers == 0:
+        return "local", "no peer serves this model with the same weights"
+    if job.mode is Mode.DISTRIBUTED:
+        return "distributed", "requested distributed"
+    if batch >= AUTO_MIN_BATCH:
+        return "distributed", f"auto: batch {batch} >= {AUTO_MIN_BATCH} and {peers} peer(s) available"
+    return "local", f"auto: batch {batch} < {AUTO_MIN_BATCH}"
 
 
 class JobService:
     """Turns job payloads into results."""
 
-    def __init__(self, settings: Settings, models: Mapping[str, Served]) -> None:
+    def __init__(
+        self, settings: Settings, models: Mapping[str, Served], distributor: Distributor | None = None
+    ) -> None:
         self.settings = settings
         self.models = dict(models)
+        self.distributor = distributor
         self._pending = 0
         self._engine = asyncio.Lock()
         self.stats = {"received": 0, "ok": 0, "failed": 0, "busy": 0, "unparseable": 0}
@@ -90,34 +126,65 @@ class JobService:
             return self._fail(job.id, "invalid_job", f"unknown task '{job.task}'")
         except BadRequest as exc:
             return self._fail(job.id, exc.code, str(exc))
-        # Until peers and the policy land, every job runs here; a distributed request says so.
-        fallback = job.mode is Mode.DISTRIBUTED
-        reason = "no peers admitted" if fallback else "local by default"
-        decision = {"mode": "local", "reason": reason, "requested": job.mode.value}
+        peers = self.distributor.peers_for(job.model, served.fingerprint) if self.distributor else []
+        mode, reason = choose(job, int(next(iter(tensors.values())).shape[0]), len(peers))
+        decision: dict[str, Any] = {"mode": mode, "reason": reason, "requested": job.mode.value}
         queued_s = time.monotonic() - start
         async with self._engine:
             engine_start = time.monotonic()
-            try:
-                result = await asyncio.to_thread(run_local, model.adapter, task, tensors)
-            except PrismError as exc:
-                return self._fail(job.id, exc.code, str(exc))
+            result, used, cr, fallback = None, [], None, False
+            if mode == "distributed" and self.distributor is not None:
+                want = (job.ranks or 2) - 1
+                used = peers[: max(1, want)]
+                cr = job.cr if job.cr_given else DEFAULT_CR
+                comp = Compression(cr=cr)
+                try:
+                    spec = plan_job(model.adapter, job.model, task, tensors, ranks=len(used) + 1, comp=comp)
+                    result = await self.distributor.run_distributed(served, spec, tensors, used)
+                except BadRequest as exc:
+                    return self._fail(job.id, exc.code, str(exc))
+                except PrismError as exc:
+                    log.warning("distributed_fallback", job=job.id, error=str(exc)[:200])
+                    decision["fallback_reason"] = str(exc)[:300]
+                    result, used, cr, fallback = None, [], None, True
+            elif job.mode is Mode.DISTRIBUTED:
+                fallback = True
+            if result is None:
+                mode = "local"
+                try:
+                    result = await asyncio.to_thread(run_local, model.adapter, task, tensors)
+                except PrismError as exc:
+                    return self._fail(job.id, exc.code, str(exc))
             engine_s = time.monotonic() - engine_start
         output = to_output(task, result.outputs)
         self.stats["ok"] += 1
         total_s = time.monotonic() - start
-        log.info("job_done", job=job.id, model=job.model, mode="local", ms=round(total_s * 1e3, 2))
+        t = result.traces[0]
+        log.info(
+            "job_done",
+            job=job.id,
+            model=job.model,
+            mode=mode,
+            peers=[p.node for p in used],
+            ms=round(total_s * 1e3, 2),
+            fallback=fallback,
+        )
         return Result(
             id=job.id,
             ok=True,
             output=output,
-            mode="local",
-            cr=None,
-            peers=(),
+            mode=mode,
+            cr=cr,
+            peers=tuple(p.node for p in used),
             latency_ms={
                 "total": total_s * 1e3,
                 "queue": queued_s * 1e3,
                 "engine": engine_s * 1e3,
-                "compute": result.traces[0].compute_s * 1e3,
+                "compute": t.compute_s * 1e3,
+                "comm": t.comm_s * 1e3,
+                "staging": t.staging_s * 1e3,
+                "overhead": t.overhead_s * 1e3,
+                "exchange_bytes": float(result.exchange_bytes),
             },
             decision=decision,
             fallback=fallback,

@@ -8,6 +8,7 @@ numbers for the same plan (DESIGN.md §3.7).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -115,3 +116,41 @@ def plan_job(
     if plan.ranks != ranks:
         raise BadRequest(f"{len(weights or [])} rank weights given for {ranks} ranks")
     return JobSpec(model, task, plan, comp, shapes.batch, gather_hidden)
+
+
+def spec_to_dict(spec: JobSpec) -> dict[str, Any]:
+    """JSON-friendly form of a spec (it travels as control data between agents)."""
+    comp = spec.comp
+    return {
+        "model": spec.model,
+        "task": spec.task.value,
+        "sizes": list(spec.plan.sizes),
+        "cr": comp.cr,
+        "keep_first": comp.keep_first,
+        "keep_last": comp.keep_last,
+        "count_bias": comp.count_bias,
+        "batch": spec.batch,
+        "gather_hidden": spec.gather_hidden,
+    }
+
+
+def spec_from_dict(data: dict[str, Any]) -> JobSpec:
+    """Inverse of :func:`spec_to_dict`; malformed data is a BadRequest."""
+    try:
+        comp = Compression(
+            cr=None if data["cr"] is None else float(data["cr"]),
+            keep_first=bool(data["keep_first"]),
+            keep_last=bool(data["keep_last"]),
+            count_bias=bool(data["count_bias"]),
+        )
+        sizes = tuple(int(s) for s in data["sizes"])
+        return JobSpec(
+            str(data["model"]),
+            Task(data["task"]),
+            PartitionPlan(sizes),
+            comp,
+            int(data["batch"]),
+            bool(data.get("gather_hidden", False)),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BadRequest(f"malformed job spec: {exc}") from exc

@@ -71,6 +71,11 @@ class Topics:
         return f"{self.root}/nodes/{self.node}/status"
 
     @property
+    def control(self) -> str:
+        """This node's control topic (group formation, runs, teardown)."""
+        return f"{self.root}/nodes/{self.node}/control"
+
+    @property
     def health(self) -> str:
         """Retained periodic health."""
         return f"{self.root}/nodes/{self.node}/health"

@@ -1,0 +1,71 @@
+"""The peer table: who is out there, alive, and able to share a job (pure, no I/O, no clock).
+
+Two sources feed it: mDNS adverts and the retained MQTT health of each node (the latter
+also works on networks without multicast). Times are passed in, so tests drive it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """What we know of another node."""
+
+    node: str
+    cluster: str
+    address: str
+    models: dict[str, float] = field(default_factory=dict)  # name -> weight fingerprint
+    version: str = ""
+    online: bool = True
+    last_seen_s: float = 0.0
+    load1: float = 0.0
+    queue: int = 0
+
+
+class PeerTable:
+    """Peers of one cluster, keyed by node id."""
+
+    def __init__(self, cluster: str, me: str, max_age_s: float = 30.0) -> None:
+        self.cluster = cluster
+        self.me = me
+        self.max_age_s = max_age_s
+        self._peers: dict[str, Peer] = {}
+
+    def seen(self, peer: Peer, now_s: float) -> bool:
+        """Record an advert or health message; returns False when it is ignored."""
+        if peer.cluster != self.cluster or peer.node == self.me:
+            return False
+        old = self._peers.get(peer.node)
+        if old is not None and not peer.models:
+            peer = replace(peer, models=old.models)  # an mDNS refresh carries no fingerprints
+        self._peers[peer.node] = replace(peer, last_seen_s=now_s, online=True)
+        return True
+
+    def offline(self, node: str) -> None:
+        """The node said goodbye (Last Will, mDNS removal)."""
+        if node in self._peers:
+            self._peers[node] = replace(self._peers[node], online=False)
+
+    def get(self, node: str) -> Peer | None:
+        """A peer by id."""
+        return self._peers.get(node)
+
+    def alive(self, now_s: float) -> list[Peer]:
+        """Online peers heard from within ``max_age_s``, least loaded first."""
+        fresh = [p for p in self._peers.values() if p.online and now_s - p.last_seen_s <= self.max_age_s]
+        return sorted(fresh, key=lambda p: (p.queue, p.load1, p.node))
+
+    def able(self, model: str, fingerprint: float, now_s: float) -> list[Peer]:
+        """Alive peers that serve ``model`` with the same weights."""
+
+        def same(p: Peer) -> bool:
+            theirs = p.models.get(model)
+            return theirs is not None and abs(theirs - fingerprint) <= 1e-6 * max(1.0, abs(fingerprint))
+
+        return [p for p in self.alive(now_s) if same(p)]
+
+    def all(self) -> list[Peer]:
+        """Every peer ever seen, for ``prism-agent peers``."""
+        return sorted(self._peers.values(), key=lambda p: p.node)

@@ -1,0 +1,124 @@
+"""Two real agents find each other over mDNS (127.0.0.1 only) and split jobs over GLOO."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+
+from tests.mqtt_env import agent, mosquitto, pub, sub
+
+pytestmark = [pytest.mark.mqtt, pytest.mark.gloo]
+
+CLUSTER = "dtest"
+FAST = {"PRISM_HEALTH_INTERVAL_S": "0.5"}
+
+
+@pytest.fixture(scope="module")
+def pair() -> Iterator[tuple[int, subprocess.Popen[str], subprocess.Popen[str]]]:
+    with (
+        mosquitto() as port,
+        agent(port, CLUSTER, "d1", "bert=tiny-bert", "gpt=tiny-gpt2", env=FAST) as a,
+        agent(port, CLUSTER, "d2", "bert=tiny-bert", "gpt=tiny-gpt2", env=FAST) as b,
+    ):
+        yield port, a, b
+
+
+def ask(port: int, node: str, jobs: list[dict[str, object]]) -> dict[str, dict[str, object]]:
+    waiter = sub(port, f"prism/v1/{CLUSTER}/results/#", len(jobs))
+    import time
+
+    time.sleep(0.3)
+    for job in jobs:
+        pub(port, f"prism/v1/{CLUSTER}/nodes/{node}/jobs", json.dumps(job))
+    out, err = waiter.communicate(timeout=90)
+    results = [json.loads(line) for line in out.splitlines() if line.strip()]
+    assert len(results) == len(jobs), err
+    return {str(r["id"]): r for r in results}
+
+
+def wait_for_peer(port: int, node: str, peer: str, timeout_s: float = 30) -> None:
+    """Until ``node``'s health lists ``peer`` (discovered over mDNS and admitted by its weights)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        out = subprocess.run(
+            ["mosquitto_sub", "-p", str(port), "-t", f"prism/v1/{CLUSTER}/nodes/{node}/health", "-C", "1", "-W", "3"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout
+        if out and peer in json.loads(out).get("peers", []):
+            return
+    raise AssertionError(f"{node} never listed {peer} as a peer")
+
+
+def test_agents_discover_each_other_and_split_jobs(
+    pair: tuple[int, subprocess.Popen[str], subprocess.Popen[str]],
+) -> None:
+    port, _, _ = pair
+    wait_for_peer(port, "d1", "d2")
+    got = ask(
+        port,
+        "d1",
+        [
+            {"id": "dist1", "model": "bert", "inputs": {"text": ["hello world", "two"]}, "mode": "distributed"},
+            {
+                "id": "dist2",
+                "model": "gpt",
+                "inputs": {"token_ids": [list(range(5, 40))]},
+                "mode": "distributed",
+                "cr": "full",
+                "task": "loglik",
+            },
+            {"id": "auto1", "model": "bert", "inputs": {"text": ["small batch"]}},
+            {
+                "id": "loc1",
+                "model": "gpt",
+                "inputs": {"token_ids": [list(range(5, 40))]},
+                "mode": "local",
+                "task": "loglik",
+            },
+        ],
+    )
+    assert got["dist1"]["mode"] == "distributed"
+    assert got["dist1"]["peers"] == ["d2"]
+    assert got["dist1"]["cr"] == 8.0
+    assert got["dist1"]["fallback"] is False
+    assert got["dist1"]["latency_ms"]["exchange_bytes"] > 0  # type: ignore[index]
+    assert got["dist2"]["mode"] == "distributed"
+    assert got["dist2"]["cr"] == "full"
+    # Full exchange is exact: the distributed log-likelihood equals the local one.
+    dist_ll = got["dist2"]["output"]["loglik"][0]  # type: ignore[index]
+    local_ll = got["loc1"]["output"]["loglik"][0]  # type: ignore[index]
+    assert dist_ll == pytest.approx(local_ll, abs=1e-3)
+    assert got["auto1"]["mode"] == "local"
+    assert "batch 1 < 8" in got["auto1"]["decision"]["reason"]  # type: ignore[index]
+
+
+def test_a_killed_peer_leaves_and_jobs_are_still_answered(
+    pair: tuple[int, subprocess.Popen[str], subprocess.Popen[str]],
+) -> None:
+    port, _, peer = pair
+    wait_for_peer(port, "d1", "d2")
+    assert (
+        ask(port, "d1", [{"id": "pre", "model": "bert", "inputs": {"text": ["x"]}, "mode": "distributed"}])["pre"][
+            "mode"
+        ]
+        == "distributed"
+    )
+    peer.send_signal(signal.SIGKILL)
+    peer.wait(timeout=10)
+    got = ask(
+        port,
+        "d1",
+        [{"id": f"post{i}", "model": "bert", "inputs": {"text": ["x"]}, "mode": "distributed"} for i in range(3)],
+    )
+    for result in got.values():
+        assert result["ok"] is True
+        assert result["mode"] == "local"
+        assert result["fallback"] is True
