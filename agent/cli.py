@@ -125,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the result")
     sm.add_argument("--json", action="store_true", help="print the result object")
 
+    pe = sub.add_parser("peers", help="list the cluster's nodes: status, address, load, models, peers")
+    pe.add_argument("--broker", default="mqtt://127.0.0.1:1883")
+    pe.add_argument("--cluster", default="default")
+    pe.add_argument("--json", action="store_true", help="print a JSON list of nodes")
+
     demo = sub.add_parser("demo", help="the main job: a model local vs split over two GLOO processes")
     demo.add_argument("--model", default="minilm", help="model to run (default: real all-MiniLM-L6-v2)")
     demo.add_argument("--batch", type=_positive, default=8)
@@ -227,6 +232,38 @@ def _submit(ns: argparse.Namespace) -> int:
     return 0 if result.get("ok") else 1
 
 
+def _peers(ns: argparse.Namespace) -> int:
+    import asyncio
+
+    from agent.client import peers
+    from agent.config import parse_broker
+
+    nodes = asyncio.run(peers(parse_broker(ns.broker), ns.cluster))
+    if ns.json:
+        print(json.dumps(nodes))
+        return 0
+    rows = []
+    for n in nodes:
+        h = n.get("health", {})
+        load = h.get("load", {})
+        rows.append(
+            {
+                "node": n["node"],
+                "status": n["status"],
+                "address": h.get("address"),
+                "load1": load.get("load1"),
+                "queue": load.get("queue"),
+                "models": ",".join(h.get("models", [])),
+                "peers": ",".join(h.get("peers", [])),
+            }
+        )
+    if rows:
+        _print_table(rows, list(rows[0]))
+    else:
+        print(f"no nodes in cluster {ns.cluster!r} on {ns.broker}")
+    return 0
+
+
 def run(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` and run the command; returns the exit status."""
     ns = build_parser().parse_args(argv)
@@ -246,6 +283,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         return _run_daemon(ns)
     elif ns.command == "submit":
         return _submit(ns)
+    elif ns.command == "peers":
+        return _peers(ns)
     elif ns.command == "demo":
         try:
             crs = [c for c in (parse_cr(x) for x in ns.crs.split(",") if x.strip()) if c is not None]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import uuid
 from pathlib import Path
@@ -71,3 +72,26 @@ async def submit(broker: Broker, cluster: str, job: dict[str, Any], *, node: str
         await link.subscribe(reply)
         await link.publish(target, json.dumps(job).encode(), response_topic=reply, correlation=job["id"].encode())
         return await asyncio.wait_for(_result(link, job["id"]), timeout_s)
+
+
+async def peers(broker: Broker, cluster: str, *, listen_s: float = 1.5) -> list[dict[str, Any]]:
+    """Every node's retained status and health in ``cluster``, one dict per node."""
+    root = f"prism/v1/{cluster}"
+    nodes: dict[str, dict[str, Any]] = {}
+    async with MqttLink(broker.host, broker.port, client_id=f"prism-peers-{uuid.uuid4().hex[:8]}") as link:
+        await link.subscribe(f"{root}/nodes/+/status", f"{root}/nodes/+/health")
+
+        async def collect() -> None:
+            async for message in link.messages():
+                parts = str(message.topic).split("/")
+                payload = message.payload if isinstance(message.payload, bytes) else str(message.payload).encode()
+                entry = nodes.setdefault(parts[-2], {"node": parts[-2], "status": "unknown"})
+                if parts[-1] == "status":
+                    entry["status"] = payload.decode(errors="replace")
+                else:
+                    with contextlib.suppress(ValueError):
+                        entry["health"] = json.loads(payload)
+
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(collect(), listen_s)
+    return [nodes[n] for n in sorted(nodes)]

@@ -100,6 +100,38 @@ def test_agents_discover_each_other_and_split_jobs(
     assert "batch 1 < 8" in got["auto1"]["decision"]["reason"]  # type: ignore[index]
 
 
+def test_peers_command_lists_both_nodes(pair: tuple[int, subprocess.Popen[str], subprocess.Popen[str]]) -> None:
+    import sys
+
+    from tests.mqtt_env import REPO
+
+    port, _, _ = pair
+    wait_for_peer(port, "d2", "d1")
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "agent",
+            "peers",
+            "--broker",
+            f"mqtt://127.0.0.1:{port}",
+            "--cluster",
+            CLUSTER,
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        check=True,
+    )
+    nodes = {n["node"]: n for n in json.loads(out.stdout)}
+    assert set(nodes) == {"d1", "d2"}
+    assert all(n["status"] == "online" for n in nodes.values())
+    assert nodes["d2"]["health"]["peers"] == ["d1"]
+    assert nodes["d1"]["health"]["models"] == ["bert", "gpt"]
+
+
 def test_a_killed_peer_leaves_and_jobs_are_still_answered(
     pair: tuple[int, subprocess.Popen[str], subprocess.Popen[str]],
 ) -> None:
