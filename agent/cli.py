@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -96,7 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the agent daemon (MQTT job service)")
     run.add_argument("--config", type=Path, default=None, help="TOML settings file")
-    run.add_argument("--broker", default=None, help="mqtt://host:port (default: mqtt://127.0.0.1:1883)")
+    run.add_argument(
+        "--broker", default=None, help="mqtt://host:port (default: one advertised over mDNS, else host one)"
+    )
     run.add_argument("--cluster", default=None, help="cluster name (topic root prism/v1/NAME)")
     run.add_argument("--node-id", dest="node_id", default=None, help="this node's id (default: hostname)")
     run.add_argument("--interface", default=None, help="network interface for discovery and GLOO")
@@ -193,14 +194,12 @@ def _run_daemon(ns: argparse.Namespace) -> int:
     import torch
 
     from agent import daemon, logs
-    from agent.config import load_settings, parse_broker
+    from agent.config import load_settings
 
     overrides = {
         k: getattr(ns, k) for k in ("broker", "cluster", "node_id", "interface", "models", "threads", "log_format")
     }
     settings = load_settings(ns.config, os.environ, overrides)
-    if settings.broker is None:
-        settings = dataclasses.replace(settings, broker=parse_broker("mqtt://127.0.0.1:1883"))
     logs.configure(settings.log_format)
     torch.set_num_threads(settings.threads)
     asyncio.run(daemon.main_async(settings))

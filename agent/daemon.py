@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
+import random
 import signal
 import socket
 import time
@@ -22,10 +24,12 @@ from typing import Any
 import aiomqtt
 import structlog
 
+from agent.broker import HostedBroker, find_broker, port_free
 from agent.compat import BaseExceptionGroup, TaskGroup
 from agent.config import ConfigError, Settings
 from agent.discovery import Discovery, advert
 from agent.groups import GroupManager
+from agent.localcluster import free_port
 from agent.peers import Peer, PeerTable
 from agent.sdnotify import Notifier
 from agent.service import JobService, Served
@@ -63,7 +67,8 @@ def local_address(settings: Settings) -> str:
                     if ip.is_IPv4:
                         return str(ip.ip)
         raise ConfigError(f"interface {settings.interface!r} has no IPv4 address")
-    assert settings.broker is not None
+    if settings.broker is None:
+        return "127.0.0.1"  # single-box mode; --interface puts the node on a LAN
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         probe.connect((settings.broker.host, settings.broker.port))  # UDP: sends nothing
         return str(probe.getsockname()[0])
@@ -278,8 +283,21 @@ def install_signal_handlers(daemon: Daemon) -> None:
 
 
 async def main_async(settings: Settings) -> None:
-    """Load models, then serve until signalled."""
+    """Load models, find or host a broker, then serve until signalled."""
     models = await asyncio.to_thread(load_models, settings)
-    daemon = Daemon(settings, models, Notifier(os.environ.get("NOTIFY_SOCKET")), local_address(settings))
-    install_signal_handlers(daemon)
-    await daemon.run()
+    address = local_address(settings)
+    async with contextlib.AsyncExitStack() as stack:
+        if settings.broker is None:
+            broker = await find_broker(address)
+            if broker is None:  # a random pause, so two boxes starting together rarely both host one
+                await asyncio.sleep(random.uniform(0.0, 1.0))
+                broker = await find_broker(address, wait_s=0.5)
+            if broker is None:
+                port = 1883 if port_free(address, 1883) else free_port(address)
+                broker = (await stack.enter_async_context(HostedBroker(address, port, settings.node_id))).broker
+            else:
+                log.info("broker_found", broker=f"{broker.host}:{broker.port}", via="mdns")
+            settings = dataclasses.replace(settings, broker=broker)
+        daemon = Daemon(settings, models, Notifier(os.environ.get("NOTIFY_SOCKET")), address)
+        install_signal_handlers(daemon)
+        await daemon.run()
