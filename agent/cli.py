@@ -131,11 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--cluster", default="default")
     pe.add_argument("--json", action="store_true", help="print a JSON list of nodes")
 
-    demo = sub.add_parser("demo", help="the main job: a model local vs split over two GLOO processes")
+    demo = sub.add_parser("demo", help="the main job: a broker and two agents on this box, jobs in every mode")
     demo.add_argument("--model", default="minilm", help="model to run (default: real all-MiniLM-L6-v2)")
     demo.add_argument("--batch", type=_positive, default=8)
     demo.add_argument("--crs", default="4,16", help="comma-separated compression rates to show")
-    demo.add_argument("--json", action="store_true", help="print a JSON list of rows")
+    demo.add_argument("--json", action="store_true", help="print a JSON list of the jobs' result objects")
+    demo.add_argument(
+        "--engine", action="store_true", help="engine only: one process vs 2 GLOO ranks, no daemon, broker or discovery"
+    )
     return parser
 
 
@@ -289,6 +292,10 @@ def run(argv: Sequence[str] | None = None) -> int:
             crs = [c for c in (parse_cr(x) for x in ns.crs.split(",") if x.strip()) if c is not None]
         except argparse.ArgumentTypeError as exc:
             raise SystemExit(f"prism-agent: error: {exc}") from None
+        if not ns.engine:
+            from agent import demo
+
+            return demo.main(ns.model, ns.batch, crs, ns.json)
         rows = engine_cmds.demo(ns.model, ns.batch, crs)
         if ns.json:
             print(json.dumps(rows))

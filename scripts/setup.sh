@@ -29,6 +29,17 @@ if [ ! -x .venv/bin/python ]; then
     fi
 fi
 
+# The agents' broker (hosted by the demo and the tests) and the stock MQTT clients.
+if ! command -v mosquitto_pub >/dev/null || ! { command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ]; }; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "setup: installing mosquitto (Debian packages)" >&2
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients >/dev/null
+    else
+        echo "setup: mosquitto is missing; run: sudo apt-get install mosquitto mosquitto-clients" >&2
+        exit 1
+    fi
+fi
+
 stamp=".venv/.prism-setup-$extra"
 want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then

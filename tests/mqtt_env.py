@@ -113,28 +113,29 @@ def wait_online(port: int, cluster: str, node: str, timeout_s: float = 60.0) -> 
 
 @contextmanager
 def agent(
-    port: int, cluster: str, node: str, *models: str, env: dict[str, str] | None = None, extra: list[str] | None = None
+    port: int,
+    cluster: str,
+    node: str,
+    *models: str,
+    env: dict[str, str] | None = None,
+    extra: list[str] | None = None,
+    no_broker: bool = False,
 ) -> Iterator[subprocess.Popen[str]]:
-    """A real ``prism-agent run`` process, online when yielded; SIGTERMed after."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "agent",
-        "run",
-        "--broker",
-        f"mqtt://127.0.0.1:{port}",
-        "--cluster",
-        cluster,
-        "--node-id",
-        node,
-        "--log-format",
-        "json",
-        *(extra or []),
-    ]
+    """A real ``prism-agent run`` process, online when yielded; SIGTERMed after.
+
+    ``no_broker`` starts it without --broker (zero-config); ``port`` is then where the
+    broker is expected to end up, to wait for the node to come online.
+    """
+    broker = [] if no_broker else ["--broker", f"mqtt://127.0.0.1:{port}"]
+    cmd = [sys.executable, "-m", "agent", "run", *broker, "--cluster", cluster, "--node-id", node]
+    cmd += ["--log-format", "json", *(extra or [])]
     for m in models:
         cmd += ["--model", m]
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Logs go to a file: a pipe nobody reads would fill up and block the agent.
+    log = tempfile.NamedTemporaryFile(prefix=f"agent-{node}-", suffix=".log", delete=False)  # noqa: SIM115
+    proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.DEVNULL, stderr=log, text=True)
+    proc.log_path = Path(log.name)  # type: ignore[attr-defined]
     try:
         wait_online(port, cluster, node)
         yield proc
