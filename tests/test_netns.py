@@ -1,0 +1,203 @@
+"""Agents on separate "hosts" (network namespaces on a bridge): real multicast discovery,
+a job split across hosts, and a peer SIGKILLed in the middle of a job."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.mqtt_env import REPO, need
+from tests.netns import Testbed, netns_unavailable
+
+pytestmark = [pytest.mark.netns, pytest.mark.mqtt, pytest.mark.gloo]
+CLUSTER = "nt"
+
+
+@pytest.fixture(scope="module")
+def bed() -> Iterator[tuple[Testbed, dict[str, subprocess.Popen[str]], dict[str, Path]]]:
+    reason = netns_unavailable()
+    if reason:
+        pytest.skip(f"namespace test bed unavailable: {reason}")
+    tb = Testbed(3).up()
+    procs: dict[str, subprocess.Popen[str]] = {}
+    logs: dict[str, Path] = {}
+    tmp = tempfile.TemporaryDirectory()
+    try:
+        conf = Path(tmp.name) / "mosquitto.conf"
+        conf.write_text(
+            f"listener 1883 {tb.address(0)}\nallow_anonymous true\nset_tcp_nodelay true\npersistence false\n"
+        )
+        procs["broker"] = subprocess.Popen(
+            tb.run(0, need("mosquitto"), "-c", str(conf)), stderr=subprocess.DEVNULL, text=True
+        )
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PRISM_HEALTH_INTERVAL_S": "0.5", "PRISM_GROUP_TIMEOUT_S": "20"}
+        for i, node in ((1, "h1"), (2, "h2")):
+            logs[node] = Path(tmp.name) / f"{node}.log"
+            procs[node] = subprocess.Popen(
+                tb.run(
+                    i,
+                    sys.executable,
+                    "-m",
+                    "agent",
+                    "run",
+                    "--broker",
+                    f"mqtt://{tb.address(0)}:1883",
+                    "--interface",
+                    "eth0",
+                    "--cluster",
+                    CLUSTER,
+                    "--node-id",
+                    node,
+                    "--model",
+                    "bert=bert-base",
+                    "--log-format",
+                    "json",
+                ),
+                cwd=REPO,
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=logs[node].open("w"),
+                text=True,
+            )
+        wait_peer(tb, "h1", "h2")
+        yield tb, procs, logs
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs.values():
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        tb.down()
+        tmp.cleanup()
+
+
+def wait_peer(tb: Testbed, node: str, peer: str, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        out = subprocess.run(
+            tb.run(
+                0,
+                "mosquitto_sub",
+                "-h",
+                tb.address(0),
+                "-t",
+                f"prism/v1/{CLUSTER}/nodes/{node}/health",
+                "-C",
+                "1",
+                "-W",
+                "3",
+            ),
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout
+        if out and peer in json.loads(out).get("peers", []):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"{node} never listed {peer}")
+
+
+def ask(tb: Testbed, job: dict[str, object], during: float | None = None, action: object = None) -> dict[str, object]:
+    waiter = subprocess.Popen(
+        tb.run(
+            0,
+            "mosquitto_sub",
+            "-h",
+            tb.address(0),
+            "-V",
+            "mqttv5",
+            "-q",
+            "1",
+            "-t",
+            f"prism/v1/{CLUSTER}/results/{job['id']}",
+            "-C",
+            "1",
+            "-W",
+            "120",
+        ),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(0.3)
+    subprocess.run(
+        tb.run(
+            0,
+            "mosquitto_pub",
+            "-h",
+            tb.address(0),
+            "-V",
+            "mqttv5",
+            "-q",
+            "1",
+            "-t",
+            f"prism/v1/{CLUSTER}/nodes/h1/jobs",
+            "-m",
+            json.dumps(job),
+        ),
+        check=True,
+    )
+    if during is not None and callable(action):
+        time.sleep(during)
+        action()
+    out, _ = waiter.communicate(timeout=150)
+    assert out.strip(), f"no result for {job['id']}"
+    return dict(json.loads(out))
+
+
+def big_job(job_id: str) -> dict[str, object]:
+    return {
+        "id": job_id,
+        "model": "bert",
+        "mode": "distributed",
+        "cr": 4,
+        "inputs": {"token_ids": [[(7 * i + j) % 30000 + 1000 for j in range(256)] for i in range(8)]},
+    }
+
+
+def test_discovery_over_multicast_and_a_job_across_hosts(
+    bed: tuple[Testbed, dict[str, subprocess.Popen[str]], dict[str, Path]],
+) -> None:
+    tb, _, logs = bed
+    log = logs["h1"].read_text()
+    assert '"via": "mdns"' in log  # found over real multicast on the bridge
+    assert '"node": "h2"' in log
+    result = ask(
+        tb, {"id": "x1", "model": "bert", "inputs": {"token_ids": [[101, 2000, 3000, 102]]}, "mode": "distributed"}
+    )
+    assert result["ok"] is True
+    assert result["mode"] == "distributed"
+    assert result["peers"] == ["h2"]
+    assert '"address": "10.231.0.3"' in logs["h1"].read_text()
+
+
+def test_a_peer_killed_mid_job_still_gets_the_job_answered(
+    bed: tuple[Testbed, dict[str, subprocess.Popen[str]], dict[str, Path]],
+) -> None:
+    tb, procs, _ = bed
+    warm = ask(tb, big_job("warm"))
+    assert warm["mode"] == "distributed", warm
+    engine_ms = float(warm["latency_ms"]["engine"])  # type: ignore[index]
+    victim = procs["h2"]
+    result = ask(
+        tb, big_job("killed"), during=min(0.5, engine_ms / 3000), action=lambda: victim.send_signal(signal.SIGKILL)
+    )
+    assert victim.wait(timeout=10) == -signal.SIGKILL
+    assert result["ok"] is True
+    assert result["mode"] == "local"
+    assert result["fallback"] is True
+    assert "fallback_reason" in result["decision"]  # type: ignore[operator]
+    after = ask(tb, big_job("after"))
+    assert after["ok"] is True
+    assert after["mode"] == "local"
