@@ -59,6 +59,7 @@ class Settings:
     queue_max: int = 16
     health_interval_s: float = 5.0
     group_timeout_s: float = 10.0
+    probe_interval_s: float = 30.0
     reconnect_min_s: float = 0.2
     reconnect_max_s: float = 10.0
     log_format: str = "auto"
@@ -116,6 +117,7 @@ _SCALARS: dict[str, type] = {
     "queue_max": int,
     "health_interval_s": float,
     "group_timeout_s": float,
+    "probe_interval_s": float,
     "reconnect_min_s": float,
     "reconnect_max_s": float,
     "log_format": str,

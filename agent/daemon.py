@@ -30,7 +30,9 @@ from agent.config import ConfigError, Settings
 from agent.discovery import Discovery, advert
 from agent.groups import GroupManager
 from agent.localcluster import free_port
+from agent.monitors import LinkTable, read_load
 from agent.peers import Peer, PeerTable
+from agent.probe import ProbeServer, probe
 from agent.sdnotify import Notifier
 from agent.service import JobService, Served
 from engine.adapters import Tensors
@@ -96,6 +98,8 @@ class Daemon:
             lambda node: f"{settings.topic_root}/nodes/{node}/control",
         )
         self.service = JobService(settings, models, self)
+        self.links = LinkTable()
+        self.probe_port = 0
         self._link: MqttLink | None = None
         self.topics = Topics(settings.topic_root, settings.node_id)
         self.notifier = notifier or Notifier(None)
@@ -109,8 +113,15 @@ class Daemon:
         return self.peers.able(model, fingerprint, time.monotonic())
 
     async def run_distributed(self, served: Served, spec: JobSpec, inputs: Tensors, peers: list[Peer]) -> RunResult:
-        """Run over a GLOO group with ``peers``."""
-        return await self.groups.run(served, spec, inputs, peers)
+        """Run over a GLOO group with ``peers``; what crossed the group also feeds the link table."""
+        result = await self.groups.run(served, spec, inputs, peers)
+        mine = result.traces[0]
+        if mine.comm_s > 0 and mine.exchange_bytes_recv > 0:
+            # Bytes over time spent in collectives: a lower bound on the link (it includes waiting).
+            mbps = (mine.exchange_bytes_recv + mine.exchange_bytes_sent) * 8 / mine.comm_s / 1e6
+            for peer in peers:
+                self.links.observe(peer.node, time.monotonic(), mbps=mbps, source="gloo")
+        return result
 
     async def _publish(self, topic: str, payload: bytes) -> None:
         if self._link is None:
@@ -123,7 +134,8 @@ class Daemon:
         info = advert(
             self.settings.node_id, self.settings.cluster, self.address, 0, VERSION, sorted(self.service.models)
         )
-        async with Discovery(self.peers, info, interfaces):
+        async with ProbeServer(self.address) as probes, Discovery(self.peers, info, interfaces):
+            self.probe_port = probes.port
             await self._serve()
 
     async def _serve(self) -> None:
@@ -164,18 +176,21 @@ class Daemon:
                     intake = tg.create_task(self._intake(link, tg), name="intake")
                     health = tg.create_task(self._health(link), name="health")
                     control = tg.create_task(self.groups.serve_control(), name="control")
+                    links = tg.create_task(self._probe_links(), name="link-probes")
                     stop = tg.create_task(self.stop.wait(), name="stop-signal")
                     await asyncio.wait({intake, stop}, return_when=asyncio.FIRST_COMPLETED)
                     if intake.done():  # the connection dropped: let the group raise it
                         stop.cancel()
                         health.cancel()
                         control.cancel()
+                        links.cancel()
                         intake.result()
                     intake.cancel()
                     await self._drain()
                     await link.publish(self.topics.status, b"offline", retain=True)
                     health.cancel()
                     control.cancel()
+                    links.cancel()
                 log.info("stopped", **self.service.stats)
         except BaseExceptionGroup as group:
             transport = [e for e in group.exceptions if isinstance(e, TransportError)]
@@ -237,8 +252,9 @@ class Daemon:
                 address=str(health["address"]),
                 models={str(k): float(v) for k, v in health["fingerprints"].items()},
                 version=str(health.get("version", "")),
-                load1=float(health["load"]["load1"]),
+                load1=float(health["load"]["load1"] or 0.0),
                 queue=int(health["load"]["queue"]),
+                probe_port=int(health.get("probe_port", 0)),
             )
         except (ValueError, KeyError, TypeError, AttributeError):
             log.info("health_ignored", node=node)
@@ -252,20 +268,34 @@ class Daemon:
         self._jobs.add(task)
         task.add_done_callback(self._jobs.discard)
 
+    async def _probe_links(self) -> None:
+        """Time a short transfer to every alive peer, every ``probe_interval_s``."""
+        while True:
+            for peer in self.peers.alive(time.monotonic()):
+                if not peer.probe_port:
+                    continue
+                try:
+                    rtt_ms, mbps = await probe(peer.address, peer.probe_port)
+                except (OSError, asyncio.TimeoutError) as exc:
+                    log.info("probe_failed", peer=peer.node, error=str(exc)[:120])
+                    continue
+                self.links.observe(peer.node, time.monotonic(), rtt_ms=rtt_ms, mbps=mbps, source="probe")
+            await asyncio.sleep(self.settings.probe_interval_s)
+
     def health(self) -> dict[str, Any]:
         """The retained health document."""
-        load1, load5, _ = os.getloadavg()
         return {
             "node": self.settings.node_id,
             "time": time.time(),
             "version": VERSION,
-            "load": {"load1": load1, "load5": load5, "cpus": os.cpu_count(), "queue": self.service.queue_depth},
+            "load": {**read_load(), "queue": self.service.queue_depth},
             "jobs": dict(self.service.stats),
             "models": sorted(self.service.models),
             "fingerprints": {name: s.fingerprint for name, s in self.service.models.items()},
             "address": self.address,
             "peers": [p.node for p in self.peers.alive(time.monotonic())],
-            "links": {},
+            "links": self.links.report(time.monotonic()),
+            "probe_port": self.probe_port,
         }
 
     async def _health(self, link: MqttLink) -> None:

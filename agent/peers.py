@@ -22,6 +22,7 @@ class Peer:
     last_seen_s: float = 0.0
     load1: float = 0.0
     queue: int = 0
+    probe_port: int = 0
 
 
 class PeerTable:

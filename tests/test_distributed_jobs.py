@@ -14,7 +14,7 @@ from tests.mqtt_env import agent, mosquitto, pub, sub
 pytestmark = [pytest.mark.mqtt, pytest.mark.gloo]
 
 CLUSTER = "dtest"
-FAST = {"PRISM_HEALTH_INTERVAL_S": "0.5"}
+FAST = {"PRISM_HEALTH_INTERVAL_S": "0.5", "PRISM_PROBE_INTERVAL_S": "0.5"}
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +130,10 @@ def test_peers_command_lists_both_nodes(pair: tuple[int, subprocess.Popen[str], 
     assert all(n["status"] == "online" for n in nodes.values())
     assert nodes["d2"]["health"]["peers"] == ["d1"]
     assert nodes["d1"]["health"]["models"] == ["bert", "gpt"]
+    link = nodes["d1"]["health"]["links"]["d2"]  # active probes and GLOO transfers
+    assert link["rtt_ms"] > 0
+    assert link["mbps"] > 0
+    assert nodes["d1"]["health"]["load"]["mem_available_mb"] > 0
 
 
 def test_a_killed_peer_leaves_and_jobs_are_still_answered(
