@@ -25,9 +25,9 @@ def need(binary: str) -> str:
 
 
 @contextmanager
-def mosquitto(extra_conf: str = "") -> Iterator[int]:
-    """A broker on a free loopback port; yields the port."""
-    port = free_port()
+def mosquitto(port: int | None = None, extra_conf: str = "") -> Iterator[int]:
+    """A broker on a loopback port (a free one by default); yields the port."""
+    port = port or free_port()
     with tempfile.TemporaryDirectory() as tmp:
         conf = Path(tmp) / "mosquitto.conf"
         conf.write_text(

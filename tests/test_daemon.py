@@ -164,3 +164,29 @@ def test_sigterm_publishes_offline_notifies_systemd_and_exits_zero(broker: int) 
             assert status.stdout.readline().strip() == "offline"
             status.wait(timeout=30)
         listener.close()
+
+
+def test_agent_reconnects_and_resubscribes_after_the_broker_restarts() -> None:
+    import time
+
+    from agent.localcluster import free_port
+    from tests.mqtt_env import wait_online
+
+    port = free_port()
+    first = mosquitto(port)
+    first.__enter__()
+    try:
+        with agent(port, CLUSTER, "n3", "bert=tiny-bert", env={"PRISM_RECONNECT_MAX_S": "1"}) as proc:
+            first.__exit__(None, None, None)  # the broker goes away under the agent
+            first = None
+            time.sleep(1.5)
+            with mosquitto(port):  # and comes back, empty (no persistence)
+                wait_online(port, CLUSTER, "n3", timeout_s=30)  # birth re-published after the reconnect
+                job = {"id": "again", "model": "bert", "inputs": {"text": ["back"]}}
+                got = ask(port, [(f"prism/v1/{CLUSTER}/nodes/n3/jobs", json.dumps(job))], 1)  # re-subscribed
+                assert got["again"]["ok"] is True
+            log = proc.log_path.read_text()  # type: ignore[attr-defined]
+    finally:
+        if first is not None:
+            first.__exit__(None, None, None)
+    assert '"event": "mqtt_reconnect"' in log
