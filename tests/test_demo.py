@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from tests.mqtt_env import REPO, agent
+from tests.mqtt_env import REPO, agent, wait_online
 
 pytestmark = [pytest.mark.mqtt, pytest.mark.gloo]
 
@@ -39,17 +40,46 @@ def test_demo_runs_every_mode_on_two_real_agents() -> None:
     assert results[2]["latency_ms"]["exchange_bytes"] < 0.4 * results[1]["latency_ms"]["exchange_bytes"]
 
 
-def test_without_a_broker_the_first_agent_hosts_one_and_the_second_finds_it() -> None:
-    from agent.broker import port_free
+def test_without_a_broker_the_first_agent_hosts_one_and_the_second_finds_it(tmp_path: Path) -> None:
+    import os
+    import signal
+    import time
 
-    if not port_free("127.0.0.1", 1883):
-        pytest.fail("port 1883 on 127.0.0.1 is taken; the zero-config test needs it free")
-    with (
-        agent(1883, "zc", "z1", "bert=tiny-bert", no_broker=True) as first,
-        agent(1883, "zc", "z2", "bert=tiny-bert", no_broker=True) as second,
-    ):
-        assert first.poll() is None
-        assert second.poll() is None
-    out = first.log_path.read_text() + second.log_path.read_text()  # type: ignore[attr-defined]
-    assert '"event": "broker_hosted"' in out
-    assert '"event": "broker_found"' in out
+    log_path = tmp_path / "z1.log"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    first = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "agent",
+            "run",
+            "--cluster",
+            "zc",
+            "--node-id",
+            "z1",
+            "--model",
+            "bert=tiny-bert",
+            "--log-format",
+            "json",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=log_path.open("w"),
+    )
+    try:
+        port = None
+        deadline = time.monotonic() + 90
+        while port is None and time.monotonic() < deadline:
+            for line in log_path.read_text().splitlines():
+                event = json.loads(line)
+                if event.get("event") == "broker_hosted":
+                    port = int(event["broker"].rsplit(":", 1)[1])
+            time.sleep(0.2)
+        assert port is not None, log_path.read_text()[-1000:]
+        wait_online(port, "zc", "z1")
+        with agent(port, "zc", "z2", "bert=tiny-bert", no_broker=True) as second:  # finds it over mDNS
+            assert '"event": "broker_found"' in second.log_path.read_text()  # type: ignore[attr-defined]
+    finally:
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=30) == 0

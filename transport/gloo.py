@@ -229,11 +229,3 @@ class GlooComm:
         with self._collective("allgather"):
             self.group.allgather(outs, [mine]).wait()
         return [RankTrace.from_tensor(t) for t in outs[0]]
-
-    def all_values(self, value: float) -> list[float]:
-        """One float from every rank (control: fingerprints, health)."""
-        mine = torch.tensor([value], dtype=torch.float64)
-        outs = [[torch.empty_like(mine) for _ in range(self.size)]]
-        with self._collective("allgather"):
-            self.group.allgather(outs, [mine]).wait()
-        return [float(t.item()) for t in outs[0]]
