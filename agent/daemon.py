@@ -174,29 +174,30 @@ class Daemon:
                 self.notifier.notify("READY=1")
                 async with TaskGroup() as tg:
                     intake = tg.create_task(self._intake(link, tg), name="intake")
-                    health = tg.create_task(self._health(link), name="health")
-                    control = tg.create_task(self.groups.serve_control(), name="control")
-                    links = tg.create_task(self._probe_links(), name="link-probes")
                     stop = tg.create_task(self.stop.wait(), name="stop-signal")
+                    background = [
+                        tg.create_task(self._health(link), name="health"),
+                        tg.create_task(self.groups.serve_control(), name="control"),
+                        tg.create_task(self._probe_links(), name="link-probes"),
+                    ]
                     await asyncio.wait({intake, stop}, return_when=asyncio.FIRST_COMPLETED)
                     if intake.done():  # the connection dropped: let the group raise it
-                        stop.cancel()
-                        health.cancel()
-                        control.cancel()
-                        links.cancel()
+                        for task in [stop, *background]:
+                            task.cancel()
                         intake.result()
-                    intake.cancel()
+                    intake.cancel()  # stop intake, finish what was admitted, say goodbye
                     await self._drain()
                     await link.publish(self.topics.status, b"offline", retain=True)
-                    health.cancel()
-                    control.cancel()
-                    links.cancel()
+                    for task in background:
+                        task.cancel()
                 log.info("stopped", **self.service.stats)
         except BaseExceptionGroup as group:
             transport = [e for e in group.exceptions if isinstance(e, TransportError)]
             if transport:
                 raise transport[0] from group
             raise
+        finally:
+            self._link = None
 
     async def _drain(self) -> None:
         if self._jobs:
