@@ -131,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--cluster", default="default")
     pe.add_argument("--json", action="store_true", help="print a JSON list of nodes")
 
+    ins = sub.add_parser("install-service", help="install the systemd unit, user and config (root)")
+    ins.add_argument("--print", dest="print_unit", action="store_true", help="only print the unit file")
+
     demo = sub.add_parser("demo", help="the main job: a broker and two agents on this box, jobs in every mode")
     demo.add_argument("--model", default="minilm", help="model to run (default: real all-MiniLM-L6-v2)")
     demo.add_argument("--batch", type=_positive, default=8)
@@ -287,6 +290,16 @@ def run(argv: Sequence[str] | None = None) -> int:
         return _submit(ns)
     elif ns.command == "peers":
         return _peers(ns)
+    elif ns.command == "install-service":
+        from agent import install
+
+        if ns.print_unit:
+            print(install.render_unit(), end="")
+        else:
+            if os.geteuid() != 0:
+                raise install.InstallError("install-service must run as root (or use --print)")
+            for line in install.install():
+                print(line)
     elif ns.command == "demo":
         try:
             crs = [c for c in (parse_cr(x) for x in ns.crs.split(",") if x.strip()) if c is not None]

@@ -1,0 +1,69 @@
+"""The systemd unit: verified clean, hardened, and installable."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from agent.install import install, render_unit
+
+
+@pytest.fixture
+def unit(tmp_path: Path) -> Path:
+    path = tmp_path / "prism-agent.service"
+    path.write_text(render_unit())
+    return path
+
+
+def analyze(*args: str) -> subprocess.CompletedProcess[str]:
+    exe = shutil.which("systemd-analyze")
+    assert exe, "systemd-analyze is missing (Debian package systemd)"
+    return subprocess.run([exe, *args], capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_unit_verifies_without_a_word(unit: Path) -> None:
+    out = analyze("verify", str(unit))
+    assert out.returncode == 0
+    assert out.stdout + out.stderr == ""
+
+
+def test_unit_is_hardened(unit: Path) -> None:
+    out = analyze("security", "--offline=true", str(unit))
+    score = re.search(r"Overall exposure level for \S+: ([0-9.]+)", out.stdout)
+    assert score, out.stdout[-500:]
+    assert float(score.group(1)) <= 2.5
+    text = unit.read_text()
+    for line in (
+        "Type=notify",
+        "WatchdogSec=",
+        "Restart=on-failure",
+        "User=prism-agent",
+        "StateDirectory=",
+        "EnvironmentFile=",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "SystemCallFilter=@system-service",
+    ):
+        assert line in text
+
+
+def test_install_writes_config_env_and_unit(tmp_path: Path) -> None:
+    done = install(unit_dir=tmp_path, config_dir=tmp_path / "etc", user=False)
+    assert (tmp_path / "prism-agent.service").read_text() == render_unit()
+    assert "minilm" in (tmp_path / "etc/agent.toml").read_text()
+    assert (tmp_path / "etc/agent.env").stat().st_mode & 0o777 == 0o600
+    assert done[-1].startswith("next: systemctl daemon-reload")
+    (tmp_path / "etc/agent.toml").write_text("cluster = 'mine'\n")
+    install(unit_dir=tmp_path, config_dir=tmp_path / "etc", user=False)
+    assert (tmp_path / "etc/agent.toml").read_text() == "cluster = 'mine'\n"  # never overwritten
+
+
+def test_the_shipped_example_config_loads() -> None:
+    from agent.config import load_settings
+
+    settings = load_settings(Path(__file__).resolve().parents[1] / "systemd" / "agent.toml", {}, {})
+    assert [m.name for m in settings.models] == ["minilm"]
