@@ -28,6 +28,7 @@ from agent.broker import HostedBroker, find_broker, port_free
 from agent.compat import BaseExceptionGroup, TaskGroup
 from agent.config import ConfigError, Settings
 from agent.discovery import Discovery, advert
+from agent.energy import find_meter
 from agent.groups import GroupManager
 from agent.localcluster import free_port
 from agent.monitors import LinkTable, read_load
@@ -97,7 +98,7 @@ class Daemon:
             self._publish,
             lambda node: f"{settings.topic_root}/nodes/{node}/control",
         )
-        self.service = JobService(settings, models, self)
+        self.service = JobService(settings, models, self, find_meter())
         self.links = LinkTable()
         self.probe_port = 0
         self._link: MqttLink | None = None
@@ -290,6 +291,7 @@ class Daemon:
             "time": time.time(),
             "version": VERSION,
             "load": {**read_load(), "queue": self.service.queue_depth},
+            "energy_source": self.service.meter.source,
             "jobs": dict(self.service.stats),
             "models": sorted(self.service.models),
             "fingerprints": {name: s.fingerprint for name, s in self.service.models.items()},

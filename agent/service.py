@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import structlog
 
 from agent.config import ModelSpec, Settings
+from agent.energy import CpuModelMeter, Meter
 from agent.engine_cmds import default_task
 from agent.jobinputs import to_output, to_tensors
 from agent.peers import Peer
@@ -72,11 +73,16 @@ class JobService:
     """Turns job payloads into results."""
 
     def __init__(
-        self, settings: Settings, models: Mapping[str, Served], distributor: Distributor | None = None
+        self,
+        settings: Settings,
+        models: Mapping[str, Served],
+        distributor: Distributor | None = None,
+        meter: Meter | None = None,
     ) -> None:
         self.settings = settings
         self.models = dict(models)
         self.distributor = distributor
+        self.meter: Meter = meter or CpuModelMeter()
         self._pending = 0
         self._engine = asyncio.Lock()
         self.stats = {"received": 0, "ok": 0, "failed": 0, "busy": 0, "unparseable": 0}
@@ -127,11 +133,13 @@ class JobService:
         except BadRequest as exc:
             return self._fail(job.id, exc.code, str(exc))
         peers = self.distributor.peers_for(job.model, served.fingerprint) if self.distributor else []
-        mode, reason = choose(job, int(next(iter(tensors.values())).shape[0]), len(peers))
+        batch = int(next(iter(tensors.values())).shape[0])
+        mode, reason = choose(job, batch, len(peers))
         decision: dict[str, Any] = {"mode": mode, "reason": reason, "requested": job.mode.value}
         queued_s = time.monotonic() - start
         async with self._engine:
             engine_start = time.monotonic()
+            metering = self.meter.start()
             result, used, cr, fallback = None, [], None, False
             if mode == "distributed" and self.distributor is not None:
                 want = (job.ranks or 2) - 1
@@ -156,6 +164,7 @@ class JobService:
                 except PrismError as exc:
                     return self._fail(job.id, exc.code, str(exc))
             engine_s = time.monotonic() - engine_start
+            energy = self.meter.stop(metering)
         output = to_output(task, result.outputs)
         self.stats["ok"] += 1
         total_s = time.monotonic() - start
@@ -189,4 +198,10 @@ class JobService:
             decision=decision,
             fallback=fallback,
             node=self.settings.node_id,
+            energy={
+                "joules": energy.joules,
+                "per_sample_j": energy.joules / max(1, batch),
+                "source": energy.source,
+                "scope": "this node",
+            },
         )

@@ -42,6 +42,9 @@ def test_distributed_request_without_peers_is_answered_locally_and_flagged(model
     assert result.fallback is True
     assert result.decision is not None
     assert result.decision["requested"] == "distributed"
+    assert result.energy is not None
+    assert result.energy["source"] == "cpu-model"  # no sensor in this service: the model says so
+    assert result.energy["joules"] >= 0
 
 
 @pytest.mark.parametrize(

@@ -261,6 +261,7 @@ class Result:
     decision: dict[str, Any] | None = None
     fallback: bool = False
     node: str | None = None
+    energy: dict[str, Any] | None = None
 
     @classmethod
     def failure(cls, job_id: str | None, code: str, message: str, node: str | None = None) -> Result:
@@ -282,6 +283,7 @@ class Result:
             "decision": self.decision,
             "fallback": self.fallback,
             "node": self.node,
+            "energy": self.energy,
         }
 
     def encode(self, as_msgpack: bool = False) -> bytes:
