@@ -110,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve a model (repeatable); SOURCE is a directory, hub id or built-in name",
     )
     run.add_argument("--threads", type=_positive, default=None, help="torch threads")
+    run.add_argument("--secret-file", dest="secret_file", default=None, help="cluster secret (admits peers)")
     run.add_argument("--log-format", dest="log_format", choices=["auto", "json", "console"], default=None)
 
     sm = sub.add_parser("submit", help="publish one job over MQTT and print its result")
@@ -202,9 +203,8 @@ def _run_daemon(ns: argparse.Namespace) -> int:
     from agent import daemon, logs
     from agent.config import load_settings
 
-    overrides = {
-        k: getattr(ns, k) for k in ("broker", "cluster", "node_id", "interface", "models", "threads", "log_format")
-    }
+    keys = ("broker", "cluster", "node_id", "interface", "models", "threads", "log_format", "secret_file")
+    overrides = {k: getattr(ns, k) for k in keys}
     settings = load_settings(ns.config, os.environ, overrides)
     logs.configure(settings.log_format)
     torch.set_num_threads(settings.threads)

@@ -60,6 +60,7 @@ class Settings:
     health_interval_s: float = 5.0
     group_timeout_s: float = 10.0
     probe_interval_s: float = 30.0
+    secret_file: str | None = None
     reconnect_min_s: float = 0.2
     reconnect_max_s: float = 10.0
     log_format: str = "auto"
@@ -118,6 +119,7 @@ _SCALARS: dict[str, type] = {
     "health_interval_s": float,
     "group_timeout_s": float,
     "probe_interval_s": float,
+    "secret_file": str,
     "reconnect_min_s": float,
     "reconnect_max_s": float,
     "log_format": str,

@@ -24,6 +24,7 @@ from typing import Any
 import aiomqtt
 import structlog
 
+from agent.admission import Admission, read_secret
 from agent.broker import HostedBroker, find_broker, port_free
 from agent.compat import BaseExceptionGroup, TaskGroup
 from agent.config import ConfigError, Settings
@@ -86,9 +87,11 @@ class Daemon:
         models: Mapping[str, Served],
         notifier: Notifier | None = None,
         address: str = "127.0.0.1",
+        admission: Admission | None = None,
     ) -> None:
         self.settings = settings
         self.address = address
+        self.admission = admission or Admission(None, settings.cluster)
         self.peers = PeerTable(settings.cluster, settings.node_id, max_age_s=max(15.0, 3 * settings.health_interval_s))
         self.groups = GroupManager(
             settings.node_id,
@@ -97,6 +100,7 @@ class Daemon:
             models,
             self._publish,
             lambda node: f"{settings.topic_root}/nodes/{node}/control",
+            self.admission,
         )
         self.service = JobService(settings, models, self, find_meter())
         self.links = LinkTable()
@@ -132,10 +136,10 @@ class Daemon:
     async def run(self) -> None:
         """Serve until :attr:`stop` is set; reconnect on failures."""
         interfaces = [self.address]
-        info = advert(
-            self.settings.node_id, self.settings.cluster, self.address, 0, VERSION, sorted(self.service.models)
-        )
-        async with ProbeServer(self.address) as probes, Discovery(self.peers, info, interfaces):
+        s = self.settings
+        info = advert(s.node_id, s.cluster, self.address, 0, VERSION, sorted(self.service.models), self.admission)
+        discovery = Discovery(self.peers, info, interfaces, admission=self.admission)
+        async with ProbeServer(self.address) as probes, discovery:
             self.probe_port = probes.port
             await self._serve()
 
@@ -248,15 +252,20 @@ class Daemon:
             return
         try:
             health = json.loads(payload)
+            signed = {str(k): str(v) for k, v in health["admission"].items()}
+            if not self.admission.verify(signed, time.time()) or signed["node"] != node:
+                log.warning("admission_refused", node=node, via="health")
+                return
+            # Only signed fields decide who the peer is, where it is and which weights it has.
             peer = Peer(
-                node=str(health["node"]),
+                node=signed["node"],
                 cluster=self.settings.cluster,
-                address=str(health["address"]),
-                models={str(k): float(v) for k, v in health["fingerprints"].items()},
+                address=signed["address"],
+                models={str(k): float(v) for k, v in json.loads(signed["fingerprints"]).items()},
                 version=str(health.get("version", "")),
                 load1=float(health["load"]["load1"] or 0.0),
                 queue=int(health["load"]["queue"]),
-                probe_port=int(health.get("probe_port", 0)),
+                probe_port=int(signed["probe_port"]),
             )
         except (ValueError, KeyError, TypeError, AttributeError):
             log.info("health_ignored", node=node)
@@ -285,7 +294,8 @@ class Daemon:
             await asyncio.sleep(self.settings.probe_interval_s)
 
     def health(self) -> dict[str, Any]:
-        """The retained health document."""
+        """The retained health document (who/where/which weights is signed under ``admission``)."""
+        fingerprints = {name: s.fingerprint for name, s in self.service.models.items()}
         return {
             "node": self.settings.node_id,
             "time": time.time(),
@@ -294,11 +304,20 @@ class Daemon:
             "energy_source": self.service.meter.source,
             "jobs": dict(self.service.stats),
             "models": sorted(self.service.models),
-            "fingerprints": {name: s.fingerprint for name, s in self.service.models.items()},
+            "fingerprints": fingerprints,
             "address": self.address,
             "peers": [p.node for p in self.peers.alive(time.monotonic())],
             "links": self.links.report(time.monotonic()),
             "probe_port": self.probe_port,
+            "admission": self.admission.sign(
+                {
+                    "node": self.settings.node_id,
+                    "address": self.address,
+                    "fingerprints": json.dumps(fingerprints, sort_keys=True),
+                    "probe_port": str(self.probe_port),
+                },
+                time.time(),
+            ),
         }
 
     async def _health(self, link: MqttLink) -> None:
@@ -317,6 +336,7 @@ def install_signal_handlers(daemon: Daemon) -> None:
 
 async def main_async(settings: Settings) -> None:
     """Load models, find or host a broker, then serve until signalled."""
+    admission = Admission(read_secret(settings.secret_file), settings.cluster)  # fail fast on a bad secret
     models = await asyncio.to_thread(load_models, settings)
     address = local_address(settings)
     async with contextlib.AsyncExitStack() as stack:
@@ -331,6 +351,8 @@ async def main_async(settings: Settings) -> None:
             else:
                 log.info("broker_found", broker=f"{broker.host}:{broker.port}", via="mdns")
             settings = dataclasses.replace(settings, broker=broker)
-        daemon = Daemon(settings, models, Notifier(os.environ.get("NOTIFY_SOCKET")), address)
+        if admission.open:
+            log.warning("running_open", hint="no cluster secret: any agent on this network can join; set secret_file")
+        daemon = Daemon(settings, models, Notifier(os.environ.get("NOTIFY_SOCKET")), address, admission)
         install_signal_handlers(daemon)
         await daemon.run()

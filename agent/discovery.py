@@ -18,6 +18,7 @@ import structlog
 from zeroconf import IPVersion, ServiceStateChange
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
+from agent.admission import Admission
 from agent.peers import Peer, PeerTable
 
 SERVICE = "_prism._tcp.local."
@@ -25,9 +26,24 @@ RESOLVE_TIMEOUT_MS = 3000
 log = structlog.get_logger("prism.discovery")
 
 
-def advert(node: str, cluster: str, address: str, port: int, version: str, models: list[str]) -> AsyncServiceInfo:
-    """This node's service record."""
+#: Adverts are static records: their proof shows the key, not freshness (health and group
+#: control messages carry the fresh proofs), so they are accepted for a long time.
+ADVERT_MAX_AGE_S = 30 * 86400.0
+
+
+def advert(
+    node: str,
+    cluster: str,
+    address: str,
+    port: int,
+    version: str,
+    models: list[str],
+    admission: Admission | None = None,
+) -> AsyncServiceInfo:
+    """This node's service record (signed when the cluster has a secret)."""
     props = {"node": node, "cluster": cluster, "version": version, "models": ",".join(models), "addr": address}
+    if admission is not None:
+        props = admission.sign(props, time.time())
     return AsyncServiceInfo(
         SERVICE, f"{node}.{SERVICE}", addresses=[socket.inet_aton(address)], port=port, properties=props
     )
@@ -56,7 +72,9 @@ class Discovery:
         info: AsyncServiceInfo,
         interfaces: list[str],
         on_change: Callable[[], None] | None = None,
+        admission: Admission | None = None,
     ) -> None:
+        self.admission = admission
         self.table = table
         self.info = info
         self.interfaces = interfaces
@@ -101,6 +119,15 @@ class Discovery:
         peer = peer_from(info)
         if peer is None:
             log.info("mdns_advert_ignored", name=name, reason="incomplete")
+            return
+        props = {k.decode(): (v or b"").decode(errors="replace") for k, v in info.properties.items()}
+        in_cluster = peer.cluster == self.table.cluster
+        if (
+            in_cluster
+            and self.admission is not None
+            and not self.admission.verify(props, time.time(), ADVERT_MAX_AGE_S)
+        ):
+            log.warning("admission_refused", node=peer.node, address=peer.address, via="mdns")
             return
         if self.table.seen(peer, time.monotonic()):
             log.info("peer_seen", node=peer.node, address=peer.address, via="mdns")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from typing import Any
 
 import structlog
 
+from agent.admission import Admission
 from agent.localcluster import free_port
 from agent.peers import Peer
 from agent.service import Served
@@ -60,7 +62,9 @@ class GroupManager:
         served: Mapping[str, Served],
         publish: Publish,
         control_topic: Callable[[str], str],
+        admission: Admission,
     ) -> None:
+        self.admission = admission
         self.node = node
         self.address = address
         self.timeout_s = timeout_s
@@ -72,7 +76,22 @@ class GroupManager:
         self._control: asyncio.Queue[bytes] = asyncio.Queue(maxsize=256)
 
     async def _tell(self, peer: str, msg: dict[str, Any]) -> None:
-        await self.publish(self.control_topic(peer), json.dumps({**msg, "from": self.node}).encode())
+        body = json.dumps({**msg, "from": self.node}, sort_keys=True)
+        signed = self.admission.sign({"body": body, "to": peer}, time.time())
+        await self.publish(self.control_topic(peer), json.dumps(signed).encode())
+
+    def _open_envelope(self, payload: bytes) -> dict[str, Any] | None:
+        """The control message, if it is for us and carries a valid, fresh proof."""
+        envelope = json.loads(payload)
+        if not isinstance(envelope, dict) or not isinstance(envelope.get("body"), str):
+            raise ValueError("control message without a body")
+        if envelope.get("to") != self.node or not self.admission.verify(envelope, time.time()):
+            log.warning("admission_refused", via="control", to=envelope.get("to"))
+            return None
+        msg = json.loads(envelope["body"])
+        if not isinstance(msg, dict):
+            raise ValueError("control body is not an object")
+        return msg
 
     # -- coordinator ------------------------------------------------------------------
     async def run(self, served: Served, spec: JobSpec, inputs: Tensors, peers: list[Peer]) -> RunResult:
@@ -142,7 +161,9 @@ class GroupManager:
         while True:
             payload = await self._control.get()
             try:
-                await self._handle(json.loads(payload))
+                msg = self._open_envelope(payload)
+                if msg is not None:
+                    await self._handle(msg)
             except (PrismError, ValueError, KeyError, TypeError) as exc:
                 log.warning("control_failed", error=str(exc)[:200])
 

@@ -1,0 +1,49 @@
+"""HMAC admission proofs: valid, tampered, stale, wrong secret, open mode."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agent.admission import Admission, read_secret
+from agent.config import ConfigError
+
+SECRET = b"0123456789abcdef-cluster-secret"
+
+
+def test_a_signed_advert_verifies_and_any_change_breaks_it() -> None:
+    adm = Admission(SECRET, "lab")
+    signed = adm.sign({"node": "a", "address": "10.0.0.5", "models": '{"bert": 1.5}'}, now_s=1000.0)
+    assert adm.verify(signed, now_s=1010.0)
+    assert not adm.verify({**signed, "address": "10.0.0.6"}, now_s=1010.0)
+    assert not adm.verify({**signed, "models": '{"bert": 2.5}'}, now_s=1010.0)
+    assert not adm.verify({k: v for k, v in signed.items() if k != "proof"}, now_s=1010.0)
+    assert not adm.verify(signed, now_s=1000.0 + 121.0)  # stale
+    assert adm.verify(signed, now_s=1000.0 + 500.0, max_age_s=600.0)
+
+
+def test_other_secrets_and_other_clusters_are_refused() -> None:
+    signed = Admission(SECRET, "lab").sign({"node": "a"}, now_s=0.0)
+    assert not Admission(b"another-secret-of-16-bytes", "lab").verify(signed, now_s=1.0)
+    assert not Admission(SECRET, "other-lab").verify(signed, now_s=1.0)
+
+
+def test_open_mode_admits_everyone_and_signs_nothing() -> None:
+    adm = Admission(None, "lab")
+    assert adm.open
+    assert adm.sign({"node": "a"}, now_s=0.0) == {"node": "a"}
+    assert adm.verify({"node": "rogue"}, now_s=0.0)
+
+
+def test_secret_file_rules(tmp_path: Path) -> None:
+    good = tmp_path / "secret"
+    good.write_bytes(SECRET + b"\n")
+    assert read_secret(str(good)) == SECRET
+    short = tmp_path / "short"
+    short.write_bytes(b"abc")
+    with pytest.raises(ConfigError, match="too short"):
+        read_secret(str(short))
+    with pytest.raises(ConfigError, match="cannot read"):
+        read_secret(str(tmp_path / "missing"))
+    assert read_secret(None) is None
