@@ -215,8 +215,8 @@ def _run_daemon(ns: argparse.Namespace) -> int:
 def _submit(ns: argparse.Namespace) -> int:
     import asyncio
 
-    from agent.client import build_job, submit
-    from agent.config import parse_broker
+    from agent.client import build_job, client_auth, submit
+    from agent.config import load_settings, parse_broker
 
     try:
         ids = [[int(t) for t in row.split(",") if t.strip()] for row in ns.token_ids or []]
@@ -226,7 +226,12 @@ def _submit(ns: argparse.Namespace) -> int:
         ns.model, text=ns.text, images=ns.image, token_ids=ids or None, mode=ns.mode, cr=ns.cr, task=ns.task
     )
     try:
-        result = asyncio.run(submit(parse_broker(ns.broker), ns.cluster, job, node=ns.node, timeout_s=ns.timeout))
+        settings = load_settings(None, os.environ, {"broker": ns.broker})
+        result = asyncio.run(
+            submit(
+                parse_broker(ns.broker), ns.cluster, job, node=ns.node, timeout_s=ns.timeout, auth=client_auth(settings)
+            )
+        )
     except asyncio.TimeoutError:
         print(f"prism-agent: error: no result for job {job['id']} within {ns.timeout:g} s", file=sys.stderr)
         return 3
@@ -240,10 +245,11 @@ def _submit(ns: argparse.Namespace) -> int:
 def _peers(ns: argparse.Namespace) -> int:
     import asyncio
 
-    from agent.client import peers
-    from agent.config import parse_broker
+    from agent.client import client_auth, peers
+    from agent.config import load_settings, parse_broker
 
-    nodes = asyncio.run(peers(parse_broker(ns.broker), ns.cluster))
+    settings = load_settings(None, os.environ, {"broker": ns.broker})
+    nodes = asyncio.run(peers(parse_broker(ns.broker), ns.cluster, auth=client_auth(settings)))
     if ns.json:
         print(json.dumps(nodes))
         return 0

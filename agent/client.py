@@ -10,9 +10,17 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from agent.config import Broker
+from agent.config import Broker, Settings, mqtt_credentials, tls_context
 from engine.errors import BadRequest
 from transport.mqtt import MqttLink, Topics, TransportError
+
+Auth = dict[str, Any]
+
+
+def client_auth(settings: Settings) -> Auth:
+    """Username, password and TLS context for a client, from the same settings the agent reads."""
+    username, password = mqtt_credentials(settings)
+    return {"username": username, "password": password, "tls": tls_context(settings)}
 
 
 def build_job(
@@ -63,22 +71,30 @@ async def _result(link: MqttLink, job_id: str) -> Any:
     raise TransportError("connection closed before the result arrived")
 
 
-async def submit(broker: Broker, cluster: str, job: dict[str, Any], *, node: str | None, timeout_s: float) -> Any:
+async def submit(
+    broker: Broker, cluster: str, job: dict[str, Any], *, node: str | None, timeout_s: float, auth: Auth | None = None
+) -> Any:
     """Publish ``job`` and return the decoded result; raises ``asyncio.TimeoutError``."""
     topics = Topics(f"prism/v1/{cluster}", node or "-")
     reply = f"prism/v1/{cluster}/clients/{uuid.uuid4().hex}/result"
     target = topics.node_jobs(node) if node else topics.jobs
-    async with MqttLink(broker.host, broker.port, client_id=f"prism-submit-{uuid.uuid4().hex[:8]}") as link:
+    async with MqttLink(
+        broker.host, broker.port, client_id=f"prism-submit-{uuid.uuid4().hex[:8]}", **(auth or {})
+    ) as link:
         await link.subscribe(reply)
         await link.publish(target, json.dumps(job).encode(), response_topic=reply, correlation=job["id"].encode())
         return await asyncio.wait_for(_result(link, job["id"]), timeout_s)
 
 
-async def peers(broker: Broker, cluster: str, *, listen_s: float = 1.5) -> list[dict[str, Any]]:
+async def peers(
+    broker: Broker, cluster: str, *, listen_s: float = 1.5, auth: Auth | None = None
+) -> list[dict[str, Any]]:
     """Every node's retained status and health in ``cluster``, one dict per node."""
     root = f"prism/v1/{cluster}"
     nodes: dict[str, dict[str, Any]] = {}
-    async with MqttLink(broker.host, broker.port, client_id=f"prism-peers-{uuid.uuid4().hex[:8]}") as link:
+    async with MqttLink(
+        broker.host, broker.port, client_id=f"prism-peers-{uuid.uuid4().hex[:8]}", **(auth or {})
+    ) as link:
         await link.subscribe(f"{root}/nodes/+/status", f"{root}/nodes/+/health")
 
         async def collect() -> None:

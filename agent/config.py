@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import socket
+import ssl
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -40,10 +41,11 @@ class ModelSpec:
 
 @dataclass(frozen=True, slots=True)
 class Broker:
-    """Where the MQTT broker is."""
+    """Where the MQTT broker is; ``tls`` for ``mqtts://``."""
 
     host: str
     port: int = 1883
+    tls: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +63,11 @@ class Settings:
     group_timeout_s: float = 10.0
     probe_interval_s: float = 30.0
     secret_file: str | None = None
+    mqtt_username: str | None = None
+    mqtt_password_file: str | None = None
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
     reconnect_min_s: float = 0.2
     reconnect_max_s: float = 10.0
     log_format: str = "auto"
@@ -72,17 +79,42 @@ class Settings:
         return f"prism/v1/{self.cluster}"
 
 
+def mqtt_credentials(settings: Settings) -> tuple[str | None, str | None]:
+    """(username, password) for the broker; the password is read from its file."""
+    password = None
+    if settings.mqtt_password_file:
+        try:
+            password = Path(settings.mqtt_password_file).expanduser().read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read mqtt_password_file: {exc.strerror}") from None
+    return settings.mqtt_username, password
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """A client TLS context for ``mqtts://`` brokers (CA and optional client certificate)."""
+    if settings.broker is None or not settings.broker.tls:
+        return None
+    try:
+        ctx = ssl.create_default_context(cafile=settings.tls_ca)
+        if settings.tls_cert:
+            ctx.load_cert_chain(settings.tls_cert, settings.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"TLS setup failed: {exc}") from None
+    return ctx
+
+
 def parse_broker(url: str) -> Broker:
     """``mqtt://host[:port]`` (or ``host[:port]``) -> Broker."""
     text = url if "://" in url else f"mqtt://{url}"
     parts = urlsplit(text)
-    if parts.scheme != "mqtt" or not parts.hostname:
-        raise ConfigError(f"broker must look like mqtt://host:port, got {url!r}")
+    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+        raise ConfigError(f"broker must look like mqtt://host:port or mqtts://host:port, got {url!r}")
+    tls = parts.scheme == "mqtts"
     try:
-        port = parts.port or 1883
+        port = parts.port or (8883 if tls else 1883)
     except ValueError:
         raise ConfigError(f"broker port is not a number in {url!r}") from None
-    return Broker(parts.hostname, port)
+    return Broker(parts.hostname, port, tls)
 
 
 def parse_model(text: str) -> ModelSpec:
@@ -120,6 +152,11 @@ _SCALARS: dict[str, type] = {
     "group_timeout_s": float,
     "probe_interval_s": float,
     "secret_file": str,
+    "mqtt_username": str,
+    "mqtt_password_file": str,
+    "tls_ca": str,
+    "tls_cert": str,
+    "tls_key": str,
     "reconnect_min_s": float,
     "reconnect_max_s": float,
     "log_format": str,

@@ -27,7 +27,7 @@ import structlog
 from agent.admission import Admission, read_secret
 from agent.broker import HostedBroker, find_broker, port_free
 from agent.compat import BaseExceptionGroup, TaskGroup
-from agent.config import ConfigError, Settings
+from agent.config import ConfigError, Settings, mqtt_credentials, tls_context
 from agent.discovery import Discovery, advert
 from agent.energy import find_meter
 from agent.groups import GroupManager
@@ -165,7 +165,17 @@ class Daemon:
     async def _connected(self, host: str, port: int) -> None:
         will = (self.topics.status, b"offline")
         try:
-            async with MqttLink(host, port, client_id=f"prism-{self.settings.node_id}", will=will) as link:
+            username, password = mqtt_credentials(self.settings)
+            link_cm = MqttLink(
+                host,
+                port,
+                client_id=f"prism-{self.settings.node_id}",
+                will=will,
+                username=username,
+                password=password,
+                tls=tls_context(self.settings),
+            )
+            async with link_cm as link:
                 self._link = link
                 await link.subscribe(
                     self.topics.shared_jobs,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import random
 import socket
+import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from types import TracebackType
@@ -113,6 +114,7 @@ class MqttLink:
         will: tuple[str, bytes] | None = None,
         username: str | None = None,
         password: str | None = None,
+        tls: ssl.SSLContext | None = None,
         timeout_s: float = 10.0,
     ) -> None:
         will_msg = aiomqtt.Will(will[0], will[1], qos=1, retain=True) if will else None
@@ -127,6 +129,7 @@ class MqttLink:
             timeout=timeout_s,
             keepalive=30,
             socket_options=_nodelay(),
+            tls_context=tls,
         )
 
     async def __aenter__(self) -> MqttLink:
