@@ -63,6 +63,7 @@ class Settings:
     group_timeout_s: float = 10.0
     probe_interval_s: float = 30.0
     secret_file: str | None = None
+    device: str = "auto"
     mqtt_username: str | None = None
     mqtt_password_file: str | None = None
     tls_ca: str | None = None
@@ -101,6 +102,17 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"TLS setup failed: {exc}") from None
     return ctx
+
+
+def pick_device(setting: str) -> str:
+    """``auto`` -> ``cuda`` when torch sees a GPU (a Jetson's integrated one too), else ``cpu``."""
+    import torch
+
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if setting != "cpu" and not setting.startswith("cuda"):
+        raise ConfigError(f"device must be auto, cpu or cuda[:N], got {setting!r}")
+    return setting
 
 
 def parse_broker(url: str) -> Broker:
@@ -152,6 +164,7 @@ _SCALARS: dict[str, type] = {
     "group_timeout_s": float,
     "probe_interval_s": float,
     "secret_file": str,
+    "device": str,
     "mqtt_username": str,
     "mqtt_password_file": str,
     "tls_ca": str,

@@ -27,7 +27,7 @@ import structlog
 from agent.admission import Admission, read_secret
 from agent.broker import HostedBroker, find_broker, port_free
 from agent.compat import BaseExceptionGroup, TaskGroup
-from agent.config import ConfigError, Settings, mqtt_credentials, tls_context
+from agent.config import ConfigError, Settings, mqtt_credentials, pick_device, tls_context
 from agent.discovery import Discovery, advert
 from agent.energy import find_meter
 from agent.groups import GroupManager
@@ -38,7 +38,7 @@ from agent.probe import ProbeServer, probe
 from agent.sdnotify import Notifier
 from agent.service import JobService, Served
 from engine.adapters import Tensors
-from engine.models import fingerprint, load
+from engine.models import fingerprint, load, to_device
 from engine.program import JobSpec
 from engine.trace import RunResult
 from transport.mqtt import MqttLink, Topics, TransportError, backoff_s, reply_route
@@ -51,11 +51,14 @@ GRACE_S = 30.0
 def load_models(settings: Settings) -> dict[str, Served]:
     """Load every configured model once (at start, before taking jobs)."""
     served = {}
+    device = pick_device(settings.device)
     for spec in settings.models:
         start = time.monotonic()
-        model = load(spec.source)
+        model = to_device(load(spec.source), device)
         served[spec.name] = Served(spec, model, fingerprint(model.adapter))
-        log.info("model_loaded", model=spec.name, source=spec.source, s=round(time.monotonic() - start, 2))
+        log.info(
+            "model_loaded", model=spec.name, source=spec.source, device=device, s=round(time.monotonic() - start, 2)
+        )
     return served
 
 

@@ -31,6 +31,11 @@ def read_load(root: Path = Path("/")) -> dict[str, Any]:
         out["mem_available_mb"] = available // 1024
     except (OSError, ValueError, KeyError):
         out["mem_total_mb"] = out["mem_available_mb"] = None
+    try:  # Jetson power mode, as nvpmodel records it ("pmode:0001 fmode:...")
+        status = (root / "var/lib/nvpmodel/status").read_text()
+        out["power_mode"] = status.split()[0].split(":", 1)[1].lstrip("0") or "0"
+    except (OSError, IndexError):
+        pass
     for rel in JETSON_GPU_LOAD:
         try:
             out["gpu_load"] = int((root / rel).read_text().strip()) / 1000.0

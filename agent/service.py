@@ -127,7 +127,7 @@ class JobService:
         try:
             task = Task(job.task or served.spec.task or default_task(model).value)
             model.adapter.check_task(task)
-            tensors = to_tensors(job, model, self.settings.limits)
+            tensors = {k: v.to(model.adapter.device) for k, v in to_tensors(job, model, self.settings.limits).items()}
         except ValueError:
             return self._fail(job.id, "invalid_job", f"unknown task '{job.task}'")
         except BadRequest as exc:

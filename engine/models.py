@@ -182,6 +182,16 @@ def load(source: str) -> LoadedModel:
     return load_dir(source)
 
 
+def to_device(model: LoadedModel, device: str) -> LoadedModel:
+    """The same model on ``device`` (``cpu``, ``cuda``, ``cuda:1``)."""
+    if device == "cpu":
+        return model
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"device {device!r} asked for, but torch sees no CUDA device")
+    model.adapter.model.to(device)
+    return LoadedModel(model.name, _adapter(model.adapter.family, model.adapter.model), model.tokenizer)
+
+
 def fingerprint(adapter: Adapter) -> float:
     """A cheap checksum of the weights, to catch ranks that loaded different models."""
     total = 0.0

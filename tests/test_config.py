@@ -51,3 +51,12 @@ def test_bad_settings_say_what_is_wrong(tmp_path: Path, text: str, message: str)
 def test_model_flag_needs_name_and_source() -> None:
     with pytest.raises(ConfigError, match="NAME=SOURCE"):
         load_settings(None, {}, {"models": ["just-a-name"]})
+
+
+def test_device_choice() -> None:
+    from agent.config import pick_device
+
+    assert pick_device("cpu") == "cpu"
+    assert pick_device("auto") in ("cpu", "cuda")
+    with pytest.raises(ConfigError, match="auto, cpu or cuda"):
+        pick_device("tpu")

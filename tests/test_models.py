@@ -36,3 +36,15 @@ def test_a_bert_decoder_is_refused(models: Models, tmp_path: Path) -> None:
         model.config.is_decoder = False
     with pytest.raises(ModelError, match="decoder"):
         load(str(tmp_path))
+
+
+def test_asking_for_cuda_without_a_gpu_says_so(models: Models) -> None:
+    import torch
+
+    from engine.models import to_device
+
+    if torch.cuda.is_available():
+        assert to_device(models("tiny-bert"), "cuda").adapter.device.type == "cuda"
+    else:
+        with pytest.raises(ModelError, match="no CUDA device"):
+            to_device(models("tiny-bert"), "cuda")

@@ -18,6 +18,8 @@ def fake_root(tmp_path: Path, gpu: str | None) -> Path:
     if gpu is not None:
         (tmp_path / "sys/devices/platform/gpu.0").mkdir(parents=True)
         (tmp_path / "sys/devices/platform/gpu.0/load").write_text(gpu)
+        (tmp_path / "var/lib/nvpmodel").mkdir(parents=True)
+        (tmp_path / "var/lib/nvpmodel/status").write_text("pmode:0002 fmode:quiet\n")
     return tmp_path
 
 
@@ -26,10 +28,13 @@ def test_load_on_a_jetson(tmp_path: Path) -> None:
     assert (load["load1"], load["load5"]) == (1.5, 0.75)
     assert (load["mem_total_mb"], load["mem_available_mb"]) == (7812, 2000)
     assert load["gpu_load"] == pytest.approx(0.473)
+    assert load["power_mode"] == "2"
 
 
 def test_load_without_a_gpu_or_proc(tmp_path: Path) -> None:
-    assert "gpu_load" not in read_load(fake_root(tmp_path, None))
+    plain = read_load(fake_root(tmp_path, None))
+    assert "gpu_load" not in plain
+    assert "power_mode" not in plain
     empty = read_load(tmp_path / "nothing")
     assert empty["load1"] is None
     assert empty["mem_available_mb"] is None
