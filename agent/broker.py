@@ -80,12 +80,14 @@ class HostedBroker:
             f"listener {self.broker.port} {self.broker.host}\nallow_anonymous true\n"
             "set_tcp_nodelay true\npersistence false\n"
         )
-        self._proc = await asyncio.create_subprocess_exec(
-            mosquitto_binary(), "-c", str(conf), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
-        )
+        log_path = Path(self._dir.name) / "mosquitto.log"  # a pipe nobody reads would freeze the broker
+        with log_path.open("wb") as log_file:
+            self._proc = await asyncio.create_subprocess_exec(
+                mosquitto_binary(), "-c", str(conf), stdout=asyncio.subprocess.DEVNULL, stderr=log_file
+            )
         for _ in range(100):
             if self._proc.returncode is not None:
-                err = (await self._proc.stderr.read() if self._proc.stderr else b"").decode(errors="replace").strip()
+                err = log_path.read_text(errors="replace").strip()
                 raise ConfigError(f"hosted mosquitto exited: {err.splitlines()[-1] if err else self._proc.returncode}")
             if not port_free(self.broker.host, self.broker.port):
                 break

@@ -114,6 +114,7 @@ class Daemon:
         self.stop = asyncio.Event()
         self._jobs: set[asyncio.Task[None]] = set()
         self._job_seq = 0
+        self._tg: TaskGroup | None = None
 
     # -- Distributor, for the job service ---------------------------------------------
     def peers_for(self, model: str, fingerprint: float) -> list[Peer]:
@@ -172,7 +173,7 @@ class Daemon:
             link_cm = MqttLink(
                 host,
                 port,
-                client_id=f"prism-{self.settings.node_id}",
+                client_id=f"prism-{self.settings.cluster}-{self.settings.node_id}",
                 will=will,
                 username=username,
                 password=password,
@@ -191,6 +192,7 @@ class Daemon:
                 log.info("mqtt_connected", broker=f"{host}:{port}", node=self.settings.node_id)
                 self.notifier.notify("READY=1")
                 async with TaskGroup() as tg:
+                    self._tg = tg
                     intake = tg.create_task(self._intake(link, tg), name="intake")
                     stop = tg.create_task(self.stop.wait(), name="stop-signal")
                     background = [
@@ -203,7 +205,10 @@ class Daemon:
                         for task in [stop, *background]:
                             task.cancel()
                         intake.result()
-                    intake.cancel()  # stop intake, finish what was admitted, say goodbye
+                    # Stop intake: leave the job topics first so nothing new lands here, then
+                    # finish what was admitted and say goodbye.
+                    await link.unsubscribe(self.topics.shared_jobs, self.topics.my_jobs)
+                    intake.cancel()
                     await self._drain()
                     await link.publish(self.topics.status, b"offline", retain=True)
                     for task in background:
@@ -212,10 +217,21 @@ class Daemon:
         except BaseExceptionGroup as group:
             transport = [e for e in group.exceptions if isinstance(e, TransportError)]
             if transport:
-                raise transport[0] from group
+                raise transport[0] from group  # the connection is gone: the broker sends our Last Will
+            await self._say_offline()
+            raise
+        except Exception:
+            await self._say_offline()
             raise
         finally:
             self._link = None
+            self._tg = None
+
+    async def _say_offline(self) -> None:
+        """After a crash the client still disconnects cleanly, which cancels the Last Will: say it ourselves."""
+        if self._link is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._link.publish(self.topics.status, b"offline", retain=True), 2.0)
 
     async def _drain(self) -> None:
         if self._jobs:
@@ -228,7 +244,13 @@ class Daemon:
         async for message in link.messages():
             topic = str(message.topic)
             if not topic.endswith("/jobs"):
-                self._observe(topic, message)
+                try:
+                    self._observe(topic, message)
+                except Exception as exc:  # noqa: BLE001 - one odd message must never stop the node
+                    log.warning("message_ignored", topic=topic, error=f"{type(exc).__name__}: {str(exc)[:120]}")
+                continue
+            if message.retain:  # a retained job would re-run on every (re)subscribe
+                log.warning("retained_job_ignored", topic=topic)
                 continue
             self._job_seq += 1
             task = tg.create_task(self._answer(link, message), name=f"job-{self._job_seq}")
@@ -288,7 +310,11 @@ class Daemon:
         self.peers.seen(peer, time.monotonic())
 
     def _spawn(self, coro: Any, name: str) -> None:
-        task = asyncio.get_running_loop().create_task(coro, name=name)
+        """A short task owned by the connection's task group (dropped when there is none)."""
+        if self._tg is None:
+            coro.close()
+            return
+        task = self._tg.create_task(coro, name=name)
         self._jobs.add(task)
         task.add_done_callback(self._jobs.discard)
 

@@ -104,6 +104,9 @@ class GroupManager:
             for peer in members:
                 await self._tell(peer, {"op": "run", "gid": group.gid, "spec": spec_to_dict(spec)})
             result = await asyncio.to_thread(run_rank, group.comm, served.model.adapter, spec, inputs)
+        except asyncio.CancelledError:
+            self._mine.pop(members, None)  # its run may still be in flight in a thread: never reuse it
+            raise
         except PrismError as exc:
             await self.drop(members, reason=str(exc))
             raise GroupError(f"distributed run with {', '.join(members)} failed: {exc}") from exc
@@ -144,7 +147,9 @@ class GroupManager:
                 await self._tell(peer, {"op": "teardown", "gid": group.gid})
 
     async def membership_changed(self, gone: set[str]) -> None:
-        """Drop every group that includes a node that went away."""
+        """Drop every group that includes a node that went away (as peer or as coordinator)."""
+        for gid in [g for g, group in self._joined.items() if gone & set(group.members)]:
+            self._joined.pop(gid, None)
         for members in [m for m in self._mine if gone & set(m)]:
             await self.drop(members, reason=f"peer left: {', '.join(sorted(gone & set(members)))}")
 
@@ -164,21 +169,18 @@ class GroupManager:
                 msg = self._open_envelope(payload)
                 if msg is not None:
                     await self._handle(msg)
-            except (PrismError, ValueError, KeyError, TypeError) as exc:
-                log.warning("control_failed", error=str(exc)[:200])
+            except Exception as exc:  # noqa: BLE001 - a malformed or hostile control message must not stop the node
+                log.warning("control_failed", error=f"{type(exc).__name__}: {str(exc)[:200]}")
 
     async def _handle(self, msg: dict[str, Any]) -> None:
         op, gid = msg["op"], str(msg["gid"])
         if op == "form":
+            rank, size, port = int(msg["rank"]), int(msg["size"]), int(msg["port"])
+            if not (1 <= rank < size <= 64 and 1 <= port <= 65535):
+                raise GroupError(f"form with rank {rank}, size {size}, port {port} makes no sense")
+            timeout_s = min(self.timeout_s, max(0.1, float(msg["timeout_s"])))  # never wait longer than we would
             store, comm = await asyncio.to_thread(
-                _form,
-                str(msg["host"]),
-                int(msg["port"]),
-                int(msg["rank"]),
-                int(msg["size"]),
-                float(msg["timeout_s"]),
-                self.address,
-                gid,
+                _form, str(msg["host"]), port, rank, size, timeout_s, self.address, gid
             )
             self._joined[gid] = Group(gid, (str(msg["from"]),), comm, store)
             log.info("group_joined", gid=gid, rank=msg["rank"], coordinator=msg["from"])

@@ -15,6 +15,7 @@ from engine.models import LoadedModel
 from transport.schema import Job, Limits
 
 _WORD = re.compile(r"\w+|[^\w\s]")
+MAX_IMAGE_PIXELS = 4096 * 4096  # checked from the header, before any pixel is decoded
 
 
 def hashed_ids(text: str, vocab: int, with_cls_sep: bool) -> list[int]:
@@ -45,10 +46,12 @@ def _image(data: bytes, model: LoadedModel) -> torch.Tensor:
     h, w = adapter.image_hw
     try:
         with Image.open(io.BytesIO(data)) as img:
+            if img.width * img.height > MAX_IMAGE_PIXELS:
+                raise BadRequest(f"image is {img.width}x{img.height} pixels; the limit is {MAX_IMAGE_PIXELS} pixels")
             img.draft("RGB", (w, h))
             rgb = img.convert("RGB" if adapter.channels == 3 else "L").resize((w, h))
             raw = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as exc:
         raise BadRequest(f"image could not be decoded ({type(exc).__name__})") from exc
     pixels = raw.view(h, w, adapter.channels).permute(2, 0, 1).float() / 255.0
     return (pixels - 0.5) / 0.5  # ViT's default normalisation

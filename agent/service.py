@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -60,6 +61,8 @@ def choose(job: Job, batch: int, peers: int) -> tuple[str, str]:
     """(mode, reason) for a job: pure, table-tested."""
     if job.mode is Mode.LOCAL:
         return "local", "requested local"
+    if job.ranks == 1:
+        return "local", "requested 1 rank"
     if peers == 0:
         return "local", "no peer serves this model with the same weights"
     if job.mode is Mode.DISTRIBUTED:
@@ -85,6 +88,7 @@ class JobService:
         self.meter: Meter = meter or CpuModelMeter()
         self._pending = 0
         self._engine = asyncio.Lock()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self.stats = {"received": 0, "ok": 0, "failed": 0, "busy": 0, "unparseable": 0}
 
     @property
@@ -115,6 +119,9 @@ class JobService:
         self._pending += 1
         try:
             return await self._run(job, start)
+        except Exception as exc:  # a bug must cost one job an error result, not the daemon
+            log.exception("job_crashed", job=job.id)
+            return self._fail(job.id, "internal", f"internal error ({type(exc).__name__}); see the agent log")
         finally:
             self._pending -= 1
 
@@ -126,10 +133,12 @@ class JobService:
         model = served.model
         try:
             task = Task(job.task or served.spec.task or default_task(model).value)
-            model.adapter.check_task(task)
-            tensors = {k: v.to(model.adapter.device) for k, v in to_tensors(job, model, self.settings.limits).items()}
         except ValueError:
             return self._fail(job.id, "invalid_job", f"unknown task '{job.task}'")
+        try:
+            model.adapter.check_task(task)
+            raw = await asyncio.to_thread(to_tensors, job, model, self.settings.limits)  # decoding is CPU work
+            tensors = {k: v.to(model.adapter.device) for k, v in raw.items()}
         except BadRequest as exc:
             return self._fail(job.id, exc.code, str(exc))
         peers = self.distributor.peers_for(job.model, served.fingerprint) if self.distributor else []
@@ -149,9 +158,7 @@ class JobService:
                 try:
                     spec = plan_job(model.adapter, job.model, task, tensors, ranks=len(used) + 1, comp=comp)
                     result = await self.distributor.run_distributed(served, spec, tensors, used)
-                except BadRequest as exc:
-                    return self._fail(job.id, exc.code, str(exc))
-                except PrismError as exc:
+                except PrismError as exc:  # too few tokens to split, a peer died, a deadline passed: run here
                     log.warning("distributed_fallback", job=job.id, error=str(exc)[:200])
                     decision["fallback_reason"] = str(exc)[:300]
                     result, used, cr, fallback = None, [], None, True
@@ -160,7 +167,9 @@ class JobService:
             if result is None:
                 mode = "local"
                 try:
-                    result = await asyncio.to_thread(run_local, model.adapter, task, tensors)
+                    # One engine thread: even a cancelled job's computation never overlaps the next one.
+                    loop = asyncio.get_running_loop()
+                    result = await loop.run_in_executor(self._executor, run_local, model.adapter, task, tensors)
                 except PrismError as exc:
                     return self._fail(job.id, exc.code, str(exc))
             engine_s = time.monotonic() - engine_start

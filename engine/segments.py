@@ -84,7 +84,7 @@ def _regular_segments(n_positions: int, cr: float) -> list[int]:
     """Sizes of near-equal contiguous segments of at most about ``cr`` positions."""
     if n_positions == 0:
         return []
-    n_segments = math.ceil(n_positions / cr - 1e-9)
+    n_segments = max(1, math.ceil(n_positions / cr - 1e-9))
     base, extra = divmod(n_positions, n_segments)
     return [base + 1] * extra + [base] * (n_segments - extra)
 

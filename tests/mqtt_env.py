@@ -33,7 +33,9 @@ def mosquitto(port: int | None = None, extra_conf: str = "") -> Iterator[int]:
         conf.write_text(
             f"listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\npersistence false\n{extra_conf}"
         )
-        proc = subprocess.Popen([need("mosquitto"), "-c", str(conf)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [need("mosquitto"), "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         try:
             wait_port(port, proc)
             yield port

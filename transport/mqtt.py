@@ -157,6 +157,14 @@ class MqttLink:
         except aiomqtt.MqttError as exc:
             raise TransportError(f"subscribe failed: {exc}") from exc
 
+    async def unsubscribe(self, *topics: str) -> None:
+        """Stop receiving ``topics``."""
+        try:
+            for topic in topics:
+                await self._client.unsubscribe(topic)
+        except aiomqtt.MqttError as exc:
+            raise TransportError(f"unsubscribe failed: {exc}") from exc
+
     async def publish(
         self,
         topic: str,
@@ -177,7 +185,7 @@ class MqttLink:
                 props.CorrelationData = correlation
         try:
             await self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
-        except aiomqtt.MqttError as exc:
+        except (aiomqtt.MqttError, ValueError) as exc:
             raise TransportError(f"publish to {topic} failed: {exc}") from exc
 
     async def messages(self) -> AsyncIterator[aiomqtt.Message]:
@@ -194,4 +202,6 @@ def reply_route(message: aiomqtt.Message) -> tuple[str | None, bytes | None]:
     props: Any = message.properties
     topic = getattr(props, "ResponseTopic", None) if props is not None else None
     corr = getattr(props, "CorrelationData", None) if props is not None else None
+    if not isinstance(topic, str) or not topic or topic.startswith("$") or "+" in topic or "#" in topic:
+        topic = None  # not a topic anyone can publish to: answer on results/{id}
     return topic, corr

@@ -219,14 +219,16 @@ def _cr(value: Any, job_id: str) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 1:
         raise _fail(f"field 'cr' must be a number >= 1 or 'full', got {value!r}", job_id)
+    if value > 1_000_000:
+        raise _fail(f"field 'cr' must be at most 1000000, got {value!r}", job_id)
     return float(value)
 
 
 def _ranks(value: Any, job_id: str) -> int | None:
     if value is None:
         return None
-    if type(value) is not int or value < 1:
-        raise _fail(f"field 'ranks' must be a positive integer, got {value!r}", job_id)
+    if type(value) is not int or not 1 <= value <= 64:
+        raise _fail(f"field 'ranks' must be an integer from 1 to 64, got {value!r}", job_id)
     return int(value)
 
 
