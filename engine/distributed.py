@@ -47,7 +47,7 @@ def run_rank(comm: Comm, adapter: Adapter, spec: JobSpec, inputs: Tensors | None
     trace = RankTrace(rank=comm.rank)
     comm.trace = trace
     comm.device = adapter.device  # received tensors land where the model lives
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     with torch.inference_mode():
         if comm.rank == 0:
             assert inputs is not None, "rank 0 coordinates and must hold the inputs"
@@ -82,5 +82,6 @@ def run_rank(comm: Comm, adapter: Adapter, spec: JobSpec, inputs: Tensors | None
                 if spec.gather_hidden:
                     outputs["hidden"] = summed["hidden"]
     trace.wall_s = time.perf_counter() - start
+    trace.cpu_s = time.process_time() - cpu_start
     traces = comm.gather_traces(trace)
     return RunResult(outputs, traces) if comm.rank == 0 else None

@@ -15,10 +15,11 @@ def run_local(adapter: Adapter, task: Task, inputs: Tensors) -> RunResult:
     """The plain `transformers` model on one device: the reference answer."""
     adapter.check_task(task)
     trace = RankTrace()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     with torch.inference_mode(), trace.timing("compute"):
         outputs = adapter.reference(task, inputs)
     trace.wall_s = time.perf_counter() - start
+    trace.cpu_s = time.process_time() - cpu_start
     return RunResult(outputs, [trace])
 
 

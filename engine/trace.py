@@ -19,6 +19,7 @@ class RankTrace:
 
     ``exchange_*`` counts the per-layer hidden-state traffic (what PRISM compresses);
     ``io_*`` counts inputs scattered and outputs reduced (the same in every mode).
+    ``rounds`` counts collectives (each costs at least one link latency);
     ``overhead_s`` is wall time not spent computing, communicating or staging.
     """
 
@@ -27,10 +28,12 @@ class RankTrace:
     exchange_bytes_recv: int = 0
     io_bytes_sent: int = 0
     io_bytes_recv: int = 0
+    rounds: int = 0
     compute_s: float = 0.0
     comm_s: float = 0.0
     staging_s: float = 0.0
     wall_s: float = 0.0
+    cpu_s: float = 0.0  # this rank's process CPU time during the job (for energy models)
 
     @property
     def overhead_s(self) -> float:
@@ -77,6 +80,14 @@ class RunResult:
     def exchange_bytes(self) -> int:
         """Hidden-state bytes that crossed the group, all ranks together."""
         return sum(t.exchange_bytes_sent for t in self.traces)
+
+    @property
+    def wire_bytes(self) -> int:
+        """Bytes on the busiest uplink, in sequence: the largest per-layer exchange sender
+        (ranks send at once) plus every rank's inputs/outputs (one sender at a time)."""
+        if not self.traces:
+            return 0
+        return max(t.exchange_bytes_sent for t in self.traces) + sum(t.io_bytes_sent for t in self.traces)
 
     @property
     def wall_s(self) -> float:

@@ -85,6 +85,7 @@ class GlooComm:
     # -- plumbing ---------------------------------------------------------------------
     @contextmanager
     def _collective(self, what: str) -> Iterator[None]:
+        self.trace.rounds += 1
         start = time.perf_counter()
         try:
             yield
