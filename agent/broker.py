@@ -9,9 +9,14 @@ Production deployments should run mosquitto as a system service (see README).
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import os
 import shutil
+import signal
 import socket
+import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -62,6 +67,33 @@ def port_free(address: str, port: int) -> bool:
         return s.connect_ex((address, port)) != 0
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has the child SIGKILLed when its parent dies (Linux
+    ``PR_SET_PDEATHSIG``), so a SIGKILLed agent leaves no orphaned broker; None elsewhere.
+
+    The signal follows the thread that forks (asyncio forks from the event loop's thread) and
+    is cleared when the child changes its user, which mosquitto does when started as root,
+    unless its config says ``user root``.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here: the child only calls it
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the signal was armed
+            os._exit(1)
+
+    return preexec
+
+
 class HostedBroker:
     """A mosquitto child process on ``address:port``, advertised over mDNS (async context manager)."""
 
@@ -76,14 +108,22 @@ class HostedBroker:
     async def __aenter__(self) -> HostedBroker:
         self._dir = tempfile.TemporaryDirectory(prefix="prism-broker-")
         conf = Path(self._dir.name) / "mosquitto.conf"
+        # As root, mosquitto would switch to user 'mosquitto', which clears the parent-death
+        # signal: it keeps the agent's user instead, so it dies with its agent.
+        same_user = "user root\n" if os.geteuid() == 0 else ""
         conf.write_text(
             f"listener {self.broker.port} {self.broker.host}\nallow_anonymous true\n"
-            "set_tcp_nodelay true\npersistence false\n"
+            f"set_tcp_nodelay true\npersistence false\n{same_user}"
         )
         log_path = Path(self._dir.name) / "mosquitto.log"  # a pipe nobody reads would freeze the broker
         with log_path.open("wb") as log_file:
             self._proc = await asyncio.create_subprocess_exec(
-                mosquitto_binary(), "-c", str(conf), stdout=asyncio.subprocess.DEVNULL, stderr=log_file
+                mosquitto_binary(),
+                "-c",
+                str(conf),
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=log_file,
+                preexec_fn=die_with_parent(),
             )
         for _ in range(100):
             if self._proc.returncode is not None:

@@ -112,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--threads", type=_positive, default=None, help="torch threads")
     run.add_argument("--secret-file", dest="secret_file", default=None, help="cluster secret (admits peers)")
     run.add_argument("--log-format", dest="log_format", choices=["auto", "json", "console"], default=None)
+    run.add_argument("--map", dest="map_file", default=None, help="performance map for auto mode (prism-agent profile)")
+    run.add_argument("--objective", choices=["latency", "energy"], default=None, help="what auto mode minimises")
 
     sm = sub.add_parser("submit", help="publish one job over MQTT and print its result")
     sm.add_argument("--broker", default="mqtt://127.0.0.1:1883")
@@ -143,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--engine", action="store_true", help="engine only: one process vs 2 GLOO ranks, no daemon, broker or discovery"
     )
+    from agent import policy_cmds, testbed
+
+    policy_cmds.add_cli(sub)
+    testbed.add_cli(sub)
     return parser
 
 
@@ -203,7 +209,18 @@ def _run_daemon(ns: argparse.Namespace) -> int:
     from agent import daemon, logs
     from agent.config import load_settings
 
-    keys = ("broker", "cluster", "node_id", "interface", "models", "threads", "log_format", "secret_file")
+    keys = (
+        "broker",
+        "cluster",
+        "node_id",
+        "interface",
+        "models",
+        "threads",
+        "log_format",
+        "secret_file",
+        "map_file",
+        "objective",
+    )
     overrides = {k: getattr(ns, k) for k in keys}
     settings = load_settings(ns.config, os.environ, overrides)
     logs.configure(settings.log_format)
@@ -279,6 +296,14 @@ def run(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` and run the command; returns the exit status."""
     ns = build_parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if ns.command == "testbed":  # before torch: the bed's commands are plain process and namespace work
+        from agent import testbed
+
+        return testbed.run_cli(ns)
+    if ns.command in ("profile", "map"):
+        from agent import policy_cmds
+
+        return policy_cmds.run_cli(ns)
     import torch
 
     from agent import engine_cmds

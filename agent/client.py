@@ -1,4 +1,5 @@
-"""``prism-agent submit``: publish one job, wait for its result on a private response topic."""
+"""``prism-agent submit``: publish one job, wait for its result on a private response topic;
+:func:`stream`: many jobs over one persistent session that survives broker restarts."""
 
 from __future__ import annotations
 
@@ -7,12 +8,20 @@ import base64
 import contextlib
 import json
 import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiomqtt
+import structlog
+
+from agent.compat import BaseExceptionGroup, TaskGroup
 from agent.config import Broker, Settings, mqtt_credentials, tls_context
 from engine.errors import BadRequest
-from transport.mqtt import MqttLink, Topics, TransportError
+from transport.mqtt import NO_SUBSCRIBERS, MqttLink, Topics, TransportError, backoff_s, transport_error
+
+log = structlog.get_logger("prism.client")
 
 Auth = dict[str, Any]
 
@@ -84,6 +93,154 @@ async def submit(
         await link.subscribe(reply)
         await link.publish(target, json.dumps(job).encode(), response_topic=reply, correlation=job["id"].encode())
         return await asyncio.wait_for(_result(link, job["id"]), timeout_s)
+
+
+@dataclass
+class _Stream:
+    """A stream's state, which outlives its connections."""
+
+    payloads: dict[str, bytes]
+    in_flight: int
+    on_result: Callable[[dict[str, Any]], None] | None = None
+    order: list[str] = field(default_factory=list)
+    sent: int = 0
+    unacked: dict[str, None] = field(default_factory=dict)  # published, PUBACK not seen (ordered)
+    waiting: set[str] = field(default_factory=set)  # acknowledged by the broker, no result yet
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)
+    duplicates: int = 0
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def done(self) -> bool:
+        return len(self.results) == len(self.payloads)
+
+    def took(self, job_id: str, result: dict[str, Any]) -> None:
+        if job_id in self.results:
+            self.duplicates += 1  # at-least-once: the first result wins
+            return
+        self.results[job_id] = result
+        self.unacked.pop(job_id, None)
+        self.waiting.discard(job_id)
+        self.changed.set()
+        if self.on_result is not None:
+            self.on_result(result)
+
+
+async def stream(
+    broker: Broker,
+    cluster: str,
+    jobs: Sequence[dict[str, Any]],
+    *,
+    node: str | None = None,
+    in_flight: int = 8,
+    timeout_s: float = 600.0,
+    auth: Auth | None = None,
+    session_expiry_s: int = 600,
+    on_result: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Run ``jobs`` (unique ids) with at most ``in_flight`` unanswered; one result per job, in order.
+
+    One persistent MQTT 5 session with a stable client id: across a broker restart (with
+    persistence on) the broker keeps our reply subscription and queues results for us while
+    we reconnect (with backoff), and jobs whose PUBLISH was not acknowledged are published
+    again. Delivery is at-least-once: a job may run twice, the first result for an id wins.
+    Raises ``asyncio.TimeoutError`` when not every result came within ``timeout_s``.
+    """
+    ids = [str(job["id"]) for job in jobs]
+    if len(set(ids)) != len(ids):
+        raise BadRequest("job ids must be unique within a stream")
+    if in_flight < 1:
+        raise BadRequest("in_flight must be >= 1")
+    state = _Stream({str(job["id"]): json.dumps(job).encode() for job in jobs}, in_flight, on_result, ids)
+    await asyncio.wait_for(_connections(broker, cluster, state, node, auth, session_expiry_s), timeout_s)
+    if state.duplicates:
+        log.info("stream_duplicates", results=state.duplicates)
+    return [state.results[i] for i in ids]
+
+
+async def _connections(
+    broker: Broker, cluster: str, state: _Stream, node: str | None, auth: Auth | None, session_expiry_s: int
+) -> None:
+    client_id = f"prism-stream-{uuid.uuid4().hex[:12]}"
+    reply = f"prism/v1/{cluster}/clients/{client_id}/result"
+    topics = Topics(f"prism/v1/{cluster}", node or "-")
+    target = topics.node_jobs(node) if node else topics.jobs
+    attempt = 0
+    while not state.done:
+        try:
+            async with MqttLink(
+                broker.host, broker.port, client_id=client_id, session_expiry_s=session_expiry_s, **(auth or {})
+            ) as link:
+                await link.subscribe(reply)
+                attempt = 0
+                async with TaskGroup() as tg:
+                    tg.create_task(_collect(link, state), name="collect")
+                    tg.create_task(_feed(link, state, target, reply), name="feed")
+                with contextlib.suppress(TransportError):
+                    await link.unsubscribe(reply)  # done: the session keeps nothing to queue
+        except (TransportError, BaseExceptionGroup) as exc:
+            error = transport_error(exc)
+            if error is None or error.fatal:
+                raise
+            delay = backoff_s(attempt, 0.1, 2.0)
+            attempt += 1
+            log.warning("stream_reconnect", error=str(error), in_s=round(delay, 3), results=len(state.results))
+            await asyncio.sleep(delay)
+
+
+async def _feed(link: MqttLink, state: _Stream, target: str, reply: str) -> None:
+    """Publish jobs again that the last connection did not get acknowledged, then new ones."""
+
+    async def publish(job_id: str) -> None:
+        state.unacked[job_id] = None
+        attempt = 0
+        while True:
+            code = await link.publish(target, state.payloads[job_id], response_topic=reply, correlation=job_id.encode())
+            if code != NO_SUBSCRIBERS:
+                break
+            # No agent subscribed (after a broker restart, until they re-subscribe): again, shortly.
+            await asyncio.sleep(backoff_s(attempt, 0.05, 1.0))
+            attempt += 1
+        if code >= 0x80:
+            raise TransportError(f"the broker refused job {job_id} (reason code {code})", fatal=True)
+        if job_id in state.unacked:  # acknowledged, and no result yet
+            del state.unacked[job_id]
+            state.waiting.add(job_id)
+
+    for job_id in list(state.unacked):
+        await publish(job_id)
+    while state.sent < len(state.order):
+        while len(state.unacked) + len(state.waiting) >= state.in_flight:
+            state.changed.clear()
+            await state.changed.wait()
+        state.sent += 1
+        await publish(state.order[state.sent - 1])
+
+
+async def _collect(link: MqttLink, state: _Stream) -> None:
+    if state.done:
+        return
+    async for message in link.messages():
+        job_id, result = _reply(message)
+        if job_id in state.payloads and result is not None:
+            state.took(job_id, result)
+            if state.done:
+                return
+
+
+def _reply(message: aiomqtt.Message) -> tuple[str | None, dict[str, Any] | None]:
+    """(job id, result) of a reply: the id from its correlation data, else from the result."""
+    payload = message.payload if isinstance(message.payload, bytes) else str(message.payload).encode()
+    try:
+        data = json.loads(payload)
+    except ValueError:
+        return None, None
+    if not isinstance(data, dict):
+        return None, None
+    correlation = getattr(message.properties, "CorrelationData", None)
+    if isinstance(correlation, bytes):
+        return correlation.decode(errors="replace"), data
+    return str(data.get("id")), data
 
 
 async def peers(

@@ -37,6 +37,7 @@ class ModelSpec:
     name: str
     source: str
     task: str | None = None
+    max_cr: float | None = None  # accuracy floor: the largest CR auto may pick for this model
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +72,12 @@ class Settings:
     tls_key: str | None = None
     reconnect_min_s: float = 0.2
     reconnect_max_s: float = 10.0
+    session_expiry_s: int = 300
     log_format: str = "auto"
+    map_file: str | None = None
+    objective: str = "latency"
+    max_cr: float = 10.0
+    idle_watts: float = 0.0
     limits: Limits = field(default_factory=Limits)
 
     @property
@@ -148,9 +154,12 @@ def _models_from_toml(table: Any) -> list[ModelSpec]:
         if isinstance(value, str):
             out.append(ModelSpec(name, value))
         elif isinstance(value, dict) and isinstance(value.get("source"), str):
-            out.append(ModelSpec(name, value["source"], value.get("task")))
+            max_cr = value.get("max_cr")
+            if max_cr is not None and (isinstance(max_cr, bool) or not isinstance(max_cr, (int, float)) or max_cr < 1):
+                raise ConfigError(f"model {name!r}: max_cr must be a number >= 1, got {max_cr!r}")
+            out.append(ModelSpec(name, value["source"], value.get("task"), None if max_cr is None else float(max_cr)))
         else:
-            raise ConfigError(f"model {name!r}: give a source string or {{ source = ..., task = ... }}")
+            raise ConfigError(f"model {name!r}: give a source string or {{ source = ..., task = ..., max_cr = ... }}")
     return out
 
 
@@ -172,7 +181,12 @@ _SCALARS: dict[str, type] = {
     "tls_key": str,
     "reconnect_min_s": float,
     "reconnect_max_s": float,
+    "session_expiry_s": int,
     "log_format": str,
+    "map_file": str,
+    "objective": str,
+    "max_cr": float,
+    "idle_watts": float,
 }
 
 
@@ -248,8 +262,14 @@ def _validated(s: Settings) -> Settings:
         raise ConfigError("threads and queue_max must be >= 1")
     if s.log_format not in ("auto", "json", "console"):
         raise ConfigError(f"log_format must be auto, json or console, got {s.log_format!r}")
+    if s.objective not in ("latency", "energy"):
+        raise ConfigError(f"objective must be latency or energy, got {s.objective!r}")
+    if s.max_cr < 1 or s.idle_watts < 0:
+        raise ConfigError("max_cr must be >= 1 and idle_watts >= 0")
     if not 0 < s.reconnect_min_s <= s.reconnect_max_s:
         raise ConfigError("need 0 < reconnect_min_s <= reconnect_max_s")
+    if not 0 <= s.session_expiry_s <= 0xFFFFFFFF:
+        raise ConfigError("session_expiry_s must be between 0 and 4294967295")
     for limit in dataclasses.fields(s.limits):
         if getattr(s.limits, limit.name) < 1:
             raise ConfigError(f"limit {limit.name} must be >= 1")

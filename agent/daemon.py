@@ -1,10 +1,12 @@
 """``prism-agent run``: the daemon's lifecycle (DESIGN.md §6).
 
-One root task group per broker connection; every task named. On connect: subscribe
-(shared job topic and this node's own), publish a retained ``online`` birth (the Last Will
-says ``offline``), then take jobs. A lost connection is retried with capped full-jitter
-backoff; a refused login is not retried. SIGTERM stops intake, lets in-flight jobs finish
-within the grace period, publishes ``offline`` and returns.
+One task group for jobs, which outlives connections, and one per broker connection; every
+task named. On connect (a persistent MQTT 5 session, so the broker queues jobs while we are
+away): subscribe (shared job topic and this node's own), publish a retained ``online`` birth
+(the Last Will says ``offline``), send the results queued meanwhile, then take jobs. A lost
+connection is retried with capped full-jitter backoff while jobs keep running; a refused
+login is not retried. SIGTERM stops intake, lets in-flight jobs finish within the grace
+period, sends their results, publishes ``offline`` and returns.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import aiomqtt
 import structlog
 
 from agent.admission import Admission, read_secret
+from agent.autopolicy import AutoPolicy
 from agent.broker import HostedBroker, find_broker, port_free
 from agent.compat import BaseExceptionGroup, TaskGroup
 from agent.config import ConfigError, Settings, mqtt_credentials, pick_device, tls_context
@@ -35,17 +38,20 @@ from agent.localcluster import free_port
 from agent.monitors import LinkTable, read_load
 from agent.peers import Peer, PeerTable
 from agent.probe import ProbeServer, probe
+from agent.replies import Outbox, Recent, Reply, job_key
 from agent.sdnotify import Notifier
 from agent.service import JobService, Served
 from engine.adapters import Tensors
 from engine.models import fingerprint, load, to_device
 from engine.program import JobSpec
 from engine.trace import RunResult
-from transport.mqtt import MqttLink, Topics, TransportError, backoff_s, reply_route
+from transport.mqtt import MqttLink, Topics, TransportError, backoff_s, reply_route, transport_error
+from transport.schema import Result
 
 log = structlog.get_logger("prism.daemon")
 VERSION = "0.1.0"
 GRACE_S = 30.0
+FLUSH_S = 10.0
 
 
 def load_models(settings: Settings) -> dict[str, Served]:
@@ -105,7 +111,8 @@ class Daemon:
             lambda node: f"{settings.topic_root}/nodes/{node}/control",
             self.admission,
         )
-        self.service = JobService(settings, models, self, find_meter())
+        fingerprints = {name: served.fingerprint for name, served in models.items()}
+        self.service = JobService(settings, models, self, find_meter(), AutoPolicy.load(settings, fingerprints))
         self.links = LinkTable()
         self.probe_port = 0
         self._link: MqttLink | None = None
@@ -114,7 +121,9 @@ class Daemon:
         self.stop = asyncio.Event()
         self._jobs: set[asyncio.Task[None]] = set()
         self._job_seq = 0
-        self._tg: TaskGroup | None = None
+        self._jobs_tg: TaskGroup | None = None
+        self.outbox = Outbox()
+        self.recent: Recent[Result] = Recent()
 
     # -- Distributor, for the job service ---------------------------------------------
     def peers_for(self, model: str, fingerprint: float) -> list[Peer]:
@@ -126,11 +135,16 @@ class Daemon:
         result = await self.groups.run(served, spec, inputs, peers)
         mine = result.traces[0]
         if mine.comm_s > 0 and mine.exchange_bytes_recv > 0:
-            # Bytes over time spent in collectives: a lower bound on the link (it includes waiting).
+            # Bytes over time spent in collectives: a lower bound on the link (it includes waiting
+            # for the slower rank), so it is reported beside the probes' figure, never mixed in.
             mbps = (mine.exchange_bytes_recv + mine.exchange_bytes_sent) * 8 / mine.comm_s / 1e6
             for peer in peers:
-                self.links.observe(peer.node, time.monotonic(), mbps=mbps, source="gloo")
+                self.links.observe_gloo(peer.node, time.monotonic(), mbps)
         return result
+
+    def link_report(self) -> dict[str, dict[str, Any]]:
+        """Per-peer link estimates (for the auto policy)."""
+        return self.links.report(time.monotonic())
 
     async def _publish(self, topic: str, payload: bytes) -> None:
         if self._link is None:
@@ -148,6 +162,27 @@ class Daemon:
             await self._serve()
 
     async def _serve(self) -> None:
+        """Connect, serve, reconnect. Jobs live in a task group of their own, so a lost
+        connection does not cancel them: their results wait in the outbox for the next one."""
+        failure: Exception | None = None
+        async with TaskGroup() as jobs:
+            self._jobs_tg = jobs
+            try:
+                await self._reconnecting()
+            except Exception as exc:  # noqa: BLE001 - raised again below, once the jobs are cancelled
+                failure = exc
+            finally:
+                self._jobs_tg = None
+                unfinished = [task for task in self._jobs if not task.done()]
+                if unfinished or self.outbox:
+                    log.warning("unanswered_at_stop", jobs_cancelled=len(unfinished), results_unsent=len(self.outbox))
+                for task in unfinished:
+                    task.cancel()
+        self.notifier.notify("STOPPING=1")
+        if failure is not None:
+            raise failure
+
+    async def _reconnecting(self) -> None:
         broker = self.settings.broker
         assert broker is not None
         attempt = 0
@@ -161,10 +196,11 @@ class Daemon:
                     raise
                 delay = backoff_s(attempt, self.settings.reconnect_min_s, self.settings.reconnect_max_s)
                 attempt += 1
-                log.warning("mqtt_reconnect", error=str(exc), in_s=round(delay, 3), attempt=attempt)
+                log.warning(
+                    "mqtt_reconnect", error=str(exc), in_s=round(delay, 3), attempt=attempt, jobs=len(self._jobs)
+                )
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self.stop.wait(), timeout=delay)
-        self.notifier.notify("STOPPING=1")
 
     async def _connected(self, host: str, port: int) -> None:
         will = (self.topics.status, b"offline")
@@ -178,24 +214,25 @@ class Daemon:
                 username=username,
                 password=password,
                 tls=tls_context(self.settings),
+                session_expiry_s=self.settings.session_expiry_s,
             )
             async with link_cm as link:
                 self._link = link
-                await link.subscribe(
-                    self.topics.shared_jobs,
-                    self.topics.my_jobs,
-                    self.topics.control,
-                    self.topics.all_health,
-                    self.topics.all_status,
-                )
+                await link.subscribe(self.topics.shared_jobs, self.topics.my_jobs, *self._watched)
                 await link.publish(self.topics.status, b"online", retain=True)
-                log.info("mqtt_connected", broker=f"{host}:{port}", node=self.settings.node_id)
+                log.info(
+                    "mqtt_connected",
+                    broker=f"{host}:{port}",
+                    node=self.settings.node_id,
+                    jobs=len(self._jobs),
+                    results_queued=len(self.outbox),
+                )
                 self.notifier.notify("READY=1")
                 async with TaskGroup() as tg:
-                    self._tg = tg
-                    intake = tg.create_task(self._intake(link, tg), name="intake")
+                    intake = tg.create_task(self._intake(link), name="intake")
                     stop = tg.create_task(self.stop.wait(), name="stop-signal")
                     background = [
+                        tg.create_task(self._send_results(link), name="results"),
                         tg.create_task(self._health(link), name="health"),
                         tg.create_task(self.groups.serve_control(), name="control"),
                         tg.create_task(self._probe_links(), name="link-probes"),
@@ -206,18 +243,23 @@ class Daemon:
                             task.cancel()
                         intake.result()
                     # Stop intake: leave the job topics first so nothing new lands here, then
-                    # finish what was admitted and say goodbye.
+                    # finish what was admitted, send the results and say goodbye. The session
+                    # outlives us: leave the other topics too, so the broker queues nothing for it.
                     await link.unsubscribe(self.topics.shared_jobs, self.topics.my_jobs)
                     intake.cancel()
                     await self._drain()
+                    self.service.auto.save_if_due(force=True)
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(self.outbox.flushed(), FLUSH_S)
+                    await link.unsubscribe(*self._watched)
                     await link.publish(self.topics.status, b"offline", retain=True)
                     for task in background:
                         task.cancel()
                 log.info("stopped", **self.service.stats)
         except BaseExceptionGroup as group:
-            transport = [e for e in group.exceptions if isinstance(e, TransportError)]
-            if transport:
-                raise transport[0] from group  # the connection is gone: the broker sends our Last Will
+            transport = transport_error(group)
+            if transport is not None:
+                raise transport from group  # the connection is gone: the broker sends our Last Will
             await self._say_offline()
             raise
         except Exception:
@@ -225,7 +267,11 @@ class Daemon:
             raise
         finally:
             self._link = None
-            self._tg = None
+
+    @property
+    def _watched(self) -> tuple[str, ...]:
+        """Every topic but the job topics: control, and every node's health and status."""
+        return (self.topics.control, self.topics.all_health, self.topics.all_status)
 
     async def _say_offline(self) -> None:
         """After a crash the client still disconnects cleanly, which cancels the Last Will: say it ourselves."""
@@ -240,7 +286,7 @@ class Daemon:
             for task in pending:
                 task.cancel()
 
-    async def _intake(self, link: MqttLink, tg: TaskGroup) -> None:
+    async def _intake(self, link: MqttLink) -> None:
         async for message in link.messages():
             topic = str(message.topic)
             if not topic.endswith("/jobs"):
@@ -252,24 +298,54 @@ class Daemon:
             if message.retain:  # a retained job would re-run on every (re)subscribe
                 log.warning("retained_job_ignored", topic=topic)
                 continue
+            payload = message.payload if isinstance(message.payload, bytes) else str(message.payload).encode()
+            route = reply_route(message)
+            key = job_key(payload)
+            if key in self.recent:  # redelivered (QoS 1 is at-least-once)
+                stored = self.recent.get(key)
+                log.info("duplicate_job", job=stored.id if stored else None, answered=stored is not None)
+                if stored is not None:
+                    self._queue_reply(payload, route, stored)
+                continue
+            self.recent.start(key)
             self._job_seq += 1
-            task = tg.create_task(self._answer(link, message), name=f"job-{self._job_seq}")
-            self._jobs.add(task)
-            task.add_done_callback(self._jobs.discard)
+            self._spawn(self._answer(payload, route, key), f"job-{self._job_seq}")
 
-    async def _answer(self, link: MqttLink, message: aiomqtt.Message) -> None:
-        payload = message.payload if isinstance(message.payload, bytes) else str(message.payload).encode()
-        result = await self.service.handle(payload)
-        response_topic, correlation = reply_route(message)
+    async def _answer(self, payload: bytes, route: tuple[str | None, bytes | None], key: bytes) -> None:
+        try:
+            result = await self.service.handle(payload)
+        except BaseException:
+            self.recent.forget(key)  # cancelled: a redelivery may run it
+            raise
+        self.recent.finish(key, result)
+        self._queue_reply(payload, route, result)
+
+    def _queue_reply(self, payload: bytes, route: tuple[str | None, bytes | None], result: Result) -> None:
+        """Encode ``result`` like the job (JSON or msgpack) for the outbox."""
+        response_topic, correlation = route
         topic = response_topic or (self.topics.result(result.id) if result.id else None)
         if topic is None:
-            log.warning("unanswerable_payload", topic=str(message.topic), head=payload[:80].decode(errors="replace"))
+            log.warning("unanswerable_payload", head=payload[:80].decode(errors="replace"))
             return
         as_msgpack = not payload.lstrip().startswith(b"{")
         try:
-            await link.publish(topic, result.encode(as_msgpack), correlation=correlation)
-        except TransportError as exc:
-            log.warning("reply_failed", job=result.id, error=str(exc))
+            encoded = result.encode(as_msgpack)
+        except Exception:  # a bug must cost one job its answer, not the daemon
+            log.exception("result_unencodable", job=result.id)
+            return
+        self.outbox.put(Reply(topic, encoded, correlation, result.id))
+
+    async def _send_results(self, link: MqttLink) -> None:
+        """Publish queued results in order; one stays queued until the broker acknowledged it."""
+        while True:
+            reply = await self.outbox.first()
+            try:
+                await link.publish(reply.topic, reply.payload, correlation=reply.correlation)
+            except TransportError as exc:
+                if not isinstance(exc.__cause__, ValueError):
+                    raise  # the connection is gone: the next one sends it
+                log.warning("reply_failed", job=reply.job, error=str(exc))
+            self.outbox.sent(reply)
 
     def _observe(self, topic: str, message: aiomqtt.Message) -> None:
         """Control for this node, and every node's health and status."""
@@ -299,6 +375,7 @@ class Daemon:
                 models={str(k): float(v) for k, v in json.loads(signed["fingerprints"]).items()},
                 version=str(health.get("version", "")),
                 load1=float(health["load"]["load1"] or 0.0),
+                cpus=max(1, int(health["load"].get("cpus") or 1)),
                 queue=int(health["load"]["queue"]),
                 probe_port=int(signed["probe_port"]),
             )
@@ -310,11 +387,11 @@ class Daemon:
         self.peers.seen(peer, time.monotonic())
 
     def _spawn(self, coro: Any, name: str) -> None:
-        """A short task owned by the connection's task group (dropped when there is none)."""
-        if self._tg is None:
+        """A job (or a short task) in the jobs' task group, which outlives connections."""
+        if self._jobs_tg is None:
             coro.close()
             return
-        task = self._tg.create_task(coro, name=name)
+        task = self._jobs_tg.create_task(coro, name=name)
         self._jobs.add(task)
         task.add_done_callback(self._jobs.discard)
 
@@ -363,6 +440,7 @@ class Daemon:
         while True:
             await link.publish(self.topics.health, json.dumps(self.health()).encode(), retain=True, qos=0)
             self.notifier.notify("WATCHDOG=1")
+            await asyncio.to_thread(self.service.auto.save_if_due)
             await asyncio.sleep(self.settings.health_interval_s)
 
 

@@ -54,6 +54,7 @@ class LinkEstimate:
     measured_s: float | None = None
     samples: int = 0
     source: str = ""
+    gloo_mbps: float | None = None
 
 
 @dataclass(slots=True)
@@ -74,10 +75,17 @@ class LinkTable:
         if rtt_ms is not None:
             link.rtt_ms = self._ewma(link.rtt_ms, rtt_ms)
         if mbps is not None:
-            link.mbps = self._ewma(link.mbps, mbps)
+            # A step change (a WiFi rate switch, a reshaped link) replaces the estimate at once.
+            stepped = link.mbps is not None and not 0.5 <= mbps / max(link.mbps, 1e-9) <= 2.0
+            link.mbps = mbps if stepped else self._ewma(link.mbps, mbps)
         link.measured_s = now_s
         link.samples += 1
         link.source = source
+
+    def observe_gloo(self, peer: str, now_s: float, mbps: float) -> None:
+        """Bytes over time of a GLOO job: a lower bound on the link, kept apart from the probes'."""
+        link = self.links.setdefault(peer, LinkEstimate())
+        link.gloo_mbps = self._ewma(link.gloo_mbps, mbps)
 
     def report(self, now_s: float) -> dict[str, dict[str, Any]]:
         """JSON view for health: per peer, RTT, bandwidth and age in seconds."""
@@ -86,6 +94,7 @@ class LinkTable:
                 "rtt_ms": None if link.rtt_ms is None else round(link.rtt_ms, 3),
                 "mbps": None if link.mbps is None else round(link.mbps, 1),
                 "age_s": None if link.measured_s is None else round(now_s - link.measured_s, 1),
+                "gloo_mbps": None if link.gloo_mbps is None else round(link.gloo_mbps, 1),
                 "samples": link.samples,
                 "source": link.source,
             }

@@ -21,6 +21,7 @@ class Peer:
     online: bool = True
     last_seen_s: float = 0.0
     load1: float = 0.0
+    cpus: int = 1
     queue: int = 0
     probe_port: int = 0
 

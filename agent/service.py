@@ -17,10 +17,12 @@ from typing import Any, Protocol
 
 import structlog
 
+from agent.autopolicy import AutoPolicy
 from agent.config import ModelSpec, Settings
 from agent.energy import CpuModelMeter, Meter
 from agent.engine_cmds import default_task
 from agent.jobinputs import to_output, to_tensors
+from agent.monitors import read_load
 from agent.peers import Peer
 from engine.adapters import Task, Tensors
 from engine.errors import BadRequest, PrismError
@@ -29,6 +31,7 @@ from engine.program import JobSpec, plan_job
 from engine.segments import Compression
 from engine.sim import run_local
 from engine.trace import RunResult
+from policy.decide import Decision, Request
 from transport.schema import Job, Mode, Result, WireError, parse_job
 
 log = structlog.get_logger("prism.service")
@@ -50,9 +53,11 @@ class Distributor(Protocol):
 
     async def run_distributed(self, served: Served, spec: JobSpec, inputs: Tensors, peers: list[Peer]) -> RunResult: ...
 
+    def link_report(self) -> dict[str, dict[str, Any]]: ...
 
-#: Interim rule for ``auto`` until the profiled policy lands: distribute from this batch
-#: size up when a peer is available (the Jetson paper's crossover was batch 8).
+
+#: Interim rule for ``auto`` when there is no usable performance map: distribute from this
+#: batch size up when a peer is available (the Jetson paper's crossover was batch 8).
 AUTO_MIN_BATCH = 8
 DEFAULT_CR = 8.0
 
@@ -72,6 +77,14 @@ def choose(job: Job, batch: int, peers: int) -> tuple[str, str]:
     return "local", f"auto: batch {batch} < {AUTO_MIN_BATCH}"
 
 
+def _interim(job: Job, batch: int, peers: list[Peer], why: str) -> Decision:
+    mode, reason = choose(job, batch, len(peers))
+    cr = (job.cr if job.cr_given else DEFAULT_CR) if mode == "distributed" else None
+    chosen = tuple(p.node for p in peers[: max(1, (job.ranks or 2) - 1)]) if mode == "distributed" else ()
+    option = "local" if mode == "local" else ("full" if cr is None else f"prism@{cr:g}")
+    return Decision(mode, cr, chosen, None, None, f"{reason}; {why}" if why else reason, option)
+
+
 class JobService:
     """Turns job payloads into results."""
 
@@ -81,10 +94,12 @@ class JobService:
         models: Mapping[str, Served],
         distributor: Distributor | None = None,
         meter: Meter | None = None,
+        auto: AutoPolicy | None = None,
     ) -> None:
         self.settings = settings
         self.models = dict(models)
         self.distributor = distributor
+        self.auto = auto or AutoPolicy(settings, {}, None, None)
         self.meter: Meter = meter or CpuModelMeter()
         self._pending = 0
         self._engine = asyncio.Lock()
@@ -125,6 +140,20 @@ class JobService:
         finally:
             self._pending -= 1
 
+    def _choose(self, job: Job, batch: int, seq: int, peers: list[Peer]) -> Decision:
+        """The map's decision when it can speak for this model, else the interim rule."""
+        hard = job.mode is Mode.LOCAL or job.ranks == 1
+        if not hard:
+            request = Request(
+                job.model, batch, seq, job.mode.value, job.cr, job.cr_given, job.ranks, self.settings.objective
+            )
+            links = self.distributor.link_report() if self.distributor else {}
+            load = read_load()
+            got = self.auto.decide(request, peers, links, float(load["load1"] or 0.0), int(load["cpus"] or 1))
+            if got is not None and (got.mode == "distributed" or job.mode is not Mode.DISTRIBUTED):
+                return got
+        return _interim(job, batch, peers, "" if hard else self.auto.why_not(job.model))
+
     async def _run(self, job: Job, start: float) -> Result:
         served = self.models.get(job.model)
         if served is None:
@@ -143,17 +172,18 @@ class JobService:
             return self._fail(job.id, exc.code, str(exc))
         peers = self.distributor.peers_for(job.model, served.fingerprint) if self.distributor else []
         batch = int(next(iter(tensors.values())).shape[0])
-        mode, reason = choose(job, batch, len(peers))
-        decision: dict[str, Any] = {"mode": mode, "reason": reason, "requested": job.mode.value}
+        seq = model.adapter.shapes(tensors).n_tokens
+        chosen = self._choose(job, batch, seq, peers)
+        mode, decision = chosen.mode, chosen.as_dict()
+        decision["requested"] = job.mode.value
         queued_s = time.monotonic() - start
         async with self._engine:
             engine_start = time.monotonic()
             metering = self.meter.start()
             result, used, cr, fallback = None, [], None, False
             if mode == "distributed" and self.distributor is not None:
-                want = (job.ranks or 2) - 1
-                used = peers[: max(1, want)]
-                cr = job.cr if job.cr_given else DEFAULT_CR
+                used = [p for p in peers if p.node in chosen.peers] or peers[: max(1, (job.ranks or 2) - 1)]
+                cr = chosen.cr
                 comp = Compression(cr=cr)
                 try:
                     spec = plan_job(model.adapter, job.model, task, tensors, ranks=len(used) + 1, comp=comp)
@@ -174,6 +204,8 @@ class JobService:
                     return self._fail(job.id, exc.code, str(exc))
             engine_s = time.monotonic() - engine_start
             energy = self.meter.stop(metering)
+        if not fallback and chosen.predicted_ms is not None:
+            self.auto.observe(chosen, engine_s * 1e3)
         output = to_output(task, result.outputs)
         self.stats["ok"] += 1
         total_s = time.monotonic() - start
@@ -183,6 +215,9 @@ class JobService:
             job=job.id,
             model=job.model,
             mode=mode,
+            option=decision.get("option"),
+            predicted_ms=decision.get("predicted_ms"),
+            reason=decision["reason"],
             peers=[p.node for p in used],
             ms=round(total_s * 1e3, 2),
             fallback=fallback,
@@ -203,6 +238,8 @@ class JobService:
                 "staging": t.staging_s * 1e3,
                 "overhead": t.overhead_s * 1e3,
                 "exchange_bytes": float(result.exchange_bytes),
+                "wire_bytes": float(result.wire_bytes),
+                "rounds": float(t.rounds),
             },
             decision=decision,
             fallback=fallback,
@@ -212,5 +249,6 @@ class JobService:
                 "per_sample_j": energy.joules / max(1, batch),
                 "source": energy.source,
                 "scope": "this node",
+                "group_cpu_s": sum(tr.cpu_s for tr in result.traces),
             },
         )

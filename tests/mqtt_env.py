@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -12,6 +13,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from agent.localcluster import free_port
 
@@ -24,24 +26,63 @@ def need(binary: str) -> str:
     return path
 
 
+class Mosquitto:
+    """One mosquitto process on a loopback port with a config that survives restarts."""
+
+    def __init__(self, port: int, conf: Path) -> None:
+        self.port = port
+        self.conf = conf
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        """Start it and wait until it listens."""
+        self.proc = subprocess.Popen(
+            [need("mosquitto"), "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        wait_port(self.port, self.proc)
+
+    def stop(self) -> None:
+        """SIGTERM (mosquitto saves its persistence file, if any, on the way out) and wait."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+    def restart(self) -> None:
+        """A graceful restart on the same port with the same config."""
+        self.stop()
+        self.start()
+
+
 @contextmanager
-def mosquitto(port: int | None = None, extra_conf: str = "") -> Iterator[int]:
-    """A broker on a loopback port (a free one by default); yields the port."""
+def mosquitto_process(port: int | None = None, extra_conf: str = "") -> Iterator[Mosquitto]:
+    """A broker on a loopback port (a free one by default), stopped after.
+
+    ``extra_conf`` lines come last, so they win: for persistence pass ``persistence true``,
+    ``persistence_location`` (a directory ending in ``/``) and ``autosave_interval``.
+    """
     port = port or free_port()
     with tempfile.TemporaryDirectory() as tmp:
         conf = Path(tmp) / "mosquitto.conf"
+        # As root, mosquitto drops to its own user, which cannot use our private temporary directories.
+        user = "user root\n" if os.geteuid() == 0 and "\nuser " not in f"\n{extra_conf}" else ""
         conf.write_text(
-            f"listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\npersistence false\n{extra_conf}"
+            f"listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\npersistence false\n{user}"
+            f"{extra_conf}"
         )
-        proc = subprocess.Popen(
-            [need("mosquitto"), "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
+        broker = Mosquitto(port, conf)
+        broker.start()
         try:
-            wait_port(port, proc)
-            yield port
+            yield broker
         finally:
-            proc.terminate()
-            proc.wait(timeout=10)
+            broker.stop()
+
+
+@contextmanager
+def mosquitto(port: int | None = None, extra_conf: str = "") -> Iterator[int]:
+    """A broker on a loopback port (a free one by default); yields the port."""
+    with mosquitto_process(port, extra_conf) as broker:
+        yield broker.port
 
 
 def wait_port(port: int, proc: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:
@@ -149,3 +190,30 @@ def agent(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def ask_node(port: int, cluster: str, node: str, jobs: list[dict[str, Any]], timeout_s: float = 90) -> dict[str, Any]:
+    """Publish ``jobs`` to ``node`` and return its results by job id (all must arrive)."""
+    waiter = sub(port, f"prism/v1/{cluster}/results/#", len(jobs))
+    time.sleep(0.3)
+    for job in jobs:
+        pub(port, f"prism/v1/{cluster}/nodes/{node}/jobs", json.dumps(job))
+    out, err = waiter.communicate(timeout=timeout_s)
+    results = [json.loads(line) for line in out.splitlines() if line.strip()]
+    assert len(results) == len(jobs), err
+    return {str(r["id"]): r for r in results}
+
+
+def wait_peer(port: int, cluster: str, node: str, peer: str, timeout_s: float = 30) -> None:
+    """Until ``node``'s health lists ``peer`` (discovered and admitted by its weights)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        out = subprocess.run(
+            ["mosquitto_sub", "-p", str(port), "-t", f"prism/v1/{cluster}/nodes/{node}/health", "-C", "1", "-W", "3"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout
+        if out and peer in json.loads(out).get("peers", []):
+            return
+    raise AssertionError(f"{node} never listed {peer} as a peer")

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.mqtt_env import agent, mosquitto, pub, sub
+from tests.mqtt_env import agent, ask_node, mosquitto, wait_peer
 
 pytestmark = [pytest.mark.mqtt, pytest.mark.gloo]
 
@@ -28,33 +28,11 @@ def pair() -> Iterator[tuple[int, subprocess.Popen[str], subprocess.Popen[str]]]
 
 
 def ask(port: int, node: str, jobs: list[dict[str, object]]) -> dict[str, dict[str, object]]:
-    waiter = sub(port, f"prism/v1/{CLUSTER}/results/#", len(jobs))
-    import time
-
-    time.sleep(0.3)
-    for job in jobs:
-        pub(port, f"prism/v1/{CLUSTER}/nodes/{node}/jobs", json.dumps(job))
-    out, err = waiter.communicate(timeout=90)
-    results = [json.loads(line) for line in out.splitlines() if line.strip()]
-    assert len(results) == len(jobs), err
-    return {str(r["id"]): r for r in results}
+    return ask_node(port, CLUSTER, node, jobs)
 
 
 def wait_for_peer(port: int, node: str, peer: str, timeout_s: float = 30) -> None:
-    """Until ``node``'s health lists ``peer`` (discovered over mDNS and admitted by its weights)."""
-    import time
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        out = subprocess.run(
-            ["mosquitto_sub", "-p", str(port), "-t", f"prism/v1/{CLUSTER}/nodes/{node}/health", "-C", "1", "-W", "3"],
-            capture_output=True,
-            text=True,
-            check=False,
-        ).stdout
-        if out and peer in json.loads(out).get("peers", []):
-            return
-    raise AssertionError(f"{node} never listed {peer} as a peer")
+    wait_peer(port, CLUSTER, node, peer, timeout_s)
 
 
 def test_agents_discover_each_other_and_split_jobs(

@@ -43,14 +43,29 @@ def test_load_without_a_gpu_or_proc(tmp_path: Path) -> None:
 def test_link_estimates_are_smoothed_and_aged() -> None:
     links = LinkTable(alpha=0.5)
     links.observe("b", 10.0, rtt_ms=2.0, mbps=100.0, source="probe")
-    links.observe("b", 12.0, rtt_ms=4.0, mbps=50.0, source="probe")
-    links.observe("b", 13.0, mbps=200.0, source="gloo")
+    links.observe("b", 12.0, rtt_ms=4.0, mbps=60.0, source="probe")
+    links.observe("b", 13.0, mbps=100.0, source="probe")
     report = links.report(now_s=15.0)["b"]
     assert report["rtt_ms"] == 3.0
-    assert report["mbps"] == 137.5
+    assert report["mbps"] == 90.0
     assert report["age_s"] == 2.0
     assert report["samples"] == 3
-    assert report["source"] == "gloo"
+
+
+def test_a_step_change_in_bandwidth_replaces_the_estimate_at_once() -> None:
+    links = LinkTable(alpha=0.3)
+    links.observe("b", 1.0, mbps=1000.0, source="probe")
+    links.observe("b", 2.0, mbps=20.0, source="probe")  # the link was throttled
+    assert links.report(now_s=2.0)["b"]["mbps"] == 20.0
+
+
+def test_gloo_throughput_is_reported_apart_and_never_moves_the_link_estimate() -> None:
+    links = LinkTable(alpha=0.5)
+    links.observe("b", 1.0, mbps=100.0, source="probe")
+    links.observe_gloo("b", 2.0, 5.0)  # mostly waiting for the other rank's compute
+    report = links.report(now_s=2.0)["b"]
+    assert report["mbps"] == 100.0
+    assert report["gloo_mbps"] == 5.0
 
 
 def test_probe_measures_rtt_and_bandwidth_on_loopback() -> None:

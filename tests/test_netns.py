@@ -4,109 +4,39 @@ a job split across hosts, and a peer SIGKILLed in the middle of a job."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.mqtt_env import REPO, need
-from tests.netns import Testbed, netns_unavailable
+from tests.netns import Testbed, require_netns
 
 pytestmark = [pytest.mark.netns, pytest.mark.mqtt, pytest.mark.gloo]
 CLUSTER = "nt"
 
 
 @pytest.fixture(scope="module")
-def bed() -> Iterator[tuple[Testbed, dict[str, subprocess.Popen[str]], dict[str, Path]]]:
-    reason = netns_unavailable()
-    if reason:
-        pytest.skip(f"namespace test bed unavailable: {reason}")
-    tb = Testbed(3).up()
-    procs: dict[str, subprocess.Popen[str]] = {}
-    logs: dict[str, Path] = {}
-    tmp = tempfile.TemporaryDirectory()
+def bed() -> Iterator[tuple[Testbed, dict[str, subprocess.Popen[bytes]], dict[str, Path]]]:
+    require_netns()
+    tb = Testbed(3, cluster=CLUSTER, models=["bert=bert-base"]).up()
     try:
-        conf = Path(tmp.name) / "mosquitto.conf"
-        conf.write_text(
-            f"listener 1883 {tb.address(0)}\nallow_anonymous true\nset_tcp_nodelay true\npersistence false\n"
-        )
-        procs["broker"] = subprocess.Popen(
-            tb.run(0, need("mosquitto"), "-c", str(conf)), stderr=subprocess.DEVNULL, text=True
-        )
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PRISM_HEALTH_INTERVAL_S": "0.5", "PRISM_GROUP_TIMEOUT_S": "20"}
-        for i, node in ((1, "h1"), (2, "h2")):
-            logs[node] = Path(tmp.name) / f"{node}.log"
-            procs[node] = subprocess.Popen(
-                tb.run(
-                    i,
-                    sys.executable,
-                    "-m",
-                    "agent",
-                    "run",
-                    "--broker",
-                    f"mqtt://{tb.address(0)}:1883",
-                    "--interface",
-                    "eth0",
-                    "--cluster",
-                    CLUSTER,
-                    "--node-id",
-                    node,
-                    "--model",
-                    "bert=bert-base",
-                    "--log-format",
-                    "json",
-                ),
-                cwd=REPO,
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=logs[node].open("w"),
-                text=True,
-            )
+        tb.start_broker()
+        for i in (1, 2):  # no agent on host 0: it only hosts the broker here
+            tb.start_agent(i, env={"PRISM_GROUP_TIMEOUT_S": "20"})
+        procs = {key: popen for key in ("broker", "h1", "h2") if (popen := tb.popen(key)) is not None}
+        logs = {node: Path(tb.procs[node].log) for node in ("h1", "h2")}
         wait_peer(tb, "h1", "h2")
         yield tb, procs, logs
     finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs.values():
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        tb.down()
-        tmp.cleanup()
+        tb.down(grace_s=5)
 
 
 def wait_peer(tb: Testbed, node: str, peer: str, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        out = subprocess.run(
-            tb.run(
-                0,
-                "mosquitto_sub",
-                "-h",
-                tb.address(0),
-                "-t",
-                f"prism/v1/{CLUSTER}/nodes/{node}/health",
-                "-C",
-                "1",
-                "-W",
-                "3",
-            ),
-            capture_output=True,
-            text=True,
-            check=False,
-        ).stdout
-        if out and peer in json.loads(out).get("peers", []):
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"{node} never listed {peer}")
+    with tb.watch(tb.topic(f"nodes/{node}/health")) as watch:
+        watch.wait_health(node, lambda health: peer in health.get("peers", []), timeout_s)
 
 
 def ask(tb: Testbed, job: dict[str, object], during: float | None = None, action: object = None) -> dict[str, object]:
@@ -167,7 +97,7 @@ def big_job(job_id: str) -> dict[str, object]:
 
 
 def test_discovery_over_multicast_and_a_job_across_hosts(
-    bed: tuple[Testbed, dict[str, subprocess.Popen[str]], dict[str, Path]],
+    bed: tuple[Testbed, dict[str, subprocess.Popen[bytes]], dict[str, Path]],
 ) -> None:
     tb, _, logs = bed
     log = logs["h1"].read_text()
@@ -183,7 +113,7 @@ def test_discovery_over_multicast_and_a_job_across_hosts(
 
 
 def test_a_peer_killed_mid_job_still_gets_the_job_answered(
-    bed: tuple[Testbed, dict[str, subprocess.Popen[str]], dict[str, Path]],
+    bed: tuple[Testbed, dict[str, subprocess.Popen[bytes]], dict[str, Path]],
 ) -> None:
     tb, procs, _ = bed
     warm = ask(tb, big_job("warm"))

@@ -3,11 +3,14 @@
 Topics live under ``prism/v1/{cluster}/`` (DESIGN.md §5.1). The link is an async context
 manager; the daemon re-enters a fresh one after a failure, with capped full-jitter
 backoff (:func:`backoff_s`), and re-subscribes and re-publishes its birth every time.
+With ``session_expiry_s`` the link asks for a persistent MQTT 5 session (clean start off):
+the broker keeps its subscriptions and queues QoS 1 messages for it while it is away.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import random
 import socket
 import ssl
@@ -19,11 +22,15 @@ from typing import Any
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from engine.errors import PrismError
 
 #: CONNACK reason codes that no retry will fix (MQTT 3: 4, 5; MQTT 5: 0x84-0x8C).
 AUTH_CODES = {4, 5, 134, 135, 138, 140}
+#: PUBACK reason code (MQTT 5): accepted, but no subscription matched, so nobody gets it.
+NO_SUBSCRIBERS = 16
+_LAST_MID: contextvars.ContextVar[int] = contextvars.ContextVar("prism_last_mid", default=-1)
 
 
 class TransportError(PrismError):
@@ -102,6 +109,31 @@ def _nodelay() -> list[tuple[int, int, int]]:
     return [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
 
 
+class _Client(aiomqtt.Client):
+    """aiomqtt's client, keeping what it drops: each PUBACK's reason code (by message id)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.puback_codes: dict[int, int] = {}
+        paho_publish = self._client.publish
+
+        def publish(*a: Any, **k: Any) -> Any:
+            info = paho_publish(*a, **k)
+            self.puback_codes.pop(info.mid, None)  # a reused id: forget a stale code
+            _LAST_MID.set(info.mid)  # the publishing task's own context: read after the await
+            return info
+
+        self._client.publish = publish  # type: ignore[method-assign]
+
+    def _on_publish(
+        self, client: Any, userdata: Any, mid: int, reason_code: ReasonCode, properties: Properties
+    ) -> None:
+        code = int(getattr(reason_code, "value", 0) or 0)
+        if code:
+            self.puback_codes[mid] = code
+        super()._on_publish(client, userdata, mid, reason_code, properties)
+
+
 class MqttLink:
     """A connected client for one node (async context manager)."""
 
@@ -116,9 +148,14 @@ class MqttLink:
         password: str | None = None,
         tls: ssl.SSLContext | None = None,
         timeout_s: float = 10.0,
+        session_expiry_s: int | None = None,
     ) -> None:
         will_msg = aiomqtt.Will(will[0], will[1], qos=1, retain=True) if will else None
-        self._client = aiomqtt.Client(
+        connect_props = None
+        if session_expiry_s is not None:
+            connect_props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            connect_props.SessionExpiryInterval = session_expiry_s
+        self._client = _Client(
             host,
             port,
             identifier=client_id,
@@ -130,6 +167,8 @@ class MqttLink:
             keepalive=30,
             socket_options=_nodelay(),
             tls_context=tls,
+            clean_start=session_expiry_s is None,
+            properties=connect_props,
         )
 
     async def __aenter__(self) -> MqttLink:
@@ -174,8 +213,12 @@ class MqttLink:
         qos: int = 1,
         response_topic: str | None = None,
         correlation: bytes | None = None,
-    ) -> None:
-        """Publish, with MQTT 5 response-topic and correlation properties when given."""
+    ) -> int:
+        """Publish, with MQTT 5 response-topic and correlation properties when given.
+
+        Returns the broker's PUBACK reason code (MQTT 5, QoS 1; else 0): ``NO_SUBSCRIBERS``
+        says the broker took the message but nobody will get it.
+        """
         props = None
         if response_topic or correlation:
             props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
@@ -187,14 +230,33 @@ class MqttLink:
             await self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
         except (aiomqtt.MqttError, ValueError) as exc:
             raise TransportError(f"publish to {topic} failed: {exc}") from exc
+        return self._client.puback_codes.pop(_LAST_MID.get(), 0)
 
     async def messages(self) -> AsyncIterator[aiomqtt.Message]:
-        """Incoming messages until the connection drops (then TransportError)."""
+        """Incoming messages until the connection drops (then TransportError).
+
+        Messages already read off the socket were acknowledged to the broker, which will not
+        send them again: they are handed out before the error.
+        """
         try:
             async for message in self._client.messages:
                 yield message
         except aiomqtt.MqttError as exc:
+            queue = self._client._queue  # aiomqtt would drop these with the client
+            while not queue.empty():
+                yield queue.get_nowait()
             raise TransportError(f"connection lost: {exc}") from exc
+
+
+def transport_error(exc: BaseException) -> TransportError | None:
+    """``exc`` itself or the first TransportError inside an exception group, if any."""
+    if isinstance(exc, TransportError):
+        return exc
+    for inner in getattr(exc, "exceptions", ()):
+        found = transport_error(inner)
+        if found is not None:
+            return found
+    return None
 
 
 def reply_route(message: aiomqtt.Message) -> tuple[str | None, bytes | None]:

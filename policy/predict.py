@@ -1,0 +1,157 @@
+"""Predictions from the performance map, for sizes and links it did not measure.
+
+A prediction starts from the measured cells of one option (model, mode, CR, ranks): the
+nearest sequence length, the nearest measured bandwidth, interpolated linearly over batch
+size. It then moves the link term to the target link:
+
+    ms(B) = ms(B0) + e * wire_bits * (1/B - 1/B0) + rounds * rtt/2
+
+(``e`` is the link efficiency fitted over cells measured at several bandwidths, 1 when there
+are none; loopback counts as B0 = infinity) and applies the option's online correction
+(observed / predicted, EWMA). Energy moves with the wait: every rank idles at ``idle_w`` for
+the extra link time.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+
+from policy.perfmap import Cell, PerfMap
+
+#: Corrections stay within these factors: one odd observation never hides an option.
+CORRECTION_RANGE = (0.25, 4.0)
+
+
+def option_key(model: str, mode: str, cr: float | None, ranks: int) -> str:
+    """The key corrections are kept under, e.g. ``vit-base/prism@9.9/2``."""
+    name = mode if mode != "prism" else f"prism@{cr:g}"
+    return f"{model}/{name}/{1 if mode == 'local' else ranks}"
+
+
+@dataclass(frozen=True, slots=True)
+class Estimate:
+    """Predicted cost of one option for one request."""
+
+    ms: float
+    compute_ms: float
+    link_ms: float
+    energy_j: float  # per sample
+    basis: str  # which cells it came from, for the reason text
+
+
+def _inv(mbps: float | None) -> float:
+    return 0.0 if mbps is None or math.isinf(mbps) else 1.0 / mbps
+
+
+def _link_ms(wire_bytes: float, mbps: float | None, efficiency: float) -> float:
+    """Milliseconds to push ``wire_bytes`` through ``mbps`` (0 for loopback)."""
+    return efficiency * wire_bytes * 8 * _inv(mbps) / 1e3
+
+
+def _same_cr(a: float | None, b: float | None) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and abs(a - b) < 1e-6)
+
+
+def _interp(cells: list[Cell], batch: int, attr: str) -> float:
+    """``attr`` at ``batch``: linear between measured batches, extended along the end segments."""
+    pts = sorted((c.batch, float(getattr(c, attr))) for c in cells)
+    if len(pts) == 1:
+        b0, v0 = pts[0]
+        return v0 * batch / b0
+    if batch <= pts[0][0]:
+        (b0, v0), (b1, v1) = pts[0], pts[1]
+    elif batch >= pts[-1][0]:
+        (b0, v0), (b1, v1) = pts[-2], pts[-1]
+    else:
+        i = next(i for i in range(1, len(pts)) if pts[i][0] >= batch)
+        (b0, v0), (b1, v1) = pts[i - 1], pts[i]
+    slope = max(0.0, (v1 - v0) / (b1 - b0))
+    value = v0 + slope * (batch - b0)
+    # Never below the per-sample cost of the smallest measured batch times this batch.
+    return max(value, pts[0][1] * batch / pts[0][0] if batch < pts[0][0] else 0.0)
+
+
+def _nearest(values: list[float | None], target: float | None) -> float | None:
+    def dist(v: float | None) -> float:
+        a = math.log(v) if v else 30.0  # loopback ~ e^30 Mbit/s
+        b = math.log(target) if target else 30.0
+        return abs(a - b)
+
+    return min(values, key=dist)
+
+
+def predict(
+    perf: PerfMap,
+    model: str,
+    batch: int,
+    seq: int,
+    mode: str,
+    cr: float | None,
+    ranks: int,
+    *,
+    mbps: float | None = None,
+    rtt_ms: float = 0.0,
+    idle_w: float = 0.0,
+) -> Estimate | None:
+    """Latency and energy of one option, or None when the map has no such option."""
+    cells = [
+        c
+        for c in perf.for_model(model)
+        if c.mode == mode and (mode == "local" or (c.ranks == ranks and _same_cr(c.cr, cr)))
+    ]
+    if not cells:
+        return None
+    seq0 = min({c.seq for c in cells}, key=lambda s: abs(math.log(s / max(seq, 1))))
+    cells = [c for c in cells if c.seq == seq0]
+    measured_at = _nearest(list({c.mbps for c in cells}), mbps) if mode != "local" else None
+    cells = [c for c in cells if c.mbps == measured_at]
+    scale = seq / seq0  # a rough correction for another length; profile the lengths you serve
+    ms = _interp(cells, batch, "median_ms") * scale
+    compute = _interp(cells, batch, "compute_ms") * scale
+    energy = _interp(cells, batch, "energy_j") * batch  # stored per sample
+    link = 0.0
+    if mode != "local":
+        wire = _interp(cells, batch, "wire_bytes") * scale
+        rounds = max(c.rounds for c in cells)
+        link = _link_ms(wire, mbps, perf.link_efficiency) - _link_ms(wire, measured_at, perf.link_efficiency)
+        link += rounds * rtt_ms / 2
+        ms = max(ms + link, compute)
+        energy += idle_w * ranks * link / 1e3
+    correction = perf.corrections.get(option_key(model, mode, cr, ranks), 1.0)
+    where = "loopback" if measured_at is None else f"{measured_at:g} Mbit/s"
+    basis = f"{len(cells)} cell(s) at seq {seq0}" + ("" if mode == "local" else f", {where}")
+    return Estimate(ms * correction, compute * correction, link, max(0.0, energy / batch), basis)
+
+
+def fit_link_efficiency(perf: PerfMap) -> float:
+    """Least-squares ``e`` in  ms(B) - ms(B_fast) = e * bits * (1/B - 1/B_fast)  over every
+    option measured at more than one bandwidth; 1.0 when there is nothing to fit."""
+    groups: dict[tuple[object, ...], list[Cell]] = defaultdict(list)
+    for c in perf.cells:
+        if c.mode != "local":
+            groups[(c.model, c.batch, c.seq, c.mode, c.cr, c.ranks)].append(c)
+    sxy = sxx = 0.0
+    for cells in groups.values():
+        fast = min(cells, key=lambda c: _inv(c.mbps))
+        for c in cells:
+            x = c.wire_bytes * 8 * (_inv(c.mbps) - _inv(fast.mbps)) / 1e3
+            if x > 0:
+                sxy += x * (c.median_ms - fast.median_ms)
+                sxx += x * x
+    if sxx == 0:
+        return 1.0
+    return min(5.0, max(0.5, sxy / sxx))
+
+
+def refine(perf: PerfMap, key: str, predicted_ms: float, observed_ms: float, alpha: float = 0.2) -> float:
+    """Fold one observation into the option's correction (EWMA of observed/predicted)."""
+    if predicted_ms <= 0 or observed_ms <= 0 or not math.isfinite(observed_ms):
+        return perf.corrections.get(key, 1.0)
+    old = perf.corrections.get(key, 1.0)
+    ratio = observed_ms / (predicted_ms / old)  # the prediction already carried the old factor
+    low, high = CORRECTION_RANGE
+    new = min(high, max(low, (1 - alpha) * old + alpha * ratio))
+    perf.corrections[key] = new
+    return new

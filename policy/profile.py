@@ -1,0 +1,205 @@
+"""The offline profiler: timed passes of every option over a grid, into a :class:`PerfMap`.
+
+Without peers it runs the ranks as local processes joined by a real GLOO group on loopback
+(one torch thread each, as ``bench engine`` does), so one box can profile itself; the link
+model then carries the cells to real links. Warm-up passes are not timed. Energy comes from
+the box's meter (which covers every rank, all being on this box) or, without a sensor, from
+the CPU-time model over every rank's process plus ``idle_w`` per rank while it waits.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+import torch
+
+from agent.energy import CpuModelMeter, Meter, find_meter
+from agent.engine_cmds import default_task
+from agent.localcluster import ClusterConfig, LocalCluster
+from engine.adapters import Task, Tensors
+from engine.inputs import make_inputs
+from engine.models import LoadedModel, fingerprint, load
+from engine.program import plan_job
+from engine.segments import Compression
+from engine.sim import run_local
+from engine.trace import RunResult
+from policy.perfmap import Cell, PerfMap, hardware_fingerprint
+from policy.predict import fit_link_efficiency
+
+
+@dataclass(frozen=True, slots=True)
+class Grid:
+    """What to measure: batches x options, ``repeat`` timed passes each after ``warmup``."""
+
+    model: str
+    ranks: int = 2
+    batches: tuple[int, ...] = (1, 2, 4, 8, 16)
+    crs: tuple[float | None, ...] = (None, 2.0, 4.0, 8.0, 16.0)  # None: full exchange
+    seq: int | None = None
+    repeat: int = 6
+    warmup: int = 1
+    idle_w: float = 0.0
+
+    @property
+    def cells(self) -> int:
+        """Options measured per batch size: local plus one per CR."""
+        return len(self.batches) * (1 + len(self.crs))
+
+    @property
+    def passes(self) -> int:
+        """Timed passes in all."""
+        return self.cells * self.repeat
+
+
+@dataclass(slots=True)
+class Progress:
+    """A progress bar with ETA on a terminal, a line per tenth elsewhere."""
+
+    total: int
+    out: TextIO = field(default_factory=lambda: sys.stderr)
+    done: int = 0
+    start: float = field(default_factory=time.monotonic)
+    _shown: int = -1
+
+    def step(self, label: str) -> None:
+        self.done += 1
+        elapsed = time.monotonic() - self.start
+        eta = elapsed / self.done * (self.total - self.done)
+        line = f"{self.done}/{self.total} passes, {elapsed:.0f} s, ETA {eta:.0f} s ({label})"
+        if self.out.isatty():
+            filled = int(30 * self.done / self.total)
+            self.out.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {line}   ")
+            if self.done == self.total:
+                self.out.write("\n")
+        elif (tenth := 10 * self.done // self.total) != self._shown:
+            self._shown = tenth
+            self.out.write(f"profile: {line}\n")
+        self.out.flush()
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (0 when it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+class _Energy:
+    """Joules of one pass over all ranks (see the module docstring)."""
+
+    def __init__(self, meter: Meter, pids: list[int], idle_w: float) -> None:
+        self.meter, self.pids, self.idle_w = meter, pids, idle_w
+
+    @property
+    def source(self) -> str:
+        return self.meter.source
+
+    def measure(self, fn: Callable[[], RunResult], ranks: int) -> tuple[float, float, RunResult]:
+        """(seconds, joules, result) of one call."""
+        others = [_cpu_s(p) for p in self.pids]
+        token = self.meter.start()
+        start = time.perf_counter()
+        result = fn()
+        seconds = time.perf_counter() - start
+        joules = self.meter.stop(token).joules
+        if isinstance(self.meter, CpuModelMeter):
+            cpu = sum(_cpu_s(p) - b for p, b in zip(self.pids, others, strict=True))
+            joules += cpu * self.meter.watts_per_core
+            busy = sum(t.compute_s + t.staging_s for t in result.traces) or seconds
+            joules += self.idle_w * max(0.0, ranks * seconds - busy)
+        return seconds, joules, result
+
+
+def _cell(
+    model: str,
+    batch: int,
+    seq: int,
+    mode: str,
+    cr: float | None,
+    ranks: int,
+    runs: list[tuple[float, float, RunResult]],
+) -> Cell:
+    runs = sorted(runs, key=lambda r: r[0])
+    secs = [r[0] for r in runs]
+    mid = runs[len(runs) // 2][2]
+    t = mid.traces[0]
+    return Cell(
+        model=model,
+        batch=batch,
+        seq=seq,
+        mode=mode,
+        cr=cr,
+        ranks=ranks,
+        median_ms=statistics.median(secs) * 1e3,
+        p90_ms=secs[min(len(secs) - 1, int(0.9 * len(secs)))] * 1e3,
+        samples=len(secs),
+        compute_ms=t.compute_s * 1e3 if mode != "local" else statistics.median(secs) * 1e3,
+        comm_ms=t.comm_s * 1e3,
+        staging_ms=t.staging_s * 1e3,
+        overhead_ms=t.overhead_s * 1e3,
+        wire_bytes=mid.wire_bytes,
+        rounds=t.rounds,
+        energy_j=statistics.median(r[1] for r in runs) / batch,
+        mbps=None,
+    )
+
+
+def _passes(
+    fn: Callable[[], tuple[float, float, RunResult]], grid: Grid, progress: Progress, label: str
+) -> Iterator[tuple[float, float, RunResult]]:
+    for _ in range(grid.warmup):
+        fn()
+    for _ in range(grid.repeat):
+        yield fn()
+        progress.step(label)
+
+
+def _runner(
+    model: LoadedModel, task: Task, inputs: Tensors, cluster: LocalCluster | None, ranks: int, cr: float | None
+) -> Callable[[], RunResult]:
+    """One pass: local when there is no cluster, else split over ``ranks`` GLOO processes."""
+    if cluster is None:
+        return lambda: run_local(model.adapter, task, inputs)
+    spec = plan_job(model.adapter, model.name, task, inputs, ranks=ranks, comp=Compression(cr=cr))
+    return lambda: cluster.run(model, spec, inputs)
+
+
+def profile_loopback(grid: Grid, progress: Progress | None = None) -> PerfMap:
+    """Measure ``grid`` on this box: local passes here, distributed ones over a GLOO group of
+    ``grid.ranks`` local processes on loopback."""
+    torch.set_num_threads(1)
+    progress = progress or Progress(grid.passes)
+    model: LoadedModel = load(grid.model)
+    task = default_task(model)
+    meter = find_meter()
+    perf = PerfMap(
+        hardware=hardware_fingerprint(threads=1),
+        models={grid.model: fingerprint(model.adapter)},
+        energy_source=meter.source
+        if grid.idle_w == 0 or meter.source != "cpu-model"
+        else f"cpu-model+idle {grid.idle_w:g} W",
+    )
+    with LocalCluster(ClusterConfig(ranks=grid.ranks, threads=1)) as cluster:
+        cluster.prepare(model)
+        energy = _Energy(meter, cluster.worker_pids, grid.idle_w)
+        progress.start = time.monotonic()  # the ETA counts passes, not model loading
+        for batch in grid.batches:
+            inputs = make_inputs(model, batch, grid.seq, 0)
+            seq = model.adapter.shapes(inputs).n_tokens
+            for mode, cr in [("local", None), *(("full" if c is None else "prism", c) for c in grid.crs)]:
+                label = f"batch {batch} {mode}" + ("" if cr is None else f"@{cr:g}")
+                ranks = 1 if mode == "local" else grid.ranks
+                run = _runner(model, task, inputs, cluster if ranks > 1 else None, ranks, cr)
+                runs = list(_passes(lambda run=run, ranks=ranks: energy.measure(run, ranks), grid, progress, label))  # type: ignore[misc]
+                perf.cells.append(_cell(grid.model, batch, seq, mode, cr, ranks, runs))
+    perf.link_efficiency = fit_link_efficiency(perf)
+    return perf

@@ -1,0 +1,289 @@
+"""The policy benchmark and the Jetson paper's experiment, on a namespace test bed (root).
+
+Hosts are network namespaces on a bridge, each with a real agent (one torch thread); host 0
+also runs mosquitto and holds the performance map. For every link rate (``tc tbf`` on every
+host's uplink) and batch size, host 0 gets the same job in every mode — local, full exchange,
+PRISM at each CR, and auto — one after another, and the agent's own end-to-end latency is
+recorded (receipt to reply; jobs are sent one at a time, so nothing queues).
+
+    python scripts/bench_policy.py --model vit-base --bandwidths 10,20,50,100,200,0 \\
+        --out runs/policy/vit-base
+
+writes ``vit-base.csv`` (every job), ``vit-base.md`` (the tables) and ``vit-base.png``.
+A rate of 0 means unshaped. The map is profiled first (``prism-agent profile`` on loopback)
+unless ``--map`` names one. Energy is a model, labelled as such: each rank's CPU seconds x
+``--core-watts`` plus ``--base-watts`` per device for the job's wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import csv
+import io
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from agent.testbed import Testbed  # noqa: E402
+
+
+def image_b64(seed: int) -> str:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)  # coarse noise: a few kB as PNG, so batches fit the payload limit
+    small = Image.fromarray(rng.integers(0, 255, (28, 28, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    small.resize((224, 224), Image.NEAREST).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def inputs_for(model: str, batch: int, seq: int) -> dict[str, Any]:
+    if "vit" in model:
+        return {"image": [image_b64(i) for i in range(batch)]}
+    return {"token_ids": [[101, *[110 + (i * 7 + k) % 800 for k in range(seq - 2)], 102] for i in range(batch)]}
+
+
+def option_fields(option: str, ranks: int) -> dict[str, Any]:
+    if option == "local":
+        return {"mode": "local"}
+    if option == "auto":
+        return {"mode": "auto"}
+    extra = {"ranks": ranks} if ranks > 2 else {}
+    if option == "full":
+        return {"mode": "distributed", "cr": "full", **extra}
+    return {"mode": "distributed", "cr": float(option.split("@")[1]), **extra}
+
+
+def profile(args: argparse.Namespace, path: Path) -> None:
+    crs = ",".join(["full", *args.crs.split(",")])
+    cmd = [sys.executable, "-m", "agent", "profile", "--model", args.model, "--batches", args.batches]
+    cmd += ["--crs", crs, "--out", str(path), "--repeat", str(args.profile_repeat)]
+    if args.seq:
+        cmd += ["--seq", str(args.seq)]
+    print("profiling:", " ".join(cmd[1:]), file=sys.stderr)
+    subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+
+
+def shape_all(bed: Testbed, mbps: float) -> None:
+    for i in range(bed.hosts):
+        if mbps:
+            bed.shape(i, f"{mbps:g}mbit")
+        else:
+            bed.unshape(i)
+
+
+def wait_link(bed: Testbed, mbps: float, hosts: int) -> float:
+    """Until host 0's probes see the new rate to every peer; returns what they see."""
+    peers = [f"h{i}" for i in range(1, hosts)]
+
+    def settled(h: dict[str, Any]) -> bool:
+        links = h.get("links", {})
+        seen = [links.get(p, {}).get("mbps") for p in peers]
+        if any(s is None for s in seen):
+            return False
+        return all((0.6 * mbps <= s <= 1.3 * mbps) if mbps else s > 1500 for s in seen)
+
+    with bed.watch(bed.topic("nodes/h0/health")) as w:
+        got = w.wait_health("h0", settled, timeout_s=90, after=time.monotonic())
+    return float(min(got["links"][p]["mbps"] for p in peers))
+
+
+def run_job(bed: Testbed, job: dict[str, Any]) -> dict[str, Any]:
+    with bed.watch(bed.topic(f"results/{job['id']}")) as w:
+        time.sleep(0.05)
+        bed.pub(bed.topic("nodes/h0/jobs"), json.dumps(job))
+        result = w.result(job["id"], timeout_s=900)
+    if not result.get("ok"):
+        raise RuntimeError(f"job {job['id']} failed: {result.get('error')}")
+    return result
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="vit-base")
+    p.add_argument("--seq", type=int, default=None, help="text models: tokens per sample")
+    p.add_argument("--hosts", type=int, default=2)
+    p.add_argument("--bandwidths", default="10,20,50,100,200,0", help="Mbit/s; 0 = unshaped")
+    p.add_argument("--batches", default="1,2,4,8,16")
+    p.add_argument("--crs", default="3.3,4.95,9.9")
+    p.add_argument("--no-auto", dest="auto", action="store_false", help="fixed options only")
+    p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--profile-repeat", type=int, default=3)
+    p.add_argument("--map", type=Path, default=None, help="use this map instead of profiling")
+    p.add_argument("--core-watts", type=float, default=4.0)
+    p.add_argument("--base-watts", type=float, default=2.0)
+    p.add_argument("--out", type=Path, required=True, help="output prefix (.csv, .md, .png)")
+    args = p.parse_args()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    map_path = args.map or args.out.with_suffix(".map.json")
+    if args.map is None and args.auto:
+        profile(args, map_path)
+    options = ["local", "full", *(f"prism@{c}" for c in args.crs.split(",")), *(["auto"] if args.auto else [])]
+    batches = [int(b) for b in args.batches.split(",")]
+    rates = [float(b) for b in args.bandwidths.split(",")]
+    seq = args.seq or 197
+    rows: list[dict[str, Any]] = []
+    bed = Testbed(args.hosts, models=[f"{args.model}={args.model}"], cluster="bench")
+    env = {"PRISM_PROBE_INTERVAL_S": "2", "PRISM_HEALTH_INTERVAL_S": "1", "PRISM_GROUP_TIMEOUT_S": "600"}
+    with bed:
+        bed.start_broker()
+        for i in range(args.hosts):
+            extra = {"PRISM_MAP_FILE": str(map_path.resolve())} if i == 0 and args.auto else {}
+            bed.start_agent(i, env={**env, **extra, "PRISM_MAX_CR": "10"})
+        bed.wait_cluster([f"h{i}" for i in range(args.hosts)])
+        for option in options:  # warm-up: model caches, the GLOO group
+            run_job(
+                bed,
+                {
+                    "id": f"warm-{option}".replace("@", "_"),
+                    "model": args.model,
+                    "inputs": inputs_for(args.model, 1, seq),
+                    **option_fields(option, args.hosts),
+                },
+            )
+        for mbps in rates:
+            shape_all(bed, mbps)
+            seen = wait_link(bed, mbps, args.hosts)
+            print(f"link {mbps or 'unshaped'} Mbit/s: probes see {seen:.0f}", file=sys.stderr)
+            for batch in batches:
+                inputs = inputs_for(args.model, batch, seq)
+                for rep in range(args.repeat):
+                    for option in options:
+                        job_id = f"b{batch}-{option}-{int(mbps)}-{rep}".replace("@", "_").replace(".", "_")
+                        job = {"id": job_id, "model": args.model, "inputs": inputs, **option_fields(option, args.hosts)}
+                        r = run_job(bed, job)
+                        ranks = 1 + len(r.get("peers") or [])
+                        total_ms = r["latency_ms"]["total"]
+                        joules = r["energy"]["group_cpu_s"] * args.core_watts + args.base_watts * ranks * total_ms / 1e3
+                        rows.append(
+                            {
+                                "model": args.model,
+                                "hosts": args.hosts,
+                                "mbps": mbps,
+                                "probe_mbps": round(seen, 1),
+                                "batch": batch,
+                                "option": option,
+                                "repeat": rep,
+                                "ms": round(total_ms, 2),
+                                "ms_per_sample": round(total_ms / batch, 2),
+                                "engine_ms": round(r["latency_ms"]["engine"], 2),
+                                "comm_ms": round(r["latency_ms"]["comm"], 2),
+                                "wire_bytes": r["latency_ms"].get("wire_bytes"),
+                                "j_per_sample": round(joules / batch, 4),
+                                "ran": r["mode"],
+                                "chose": r["decision"].get("option"),
+                                "predicted_ms": r["decision"].get("predicted_ms"),
+                                "fallback": r.get("fallback", False),
+                            }
+                        )
+                        print(json.dumps(rows[-1]), file=sys.stderr)
+    write_outputs(args, rows, options, batches, rates)
+    return 0
+
+
+def name(mbps: float) -> str:
+    return "unshaped" if not mbps else f"{mbps:g}"
+
+
+def write_outputs(
+    args: argparse.Namespace, rows: list[dict[str, Any]], options: list[str], batches: list[int], rates: list[float]
+) -> None:
+    with args.out.with_suffix(".csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    cell: dict[tuple[float, int, str], float] = {}
+    energy: dict[tuple[float, int, str], float] = {}
+    chose: dict[tuple[float, int], str] = {}
+    grouped: dict[tuple[float, int, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        grouped[(r["mbps"], r["batch"], r["option"])].append(r)
+    for key, rs in grouped.items():
+        cell[key] = statistics.median(r["ms_per_sample"] for r in rs)
+        energy[key] = statistics.median(r["j_per_sample"] for r in rs)
+        if key[2] == "auto":
+            chose[key[:2]] = rs[0]["chose"]
+    fixed = [o for o in options if o != "auto"]
+    md = [f"### {args.model}, {args.hosts} hosts: per-sample latency (ms) by link (Mbit/s) and batch", ""]
+    md.append("| link | batch | " + " | ".join(options) + " | best fixed | auto chose | auto regret |")
+    md.append("|---" * (len(options) + 5) + "|")
+    regrets = []
+    for mbps in rates:
+        for b in batches:
+            vals = {o: cell[(mbps, b, o)] for o in options}
+            best = min(fixed, key=lambda o: vals[o])
+            line = f"| {name(mbps)} | {b} | " + " | ".join(f"{vals[o]:.0f}" for o in options)
+            if "auto" in vals:
+                regret = vals["auto"] / vals[best] - 1
+                regrets.append(regret)
+                line += f" | {best} | {chose.get((mbps, b))} | {regret * 100:+.1f} % |"
+            else:
+                line += f" | {best} | - | - |"
+            md.append(line)
+    if regrets:
+        mean, worst = statistics.mean(regrets) * 100, max(regrets) * 100
+        md += [
+            "",
+            f"auto regret vs the best fixed option: mean {mean:+.1f} %, worst {worst:+.1f} % over {len(regrets)} cells",
+        ]
+    md += ["", "PRISM (best CR) vs full exchange, per-sample latency and modelled energy, mean over batches:", ""]
+    md.append("| link | latency reduction | energy reduction | crossover batch (split beats local) |")
+    md.append("|---|---|---|---|")
+    prisms = [o for o in fixed if o.startswith("prism")]
+    for mbps in rates:
+        lat = [1 - min(cell[(mbps, b, o)] for o in prisms) / cell[(mbps, b, "full")] for b in batches]
+        en = [1 - min(energy[(mbps, b, o)] for o in prisms) / energy[(mbps, b, "full")] for b in batches]
+        split = [
+            b for b in batches if min(cell[(mbps, b, o)] for o in fixed if o != "local") < cell[(mbps, b, "local")]
+        ]
+        md.append(
+            f"| {name(mbps)} | {statistics.mean(lat) * 100:.0f} % | {statistics.mean(en) * 100:.0f} % | "
+            f"{min(split) if split else 'never'} |"
+        )
+    args.out.with_suffix(".md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    plot(args, cell, options, batches, rates)
+
+
+def plot(
+    args: argparse.Namespace,
+    cell: dict[tuple[float, int, str], float],
+    options: list[str],
+    batches: list[int],
+    rates: list[float],
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(batches), figsize=(3.2 * len(batches), 3.4), sharey=True)
+    xs = list(range(len(rates)))
+    for ax, b in zip(axes, batches, strict=True):
+        for o in options:
+            style = {"linewidth": 2.5, "color": "black", "linestyle": "--"} if o == "auto" else {}
+            ax.plot(xs, [cell[(m, b, o)] for m in rates], marker="o", label=o, **style)
+        ax.set_xticks(xs, ["unshaped" if not m else f"{m:g}" for m in rates], rotation=45)
+        ax.set_title(f"batch {b}")
+        ax.set_xlabel("link (Mbit/s)")
+        ax.set_yscale("log")
+    axes[0].set_ylabel("ms per sample")
+    axes[-1].legend(fontsize=7)
+    fig.suptitle(f"{args.model}, {args.hosts} hosts: per-sample latency by mode, link and batch")
+    fig.tight_layout()
+    fig.savefig(args.out.with_suffix(".png"), dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+#!/usr/bin/env python3
+"""Soak the daemon on a 3-host test bed (root): a steady job stream to h0 while peer h1 flaps.
+
+    python scripts/soak.py [--minutes 10] [--rate 2] [--flap-s 30]
+
+h0 (with the broker) takes every job, half of them asking for a distributed run; every
+``--flap-s`` seconds h1 is SIGKILLed and restarted, or its link is cut and restored,
+alternately. At the end it reports lost jobs (published, never answered: must be 0) and
+h0's RSS growth from the end of the warm-up to the end (must stay under 5 %), and exits 1
+when either fails. Not part of the default test run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from agent.testbed import REPO, Testbed, bed_with_agents, netns_unavailable, rss_kib
+
+WARMUP_S = 30.0
+
+
+def flap(bed: Testbed, n: int, cut_s: float) -> str:
+    """One flap of h1: kill and restart (even n) or cut and restore its link (odd n)."""
+    if n % 2 == 0:
+        bed.stop("h1", signal.SIGKILL)
+        bed.start_agent(1)
+        return "killed and restarted"
+    bed.cut(1)
+    time.sleep(cut_s)
+    bed.restore(1)
+    return f"link cut for {cut_s:.0f} s"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--minutes", type=float, default=10.0)
+    p.add_argument("--rate", type=float, default=2.0, help="jobs per second")
+    p.add_argument("--flap-s", type=float, default=30.0, help="seconds between flaps of h1")
+    p.add_argument("--cut-s", type=float, default=5.0, help="how long a link cut lasts")
+    p.add_argument("--rss-limit", type=float, default=5.0, help="allowed RSS growth of h0, percent")
+    ns = p.parse_args(argv)
+    reason = netns_unavailable()
+    if reason:
+        print(f"soak: test bed unavailable: {reason}", file=sys.stderr)
+        return 2
+    duration = ns.minutes * 60
+    with bed_with_agents(3, cluster="soak") as bed:
+        pid = bed.procs["h0"].pid
+        stream_cmd = [sys.executable, "-m", "agent.testbed", "stream", "--host", bed.address(0)]
+        stream_cmd += ["--cluster", bed.cluster, "--node", "h0", "--rate", str(ns.rate), "--duration", str(duration)]
+        out_path = bed.workdir / "stream.json"
+        with out_path.open("wb") as out:
+            client = subprocess.Popen(bed.run(0, *stream_cmd), cwd=REPO, stdout=out)
+        start = time.monotonic()
+        print(f"soak: {ns.minutes:g} min, {ns.rate:g} jobs/s to h0, h1 flaps every {ns.flap_s:g} s", flush=True)
+        time.sleep(WARMUP_S)
+        rss_start = rss_kib(pid)
+        flaps = 0
+        while time.monotonic() - start < duration - ns.flap_s and client.poll() is None:
+            time.sleep(max(0.0, start + WARMUP_S + (flaps + 1) * ns.flap_s - time.monotonic()))
+            what = flap(bed, flaps, ns.cut_s)
+            flaps += 1
+            print(f"  {time.monotonic() - start:6.0f} s  h1 {what}; h0 RSS {rss_kib(pid) / 1024:.0f} MiB", flush=True)
+        client.wait(timeout=duration + 300)
+        rss_end = rss_kib(pid)
+        summary = json.loads(out_path.read_text())
+        alive = bed.alive("h0")
+    growth = 100.0 * (rss_end - rss_start) / rss_start
+    lost = summary["lost"]
+    print(
+        f"soak: {summary['sent']} jobs, {summary['answered']} answered, {len(lost)} lost; results {summary['codes']}; "
+        f"{summary['distributed']} distributed, {summary['fallback']} fell back; latency p50 {summary['p50_s']:.3f} s, "
+        f"max {summary['max_s']:.1f} s; {flaps} flaps of h1"
+    )
+    print(
+        f"soak: h0 RSS {rss_start / 1024:.1f} -> {rss_end / 1024:.1f} MiB ({growth:+.2f} %, limit {ns.rss_limit:g} %)"
+    )
+    failed = []
+    if lost:
+        failed.append(f"{len(lost)} jobs lost (first: {lost[:5]})")
+    if growth >= ns.rss_limit:
+        failed.append(f"RSS grew {growth:.2f} %")
+    if not alive:
+        failed.append("h0 died")
+    print("soak: FAIL: " + "; ".join(failed) if failed else "soak: OK")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
