@@ -68,6 +68,7 @@ class Option:
     peers: tuple[str, ...]
     ms: float
     energy_j: float
+    mbps: float | None = None  # the link it was predicted for
 
     @property
     def name(self) -> str:
@@ -141,7 +142,8 @@ def _options(req: Request, perf: PerfMap, peers: list[PeerLink], local_factor: f
                 perf, req.model, req.batch, req.seq, mode, cr, ranks, mbps=mbps, rtt_ms=rtt, idle_w=policy.idle_w
             )
             if est is not None:
-                options.append(Option(mode, cr, tuple(p.node for p in chosen), _loaded(est, factor), est.energy_j))
+                peers_used = tuple(p.node for p in chosen)
+                options.append(Option(mode, cr, peers_used, _loaded(est, factor), est.energy_j, mbps))
     return options
 
 
@@ -186,6 +188,6 @@ def decide(
         predicted_j=best.energy_j,
         reason=reason,
         option=best.name,
-        key=option_key(req.model, best.mode, best.cr, ranks),
+        key=option_key(req.model, best.mode, best.cr, ranks, best.mbps),
         options=tuple(options),
     )

@@ -24,10 +24,14 @@ from policy.perfmap import Cell, PerfMap
 CORRECTION_RANGE = (0.25, 4.0)
 
 
-def option_key(model: str, mode: str, cr: float | None, ranks: int) -> str:
-    """The key corrections are kept under, e.g. ``vit-base/prism@9.9/2``."""
+def option_key(model: str, mode: str, cr: float | None, ranks: int, mbps: float | None = None) -> str:
+    """The key corrections are kept under, e.g. ``vit-base/prism@9.9/2/64``: split options per
+    link band (powers of two in Mbit/s), since what the link model gets wrong depends on the link."""
     name = mode if mode != "prism" else f"prism@{cr:g}"
-    return f"{model}/{name}/{1 if mode == 'local' else ranks}"
+    if mode == "local":
+        return f"{model}/{name}/1"
+    band = "lo" if mbps is None or math.isinf(mbps) or mbps > 4096 else str(2 ** round(math.log2(max(mbps, 1.0))))
+    return f"{model}/{name}/{ranks}/{band}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +123,7 @@ def predict(
         link += rounds * rtt_ms / 2
         ms = max(ms + link, compute)
         energy += idle_w * ranks * link / 1e3
-    correction = perf.corrections.get(option_key(model, mode, cr, ranks), 1.0)
+    correction = perf.corrections.get(option_key(model, mode, cr, ranks, mbps), 1.0)
     where = "loopback" if measured_at is None else f"{measured_at:g} Mbit/s"
     basis = f"{len(cells)} cell(s) at seq {seq0}" + ("" if mode == "local" else f", {where}")
     return Estimate(ms * correction, compute * correction, link, max(0.0, energy / batch), basis)

@@ -123,8 +123,19 @@ def main() -> int:
     p.add_argument("--core-watts", type=float, default=4.0)
     p.add_argument("--base-watts", type=float, default=2.0)
     p.add_argument("--out", type=Path, required=True, help="output prefix (.csv, .md, .png)")
+    p.add_argument("--rows", type=Path, default=None, help="only re-render the outputs from a run's log (JSON lines)")
     args = p.parse_args()
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.rows is not None:
+        rows = [json.loads(line) for line in args.rows.read_text().splitlines() if line.startswith("{")]
+        opts = list(dict.fromkeys(r["option"] for r in rows))
+        args.model, args.hosts = rows[0]["model"], rows[0]["hosts"]
+        seen_b = sorted({r["batch"] for r in rows})
+        seen_r = list(dict.fromkeys(r["mbps"] for r in rows))
+        complete = [m for m in seen_r if all(any(r["mbps"] == m and r["batch"] == b and r["option"] == "auto"
+                                                  for r in rows) for b in seen_b)]  # fmt: skip
+        write_outputs(args, [r for r in rows if r["mbps"] in complete], opts, seen_b, complete)
+        return 0
     map_path = args.map or args.out.with_suffix(".map.json")
     if args.map is None and args.auto:
         profile(args, map_path)
@@ -215,9 +226,9 @@ def write_outputs(
             chose[key[:2]] = rs[0]["chose"]
     fixed = [o for o in options if o != "auto"]
     md = [f"### {args.model}, {args.hosts} hosts: per-sample latency (ms) by link (Mbit/s) and batch", ""]
-    md.append("| link | batch | " + " | ".join(options) + " | best fixed | auto chose | auto regret |")
-    md.append("|---" * (len(options) + 5) + "|")
-    regrets = []
+    md.append("| link | batch | " + " | ".join(options) + " | best fixed | auto chose | auto regret | choice regret |")
+    md.append("|---" * (len(options) + 6) + "|")
+    regrets, choice = [], []
     for mbps in rates:
         for b in batches:
             vals = {o: cell[(mbps, b, o)] for o in options}
@@ -226,9 +237,13 @@ def write_outputs(
             if "auto" in vals:
                 regret = vals["auto"] / vals[best] - 1
                 regrets.append(regret)
-                line += f" | {best} | {chose.get((mbps, b))} | {regret * 100:+.1f} % |"
+                picked = chose.get((mbps, b)) or best
+                # The chosen option's own measurement against the best: the decision's cost without
+                # auto's run-to-run noise.
+                choice.append(vals.get(picked, vals[best]) / vals[best] - 1)
+                line += f" | {best} | {picked} | {regret * 100:+.1f} % | {choice[-1] * 100:+.1f} % |"
             else:
-                line += f" | {best} | - | - |"
+                line += f" | {best} | - | - | - |"
             md.append(line)
     if regrets:
         mean, worst = statistics.mean(regrets) * 100, max(regrets) * 100

@@ -182,6 +182,23 @@ def test_observed_latencies_pull_the_prediction() -> None:
     assert perf.corrections[key] <= 4.0
 
 
+def test_corrections_are_kept_per_link_band() -> None:
+    perf = synthetic_map()
+    slow = option_key("m", "prism", 8.0, 2, 10.0)
+    assert slow != option_key("m", "prism", 8.0, 2, 100.0)
+    assert option_key("m", "prism", 8.0, 2, 100.0) == option_key("m", "prism", 8.0, 2, 110.0)
+    before = predict(perf, "m", 4, 128, "prism", 8.0, 2, mbps=100.0)
+    assert before is not None
+    refine(perf, slow, 1000.0, 3000.0)  # the 10 Mbit/s band ran slower than predicted
+    after = predict(perf, "m", 4, 128, "prism", 8.0, 2, mbps=100.0)
+    assert after is not None
+    assert after.ms == before.ms  # other bands keep their own correction
+    got = decide(Request("m", 4, 128), perf, peer(10))
+    assert got is not None
+    assert got.key is not None
+    assert got.key.endswith("/8") or got.option == "local"
+
+
 def test_map_file_round_trip_version_and_trust(tmp_path: Path) -> None:
     perf = synthetic_map()
     perf.corrections["m/local/1"] = 1.5
