@@ -251,6 +251,11 @@ def write_outputs(
             "",
             f"auto regret vs the best fixed option: mean {mean:+.1f} %, worst {worst:+.1f} % over {len(regrets)} cells",
         ]
+        mean, worst = statistics.mean(choice) * 100, max(choice) * 100
+        md += [
+            "",
+            f"choice regret (the chosen option's own fixed run vs the best): mean {mean:+.1f} %, worst {worst:+.1f} %",
+        ]
     md += ["", "PRISM (best CR) vs full exchange, per-sample latency and modelled energy, mean over batches:", ""]
     md.append("| link | latency reduction | energy reduction | crossover batch (split beats local) |")
     md.append("|---|---|---|---|")
@@ -267,7 +272,8 @@ def write_outputs(
         )
     args.out.with_suffix(".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
-    plot(args, cell, options, batches, rates)
+    plot(args, cell, options, batches, rates, "ms per sample", "")
+    plot(args, energy, options, batches, rates, "J per sample (modelled)", "-energy")
 
 
 def plot(
@@ -276,6 +282,8 @@ def plot(
     options: list[str],
     batches: list[int],
     rates: list[float],
+    what: str,
+    suffix: str,
 ) -> None:
     import matplotlib
 
@@ -292,11 +300,11 @@ def plot(
         ax.set_title(f"batch {b}")
         ax.set_xlabel("link (Mbit/s)")
         ax.set_yscale("log")
-    axes[0].set_ylabel("ms per sample")
+    axes[0].set_ylabel(what)
     axes[-1].legend(fontsize=7)
-    fig.suptitle(f"{args.model}, {args.hosts} hosts: per-sample latency by mode, link and batch")
+    fig.suptitle(f"{args.model}, {args.hosts} hosts: {what} by mode, link and batch")
     fig.tight_layout()
-    fig.savefig(args.out.with_suffix(".png"), dpi=110)
+    fig.savefig(args.out.with_name(args.out.name + suffix + ".png"), dpi=110)
     plt.close(fig)
 
 
