@@ -218,6 +218,11 @@ def ratio_cell(row: Row) -> str:
     return "-" if ratio is None else f"{ratio:.1f}x"
 
 
+def column(row: Row) -> str:
+    """Table column of a row: data set (or window) and rank count."""
+    return f"{row['data']} P={row['P']}"
+
+
 def select(rows: Iterable[Row], **where: object) -> list[Row]:
     """The rows whose columns equal every ``where`` item."""
     return [r for r in rows if all(r.get(k) == v for k, v in where.items())]

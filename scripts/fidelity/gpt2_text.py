@@ -39,6 +39,7 @@ from scripts.fidelity.common import (
     ablations,
     add_byte_ratio,
     batch_slices,
+    column,
     configure,
     float_list,
     int_list,
@@ -151,11 +152,6 @@ def ppl_by_context(model: LoadedModel, windows: torch.Tensor, batch: int) -> dic
         if part.numel():
             out[f"{lo}-{min(hi - 1, windows.shape[1] - 1)}"] = math.exp(-float(part.mean()))
     return out
-
-
-def column(row: Row) -> str:
-    """Table column of a row: window length and rank count."""
-    return f"{row['data']} P={row['P']}"
 
 
 def ppl_cell(row: Row) -> str:

@@ -43,6 +43,7 @@ from scripts.fidelity.common import (
     ablation_rows,
     ablations,
     add_byte_ratio,
+    column,
     configure,
     float_list,
     int_list,
@@ -161,11 +162,6 @@ def measure(model: LoadedModel, data: Dataset, settings: list[Setting]) -> list[
             }
         )
     return rows
-
-
-def column(row: Row) -> str:
-    """Table column of a row: data set and rank count."""
-    return f"{row['data']} P={row['P']}"
 
 
 def cosine_cell(row: Row) -> str:
