@@ -164,10 +164,11 @@ def decide(
     options = _options(req, perf, peers, load_factor(local_load, cpus), policy)
     if not options:
         return None
+    # On a tie the higher CR wins: fewer bytes on the wire leave more room when the link dips.
     if req.objective == "energy":
-        best = min(options, key=lambda o: (o.energy_j, o.ms))
+        best = min(options, key=lambda o: (o.energy_j, o.ms, -(o.cr or 0.0)))
     else:
-        best = min(options, key=lambda o: (o.ms, o.energy_j))
+        best = min(options, key=lambda o: (o.ms, o.energy_j, -(o.cr or 0.0)))
     runner_up = min((o for o in options if o is not best), key=lambda o: o.ms, default=None)
     link = ""
     if best.peers:

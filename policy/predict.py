@@ -14,6 +14,7 @@ the extra link time.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import defaultdict
 from dataclasses import dataclass
@@ -86,7 +87,7 @@ def _nearest(values: list[float | None], target: float | None) -> float | None:
     return min(values, key=dist)
 
 
-def predict(
+def _base(
     perf: PerfMap,
     model: str,
     batch: int,
@@ -94,12 +95,11 @@ def predict(
     mode: str,
     cr: float | None,
     ranks: int,
-    *,
-    mbps: float | None = None,
-    rtt_ms: float = 0.0,
-    idle_w: float = 0.0,
+    mbps: float | None,
+    rtt_ms: float,
+    idle_w: float,
 ) -> Estimate | None:
-    """Latency and energy of one option, or None when the map has no such option."""
+    """One option's cost from its own cells, before any correction."""
     cells = [
         c
         for c in perf.for_model(model)
@@ -123,10 +123,44 @@ def predict(
         link += rounds * rtt_ms / 2
         ms = max(ms + link, compute)
         energy += idle_w * ranks * link / 1e3
-    correction = perf.corrections.get(option_key(model, mode, cr, ranks, mbps), 1.0)
     where = "loopback" if measured_at is None else f"{measured_at:g} Mbit/s"
     basis = f"{len(cells)} cell(s) at seq {seq0}" + ("" if mode == "local" else f", {where}")
-    return Estimate(ms * correction, compute * correction, link, max(0.0, energy / batch), basis)
+    return Estimate(ms, compute, link, max(0.0, energy / batch), basis)
+
+
+def predict(
+    perf: PerfMap,
+    model: str,
+    batch: int,
+    seq: int,
+    mode: str,
+    cr: float | None,
+    ranks: int,
+    *,
+    mbps: float | None = None,
+    rtt_ms: float = 0.0,
+    idle_w: float = 0.0,
+) -> Estimate | None:
+    """Latency and energy of one option, or None when the map has no such option.
+
+    PRISM at a higher CR computes attention over fewer segment means and sends fewer bytes,
+    so it is never slower than at a lower CR: where the map says otherwise that is
+    measurement noise, and the option is predicted at the best of the lower CRs instead
+    (before its own correction, which still tells options apart once jobs have run)."""
+    est = _base(perf, model, batch, seq, mode, cr, ranks, mbps, rtt_ms, idle_w)
+    if est is None:
+        return None
+    if mode == "prism" and cr is not None:
+        lower = {c.cr for c in perf.for_model(model) if c.mode == "prism" and c.ranks == ranks}
+        for other in sorted(c for c in lower if c is not None and c < cr - 1e-6):
+            cheaper = _base(perf, model, batch, seq, mode, other, ranks, mbps, rtt_ms, idle_w)
+            if cheaper is not None and cheaper.ms < est.ms:
+                note = f"{est.basis}; no slower than prism@{other:g}"
+                est = Estimate(cheaper.ms, min(est.compute_ms, cheaper.compute_ms), est.link_ms, est.energy_j, note)
+            if cheaper is not None and cheaper.energy_j < est.energy_j:
+                est = dataclasses.replace(est, energy_j=cheaper.energy_j)
+    correction = perf.corrections.get(option_key(model, mode, cr, ranks, mbps), 1.0)
+    return dataclasses.replace(est, ms=est.ms * correction, compute_ms=est.compute_ms * correction)
 
 
 def fit_link_efficiency(perf: PerfMap) -> float:

@@ -141,6 +141,31 @@ def test_predictions_follow_the_link_model() -> None:
     assert predict(perf, "other", 4, 128, "local", None, 1) is None
 
 
+def test_a_noisy_cell_never_makes_a_higher_cr_look_slower() -> None:
+    perf = synthetic_map()
+    for c in perf.cells:  # the profile caught PRISM@8 at a bad moment: 10 % slower than PRISM@4
+        if c.mode == "prism" and c.cr == 8.0:
+            c.median_ms = c.batch * 55.0 * 1.1
+            c.wire_bytes = c.batch * 125_000
+    at4 = predict(perf, "m", 4, 128, "prism", 4.0, 2, mbps=1000.0)
+    at8 = predict(perf, "m", 4, 128, "prism", 8.0, 2, mbps=1000.0)
+    assert at4 is not None
+    assert at8 is not None
+    assert at8.ms == pytest.approx(at4.ms)  # fewer segments and bytes: no slower than @4
+    assert "no slower than prism@4" in at8.basis
+    got = decide(Request("m", 4, 128), perf, peer(1000))
+    assert got is not None
+    assert got.option == "prism@8"  # a tie goes to the higher CR
+    # What jobs show still counts: PRISM@8 observed slow at this link loses to PRISM@4.
+    assert got.key is not None
+    assert got.predicted_ms is not None
+    for _ in range(10):
+        refine(perf, got.key, got.predicted_ms, got.predicted_ms * 1.2)
+    again = decide(Request("m", 4, 128), perf, peer(1000))
+    assert again is not None
+    assert again.option == "prism@4"
+
+
 def test_unknown_model_gives_no_decision() -> None:
     assert decide(Request("nope", 4, 128), synthetic_map(), peer(100)) is None
 
