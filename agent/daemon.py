@@ -45,6 +45,7 @@ from engine.adapters import Tensors
 from engine.models import fingerprint, load, to_device
 from engine.program import JobSpec
 from engine.trace import RunResult
+from policy.perfmap import hardware_fingerprint
 from transport.mqtt import MqttLink, Topics, TransportError, backoff_s, reply_route, transport_error
 from transport.schema import Result
 
@@ -114,6 +115,7 @@ class Daemon:
         fingerprints = {name: served.fingerprint for name, served in models.items()}
         self.service = JobService(settings, models, self, find_meter(), AutoPolicy.load(settings, fingerprints))
         self.links = LinkTable()
+        self.hardware = hardware_fingerprint(settings.threads, pick_device(settings.device))
         self.probe_port = 0
         self._link: MqttLink | None = None
         self.topics = Topics(settings.topic_root, settings.node_id)
@@ -421,6 +423,8 @@ class Daemon:
             "jobs": dict(self.service.stats),
             "models": sorted(self.service.models),
             "fingerprints": fingerprints,
+            "families": {name: s.model.adapter.family for name, s in self.service.models.items()},
+            "hardware": self.hardware,
             "address": self.address,
             "peers": [p.node for p in self.peers.alive(time.monotonic())],
             "links": self.links.report(time.monotonic()),

@@ -37,12 +37,22 @@ def add_cli(sub: Any) -> None:
     """Register ``profile`` and ``map`` on the top-level subparsers."""
     pro = sub.add_parser("profile", help="measure a performance map (local, full exchange, PRISM at each CR)")
     pro.add_argument("--model", required=True, help="built-in name, model directory or hub id")
-    pro.add_argument("--ranks", type=int, default=2, help="devices to split over (default 2)")
+    pro.add_argument("--ranks", type=int, default=None, help="devices to split over (default 2, or peers + 1)")
     pro.add_argument("--batches", default="1,2,4,8,16", help="comma-separated batch sizes")
     pro.add_argument("--crs", default="full,2,4,8,16", help="comma-separated CRs; 'full' is full exchange")
     pro.add_argument("--seq", type=int, default=None, help="sequence length (text models)")
     pro.add_argument("--repeat", type=int, default=None, help="timed passes per cell (default: ~200 passes in all)")
     pro.add_argument("--idle-watts", dest="idle_w", type=float, default=0.0, help="per-device idle power (cpu-model)")
+    pro.add_argument(
+        "--peers",
+        default=None,
+        help="measure over real links through running agents: peer node ids (comma-separated) or 'auto' "
+        "(every peer of --node with the same weights); default: local ranks on loopback",
+    )
+    pro.add_argument("--node", default=None, help="with --peers: the node the map is for (default: this host's id)")
+    pro.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="with --peers: the cluster's broker")
+    pro.add_argument("--cluster", default="default", help="with --peers: the cluster name")
+    pro.add_argument("--timeout", type=float, default=600.0, help="with --peers: seconds to wait for one pass")
     pro.add_argument("--out", type=Path, required=True, help="where to write the map (JSON)")
     pro.add_argument("--json", action="store_true", help="print the map instead of a table")
 
@@ -92,7 +102,7 @@ def _profile(ns: argparse.Namespace) -> int:
     from policy.profile import Grid, profile_loopback
     from policy.report import table
 
-    if ns.ranks < 2:
+    if ns.ranks is not None and ns.ranks < 2:
         raise BadRequest(f"--ranks must be >= 2, got {ns.ranks}")
     _positive(ns.seq, "seq")
     batches = tuple(int(b) for b in _floats(ns.batches, "batches") if b is not None)
@@ -100,13 +110,41 @@ def _profile(ns: argparse.Namespace) -> int:
     per_cell = max(3, round(200 / (len(batches) * (1 + len(crs)))))
     repeat = ns.repeat or per_cell
     _positive(repeat, "repeat")
-    grid = Grid(ns.model, ns.ranks, batches, crs, ns.seq, repeat, idle_w=ns.idle_w)
-    perf = profile_loopback(grid)
+    if ns.peers is None:
+        grid = Grid(ns.model, ns.ranks or 2, batches, crs, ns.seq, repeat, idle_w=ns.idle_w)
+        perf = profile_loopback(grid)
+    else:
+        grid, perf = _profile_peers(ns, batches, crs, repeat)
     save_map(perf, ns.out)
     print(json.dumps(perf.to_dict()) if ns.json else table(perf))
     if not ns.json:
         print(f"wrote {ns.out} ({grid.passes} timed passes)", file=sys.stderr)
     return 0
+
+
+def _profile_peers(
+    ns: argparse.Namespace, batches: tuple[int, ...], crs: tuple[float | None, ...], repeat: int
+) -> tuple[Any, Any]:
+    """The map measured through the agents (agent.profile_peers)."""
+    import asyncio
+    import os
+
+    from agent.client import client_auth, peers
+    from agent.config import load_settings, parse_broker
+    from agent.profile_peers import profile_peers, resolve
+    from policy.profile import Grid
+
+    _positive(ns.timeout, "timeout")
+    settings = load_settings(None, os.environ, {"broker": ns.broker})
+    broker, auth, node = parse_broker(ns.broker), client_auth(settings), ns.node or settings.node_id
+    target = resolve(asyncio.run(peers(broker, ns.cluster, auth=auth)), node, ns.model, ns.peers)
+    if ns.ranks is not None and ns.ranks != len(target.peers) + 1:
+        raise BadRequest(
+            f"--ranks {ns.ranks} does not match --peers: {len(target.peers)} peer(s) make {len(target.peers) + 1} ranks"
+        )
+    grid = Grid(ns.model, len(target.peers) + 1, batches, crs, ns.seq, repeat, idle_w=ns.idle_w)
+    print(f"profiling '{ns.model}' on {node} with {', '.join(target.peers)}", file=sys.stderr)
+    return grid, asyncio.run(profile_peers(broker, ns.cluster, grid, target, auth=auth, timeout_s=ns.timeout))
 
 
 def _show(ns: argparse.Namespace, perf: Any, model: str, seq: int) -> int:

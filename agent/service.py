@@ -171,11 +171,22 @@ class JobService:
         except BadRequest as exc:
             return self._fail(job.id, exc.code, str(exc))
         peers = self.distributor.peers_for(job.model, served.fingerprint) if self.distributor else []
+        if job.peers is not None:
+            able = {p.node: p for p in peers}
+            missing = [n for n in job.peers if n not in able]
+            if missing:
+                return self._fail(
+                    job.id,
+                    "peer_unavailable",
+                    f"peer(s) {', '.join(missing)} cannot take '{job.model}' now (not alive, not admitted, "
+                    f"or other weights); available: {', '.join(sorted(able)) or 'none'}",
+                )
+            peers = [able[n] for n in job.peers]
         batch = int(next(iter(tensors.values())).shape[0])
         seq = model.adapter.shapes(tensors).n_tokens
         chosen = self._choose(job, batch, seq, peers)
         mode, decision = chosen.mode, chosen.as_dict()
-        decision["requested"] = job.mode.value
+        decision.update(requested=job.mode.value, batch=batch, tokens=seq)
         queued_s = time.monotonic() - start
         async with self._engine:
             engine_start = time.monotonic()

@@ -103,8 +103,8 @@ class _Energy:
     def source(self) -> str:
         return self.meter.source
 
-    def measure(self, fn: Callable[[], RunResult], ranks: int) -> tuple[float, float, RunResult]:
-        """(seconds, joules, result) of one call."""
+    def measure(self, fn: Callable[[], RunResult], ranks: int) -> Pass:
+        """One timed call."""
         others = [_cpu_s(p) for p in self.pids]
         token = self.meter.start()
         start = time.perf_counter()
@@ -116,22 +116,43 @@ class _Energy:
             joules += cpu * self.meter.watts_per_core
             busy = sum(t.compute_s + t.staging_s for t in result.traces) or seconds
             joules += self.idle_w * max(0.0, ranks * seconds - busy)
-        return seconds, joules, result
+        return Pass.of(seconds, joules, result)
 
 
-def _cell(
+@dataclass(frozen=True, slots=True)
+class Pass:
+    """One timed pass: wall seconds, joules over every rank, and rank 0's breakdown."""
+
+    seconds: float
+    joules: float
+    compute_s: float = 0.0
+    comm_s: float = 0.0
+    staging_s: float = 0.0
+    overhead_s: float = 0.0
+    wire_bytes: int = 0
+    rounds: int = 0
+
+    @classmethod
+    def of(cls, seconds: float, joules: float, result: RunResult) -> Pass:
+        """From an engine result (the coordinator's trace)."""
+        t = result.traces[0]
+        return cls(seconds, joules, t.compute_s, t.comm_s, t.staging_s, t.overhead_s, result.wire_bytes, t.rounds)
+
+
+def make_cell(
     model: str,
     batch: int,
     seq: int,
     mode: str,
     cr: float | None,
     ranks: int,
-    runs: list[tuple[float, float, RunResult]],
+    passes: list[Pass],
+    mbps: float | None = None,
 ) -> Cell:
-    runs = sorted(runs, key=lambda r: r[0])
-    secs = [r[0] for r in runs]
-    mid = runs[len(runs) // 2][2]
-    t = mid.traces[0]
+    """A map cell from timed passes: median and p90, and the median pass's breakdown."""
+    passes = sorted(passes, key=lambda r: r.seconds)
+    secs = [r.seconds for r in passes]
+    mid = passes[len(passes) // 2]
     return Cell(
         model=model,
         batch=batch,
@@ -142,20 +163,23 @@ def _cell(
         median_ms=statistics.median(secs) * 1e3,
         p90_ms=secs[min(len(secs) - 1, int(0.9 * len(secs)))] * 1e3,
         samples=len(secs),
-        compute_ms=t.compute_s * 1e3 if mode != "local" else statistics.median(secs) * 1e3,
-        comm_ms=t.comm_s * 1e3,
-        staging_ms=t.staging_s * 1e3,
-        overhead_ms=t.overhead_s * 1e3,
+        compute_ms=mid.compute_s * 1e3 if mode != "local" else statistics.median(secs) * 1e3,
+        comm_ms=mid.comm_s * 1e3,
+        staging_ms=mid.staging_s * 1e3,
+        overhead_ms=mid.overhead_s * 1e3,
         wire_bytes=mid.wire_bytes,
-        rounds=t.rounds,
-        energy_j=statistics.median(r[1] for r in runs) / batch,
-        mbps=None,
+        rounds=mid.rounds,
+        energy_j=statistics.median(r.joules for r in passes) / batch,
+        mbps=mbps,
     )
 
 
-def _passes(
-    fn: Callable[[], tuple[float, float, RunResult]], grid: Grid, progress: Progress, label: str
-) -> Iterator[tuple[float, float, RunResult]]:
+def energy_label(source: str, idle_w: float) -> str:
+    """The map's ``energy_source``: the meter, and the idle power the CPU-time model added."""
+    return source if idle_w == 0 or source != "cpu-model" else f"cpu-model+idle {idle_w:g} W"
+
+
+def _passes(fn: Callable[[], Pass], grid: Grid, progress: Progress, label: str) -> Iterator[Pass]:
     for _ in range(grid.warmup):
         fn()
     for _ in range(grid.repeat):
@@ -184,9 +208,7 @@ def profile_loopback(grid: Grid, progress: Progress | None = None) -> PerfMap:
     perf = PerfMap(
         hardware=hardware_fingerprint(threads=1),
         models={grid.model: fingerprint(model.adapter)},
-        energy_source=meter.source
-        if grid.idle_w == 0 or meter.source != "cpu-model"
-        else f"cpu-model+idle {grid.idle_w:g} W",
+        energy_source=energy_label(meter.source, grid.idle_w),
     )
     with LocalCluster(ClusterConfig(ranks=grid.ranks, threads=1)) as cluster:
         cluster.prepare(model)
@@ -200,6 +222,6 @@ def profile_loopback(grid: Grid, progress: Progress | None = None) -> PerfMap:
                 ranks = 1 if mode == "local" else grid.ranks
                 run = _runner(model, task, inputs, cluster if ranks > 1 else None, ranks, cr)
                 runs = list(_passes(lambda run=run, ranks=ranks: energy.measure(run, ranks), grid, progress, label))  # type: ignore[misc]
-                perf.cells.append(_cell(grid.model, batch, seq, mode, cr, ranks, runs))
+                perf.cells.append(make_cell(grid.model, batch, seq, mode, cr, ranks, runs))
     perf.link_efficiency = fit_link_efficiency(perf)
     return perf

@@ -130,6 +130,62 @@ def test_auto_follows_the_map_and_explains_itself(agents: tuple[int, Path, subpr
     assert untrusted["decision"]["predicted_ms"] is None
 
 
+def test_profile_through_the_agents_over_their_real_link(
+    agents: tuple[int, Path, subprocess.Popen[str]], profiled: Path, tmp_path: Path
+) -> None:
+    port, _, _ = agents
+    out = tmp_path / "peers.json"
+    broker = ["--broker", f"mqtt://127.0.0.1:{port}", "--cluster", CLUSTER]
+    grid = ["--batches", "1,4", "--crs", "full,4", "--repeat", "2"]
+    got = cli("profile", "--model", "bert", "--node", "a2", "--peers", "auto", *broker, *grid, "--out", str(out))
+    assert got.returncode == 0, got.stderr
+    data = json.loads(out.read_text())
+    loopback = json.loads(profiled.read_text())
+    assert data["models"] == {"bert": loopback["models"]["tiny-bert"]}  # a2 serves tiny-bert as "bert"
+    assert data["hardware"]["cpu"] == loopback["hardware"]["cpu"]  # a2's hardware, from its health
+    cells = {(c["batch"], c["mode"], c["cr"]): c for c in data["cells"]}
+    assert set(cells) == {(b, m, cr) for b in (1, 4) for m, cr in (("local", None), ("full", None), ("prism", 4.0))}
+    for (_, mode, _), c in cells.items():
+        assert c["samples"] == 2
+        assert c["seq"] == 128  # the agent says how many tokens it ran
+        assert 0 < c["median_ms"] <= c["p90_ms"]
+        if mode == "local":
+            assert c["mbps"] is None
+        else:  # measured over the link a2's probes see to a1, and the map says which
+            assert c["ranks"] == 2
+            assert c["mbps"] > 0
+            assert c["rounds"] >= 4
+    assert 0 < cells[(4, "prism", 4.0)]["wire_bytes"] < cells[(4, "full", None)]["wire_bytes"]
+    decided = cli("map", "decide", str(out), "--batch", "4", "--bandwidth", "100", "--json")
+    assert decided.returncode == 0, decided.stderr
+    assert json.loads(decided.stdout)["predicted_ms"] > 0
+    bad = cli("profile", "--model", "bert", "--node", "a2", "--peers", "a9", *broker, "--out", str(tmp_path / "x"))
+    assert bad.returncode == 1
+    assert bad.stderr.count("\n") == 1
+    assert "peer 'a9' cannot help 'a2'" in bad.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_job_may_name_its_peers(agents: tuple[int, Path, subprocess.Popen[str]]) -> None:
+    port, _, _ = agents
+    got = ask_node(
+        port,
+        CLUSTER,
+        "a2",
+        [
+            job("p1", batch=2, mode="distributed", cr=4, peers=["a1"]),
+            job("p2", batch=2, mode="distributed", peers=["a9"]),
+        ],
+    )
+    assert got["p1"]["ok"], got["p1"]
+    assert got["p1"]["peers"] == ["a1"]
+    assert got["p1"]["mode"] == "distributed"
+    assert got["p1"]["decision"]["tokens"] > 0
+    assert not got["p2"]["ok"]
+    assert got["p2"]["error"]["code"] == "peer_unavailable"
+    assert "a9" in got["p2"]["error"]["message"]
+
+
 def test_the_map_learns_and_is_saved_on_stop(agents: tuple[int, Path, subprocess.Popen[str]]) -> None:
     port, split_map, a1 = agents
     before = json.loads(split_map.read_text())

@@ -31,6 +31,7 @@ def test_msgpack_with_raw_image_bytes_and_options() -> None:
             "mode": "distributed",
             "cr": 8,
             "ranks": 2,
+            "peers": ["jetson-2"],
             "deadline_ms": 500,
         },
         use_bin_type=True,
@@ -38,6 +39,7 @@ def test_msgpack_with_raw_image_bytes_and_options() -> None:
     job = parse_job(payload, LIMITS)
     assert job.images == (b"\x89PNG...",)
     assert (job.mode, job.cr, job.ranks, job.deadline_ms) == (Mode.DISTRIBUTED, 8.0, 2, 500.0)
+    assert job.peers == ("jetson-2",)
 
 
 def test_token_ids_and_base64_images() -> None:
@@ -72,6 +74,10 @@ BAD = [
     (js({"id": "j", "model": "m", "inputs": {"text": "x"}, "cr": True}), "j", "invalid_job"),
     (js({"id": "j", "model": "m", "inputs": {"text": "x"}, "ranks": "2"}), "j", "invalid_job"),
     (js({"id": "j", "model": "m", "inputs": {"text": "x"}, "deadline_ms": -1}), "j", "invalid_job"),
+    (js({"id": "j", "model": "m", "inputs": {"text": "x"}, "peers": "b"}), "j", "invalid_job"),
+    (js({"id": "j", "model": "m", "inputs": {"text": "x"}, "peers": ["b", "b"]}), "j", "invalid_job"),
+    (js({"id": "j", "model": "m", "inputs": {"text": "x"}, "peers": ["a/b"]}), "j", "invalid_job"),
+    (js({"id": "j", "model": "m", "inputs": {"text": "x"}, "peers": ["b"], "ranks": 3}), "j", "invalid_job"),
     (js({"v": 2, "id": "j", "model": "m", "inputs": {"text": "x"}}), "j", "invalid_job"),
 ]
 

@@ -73,6 +73,7 @@ class Job:
     cr: float | None = None
     cr_given: bool = False
     ranks: int | None = None
+    peers: tuple[str, ...] | None = None  # split over exactly these nodes (then ranks = peers + 1)
     objective: Objective = Objective.LATENCY
     deadline_ms: float | None = None
 
@@ -188,6 +189,7 @@ def parse_job(payload: bytes, limits: Limits) -> Job:
     batch = len(text or images or token_ids or ())
     if batch > limits.max_batch:
         raise _fail(f"batch of {batch} exceeds the limit of {limits.max_batch}", job_id, "too_large")
+    peers = _peers(data.get("peers"), data.get("ranks"), job_id)
     return Job(
         id=job_id,
         model=model,
@@ -198,7 +200,8 @@ def parse_job(payload: bytes, limits: Limits) -> Job:
         mode=_enum(Mode, data.get("mode"), "mode", job_id, Mode.AUTO),
         cr=_cr(data.get("cr"), job_id),
         cr_given="cr" in data and data["cr"] is not None,
-        ranks=_ranks(data.get("ranks"), job_id),
+        ranks=_ranks(data.get("ranks"), job_id) if peers is None else len(peers) + 1,
+        peers=peers,
         objective=_enum(Objective, data.get("objective"), "objective", job_id, Objective.LATENCY),
         deadline_ms=_deadline(data.get("deadline_ms"), job_id),
     )
@@ -230,6 +233,18 @@ def _ranks(value: Any, job_id: str) -> int | None:
     if type(value) is not int or not 1 <= value <= 64:
         raise _fail(f"field 'ranks' must be an integer from 1 to 64, got {value!r}", job_id)
     return int(value)
+
+
+def _peers(value: Any, ranks: Any, job_id: str) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not 1 <= len(value) <= 63:
+        raise _fail(f"field 'peers' must be a list of 1 to 63 node ids, got {str(value)[:80]!r}", job_id)
+    if not all(isinstance(n, str) and _ID.match(n) for n in value) or len(set(value)) != len(value):
+        raise _fail("field 'peers' must hold distinct node ids (letters, digits and . _ : -)", job_id)
+    if ranks is not None and ranks != len(value) + 1:
+        raise _fail(f"field 'ranks' is {ranks} but 'peers' names {len(value)} node(s): ranks is peers + 1", job_id)
+    return tuple(value)
 
 
 def _deadline(value: Any, job_id: str) -> float | None:

@@ -1,0 +1,243 @@
+"""``prism-agent profile --peers``: the performance map measured over real links, through agents.
+
+The profiler asks the node that will use the map (``--node``) to run one job per timed pass,
+each forcing one option (local, full exchange, PRISM at a CR) over the named peers, and
+records what that agent measured itself: engine time with its compute / communication /
+staging / overhead split, the bytes on the wire, the collectives, and the CPU seconds of
+every rank (energy: the CPU-time model, labelled so). Each cell carries the link the node's
+own probes saw to its slowest peer while it was measured, so the link model can move it to
+other links. Nothing is loaded here: the agents hold the model, and the map names the
+node's hardware and weights, as a loopback profile does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import io
+import json
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from agent.config import Broker
+from engine.errors import BadRequest, PrismError
+from policy.perfmap import PerfMap
+from policy.predict import fit_link_efficiency
+from policy.profile import Grid, Pass, Progress, energy_label, make_cell
+from transport.mqtt import MqttLink
+
+#: The CPU-time model's power per busy core (as agent.energy.CpuModelMeter).
+WATTS_PER_CORE = 4.0
+
+
+class ProfileError(PrismError):
+    """A pass did not run as asked (an error result, a fallback to local, no answer)."""
+
+    code = "profile_failed"
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Who runs the passes: the coordinating node, its peers, and what it serves."""
+
+    node: str
+    peers: tuple[str, ...]
+    family: str
+    fingerprint: float
+    hardware: dict[str, Any]
+
+
+def resolve(nodes: Sequence[Mapping[str, Any]], node: str, model: str, peers: str) -> Target:
+    """Check ``node`` serves ``model`` and every peer can help it (``peers``: ids or ``auto``)."""
+    health = {n["node"]: n.get("health") or {} for n in nodes if n.get("status") == "online"}
+    if node not in health:
+        seen = ", ".join(sorted(health)) or "none"
+        raise BadRequest(f"node '{node}' is not online on this broker (online: {seen}); is its agent running?")
+    mine = health[node]
+    if model not in mine.get("models", []):
+        raise BadRequest(f"node '{node}' does not serve '{model}' (it serves: {', '.join(mine.get('models', []))})")
+    if "hardware" not in mine or "families" not in mine:
+        raise BadRequest(f"node '{node}' runs an agent too old to profile through (no hardware in its health)")
+    fp = float(mine["fingerprints"][model])
+    able = sorted(
+        n
+        for n in mine.get("peers", [])
+        if any(
+            abs(float(v) - fp) <= 1e-6 * max(1.0, abs(fp)) for v in health.get(n, {}).get("fingerprints", {}).values()
+        )
+    )
+    if peers.strip() == "auto":
+        chosen = able
+    else:
+        chosen = [p.strip() for p in peers.split(",") if p.strip()]
+        if len(set(chosen)) != len(chosen):
+            raise BadRequest(f"--peers names a node twice: {peers}")
+    if not chosen:
+        raise BadRequest(f"no peer of '{node}' serves '{model}' with the same weights")
+    for p in chosen:
+        if p not in able:
+            raise BadRequest(
+                f"peer '{p}' cannot help '{node}' with '{model}' (not online, not admitted by '{node}', or other "
+                f"weights); able: {', '.join(able) or 'none'}"
+            )
+    return Target(node, tuple(chosen), str(mine["families"][model]), fp, dict(mine["hardware"]))
+
+
+def job_inputs(family: str, batch: int, seq: int | None) -> dict[str, Any]:
+    """Inputs of the right kind: noise images for a ViT (the agent resizes them), else token ids."""
+    if family == "vit":
+        if seq is not None:
+            raise BadRequest("--seq does not apply to ViT (its token count is set by the image size)")
+        import numpy as np
+        from PIL import Image
+
+        images = []
+        for i in range(batch):  # coarse noise: a few kB as PNG, so a batch of 16 fits the payload limit
+            pixels = np.random.default_rng(i).integers(0, 255, (28, 28, 3), dtype=np.uint8)
+            buf = io.BytesIO()
+            Image.fromarray(pixels).resize((224, 224), Image.Resampling.NEAREST).save(buf, format="PNG")
+            images.append(base64.b64encode(buf.getvalue()).decode())
+        return {"image": images}
+    n = seq or 128
+    return {
+        "token_ids": [[101, *[110 + (i * 7 + k) % 800 for k in range(max(0, n - 2))], 102][:n] for i in range(batch)]
+    }
+
+
+def option_fields(mode: str, cr: float | None, peers: tuple[str, ...]) -> dict[str, Any]:
+    """The job fields that force one option."""
+    if mode == "local":
+        return {"mode": "local"}
+    return {"mode": "distributed", "cr": "full" if cr is None else cr, "peers": list(peers)}
+
+
+class _Session:
+    """One MQTT connection: jobs to the node, results on a private topic, the node's health."""
+
+    def __init__(self, link: MqttLink, root: str, node: str) -> None:
+        self.link, self.node = link, node
+        self.jobs = f"{root}/nodes/{node}/jobs"
+        self.health_topic = f"{root}/nodes/{node}/health"
+        self.reply = f"{root}/clients/{uuid.uuid4().hex}/result"
+        self.health: dict[str, Any] = {}
+        self.waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self.health_seen = asyncio.Event()
+
+    async def pump(self) -> None:
+        async for message in self.link.messages():
+            payload = message.payload if isinstance(message.payload, bytes) else str(message.payload).encode()
+            with contextlib.suppress(ValueError):
+                data = json.loads(payload)
+                if str(message.topic) == self.health_topic and isinstance(data, dict):
+                    self.health = data
+                    self.health_seen.set()
+                elif isinstance(data, dict) and (fut := self.waiting.pop(str(data.get("id")), None)) is not None:
+                    fut.set_result(data)
+
+    async def ask(self, job: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self.waiting[job["id"]] = fut
+        await self.link.publish(self.jobs, json.dumps(job).encode(), response_topic=self.reply)
+        try:
+            return await asyncio.wait_for(fut, timeout_s)
+        except asyncio.TimeoutError:
+            raise ProfileError(f"no result from '{self.node}' for job {job['id']} within {timeout_s:g} s") from None
+        finally:
+            self.waiting.pop(job["id"], None)
+
+    def link_mbps(self, peers: tuple[str, ...]) -> float | None:
+        """What the node's probes see to its slowest peer (None: not measured yet)."""
+        links = self.health.get("links", {})
+        seen = [links.get(p, {}).get("mbps") for p in peers]
+        return None if any(s is None for s in seen) else float(min(seen))
+
+
+def _pass(result: dict[str, Any], ranks: int, idle_w: float) -> Pass:
+    lat = result["latency_ms"]
+    engine_s = lat["engine"] / 1e3
+    cpu_s = float(result.get("energy", {}).get("group_cpu_s") or 0.0)
+    joules = cpu_s * WATTS_PER_CORE + idle_w * max(0.0, ranks * engine_s - cpu_s)
+    return Pass(
+        engine_s,
+        joules,
+        lat["compute"] / 1e3,
+        lat["comm"] / 1e3,
+        lat["staging"] / 1e3,
+        lat["overhead"] / 1e3,
+        int(lat.get("wire_bytes", 0)),
+        int(lat.get("rounds", 0)),
+    )
+
+
+async def profile_peers(
+    broker: Broker,
+    cluster: str,
+    grid: Grid,
+    target: Target,
+    *,
+    auth: Mapping[str, Any] | None = None,
+    timeout_s: float = 600.0,
+    progress: Progress | None = None,
+) -> PerfMap:
+    """Measure ``grid`` on ``target.node`` with ``target.peers`` (see the module docstring)."""
+    progress = progress or Progress(grid.passes)
+    perf = PerfMap(
+        hardware=target.hardware,
+        models={grid.model: target.fingerprint},
+        energy_source=energy_label("cpu-model", grid.idle_w),
+    )
+    ranks = len(target.peers) + 1
+    client = f"prism-profile-{uuid.uuid4().hex[:8]}"
+    async with MqttLink(broker.host, broker.port, client_id=client, **dict(auth or {})) as link:
+        session = _Session(link, f"prism/v1/{cluster}", target.node)
+        pump = asyncio.create_task(session.pump())
+        try:
+            await link.subscribe(session.reply, session.health_topic)
+            await _wait_links(session, target.peers)
+            for batch in grid.batches:
+                inputs = job_inputs(target.family, batch, grid.seq)
+                for mode, cr in [("local", None), *(("full" if c is None else "prism", c) for c in grid.crs)]:
+                    label = f"batch {batch} {mode}" + ("" if cr is None else f"@{cr:g}")
+                    fields = option_fields(mode, cr, target.peers)
+                    passes, seq = [], 0
+                    for i in range(grid.warmup + grid.repeat):
+                        job = {"id": f"profile-{uuid.uuid4().hex[:10]}", "model": grid.model, "inputs": inputs}
+                        result = await session.ask({**job, **fields}, timeout_s)
+                        _check(result, mode, label, target.node)
+                        seq = int(result.get("decision", {}).get("tokens") or 0)
+                        if i >= grid.warmup:
+                            passes.append(_pass(result, 1 if mode == "local" else ranks, grid.idle_w))
+                            progress.step(label)
+                    mbps = None if mode == "local" else session.link_mbps(target.peers)
+                    cell_ranks = 1 if mode == "local" else ranks
+                    perf.cells.append(make_cell(grid.model, batch, seq, mode, cr, cell_ranks, passes, mbps))
+        finally:
+            pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pump
+    perf.link_efficiency = fit_link_efficiency(perf)
+    return perf
+
+
+async def _wait_links(session: _Session, peers: tuple[str, ...], timeout_s: float = 60.0) -> None:
+    """Until the node's health shows a probed link to every peer."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while session.link_mbps(peers) is None:
+        left = deadline - asyncio.get_running_loop().time()
+        if left <= 0:
+            raise ProfileError(f"'{session.node}' has not measured its link to {', '.join(peers)} in {timeout_s:g} s")
+        session.health_seen.clear()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(session.health_seen.wait(), left)
+
+
+def _check(result: dict[str, Any], mode: str, label: str, node: str) -> None:
+    if not result.get("ok"):
+        error = result.get("error") or {}
+        raise ProfileError(f"{label}: '{node}' answered {error.get('code')}: {error.get('message')}")
+    if result.get("fallback") or (mode != "local") != (result.get("mode") == "distributed"):
+        why = (result.get("decision") or {}).get("fallback_reason", "")
+        raise ProfileError(f"{label}: '{node}' ran it {result.get('mode')} instead ({why or 'no reason given'})")
