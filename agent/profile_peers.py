@@ -125,6 +125,7 @@ class _Session:
         self.health: dict[str, Any] = {}
         self.waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self.health_seen = asyncio.Event()
+        self.pumping: asyncio.Task[None] = asyncio.create_task(self.pump())
 
     async def pump(self) -> None:
         async for message in self.link.messages():
@@ -140,13 +141,17 @@ class _Session:
     async def ask(self, job: dict[str, Any], timeout_s: float) -> dict[str, Any]:
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self.waiting[job["id"]] = fut
-        await self.link.publish(self.jobs, json.dumps(job).encode(), response_topic=self.reply)
         try:
-            return await asyncio.wait_for(fut, timeout_s)
-        except asyncio.TimeoutError:
-            raise ProfileError(f"no result from '{self.node}' for job {job['id']} within {timeout_s:g} s") from None
+            await self.link.publish(self.jobs, json.dumps(job).encode(), response_topic=self.reply)
+            either: set[asyncio.Future[Any]] = {fut, self.pumping}
+            await asyncio.wait(either, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
         finally:
             self.waiting.pop(job["id"], None)
+        if fut.done():
+            return fut.result()
+        if self.pumping.done():
+            raise ProfileError(f"lost the broker while '{self.node}' ran job {job['id']}")
+        raise ProfileError(f"no result from '{self.node}' for job {job['id']} within {timeout_s:g} s")
 
     def link_mbps(self, peers: tuple[str, ...]) -> float | None:
         """What the node's probes see to its slowest peer (None: not measured yet)."""
@@ -193,7 +198,6 @@ async def profile_peers(
     client = f"prism-profile-{uuid.uuid4().hex[:8]}"
     async with MqttLink(broker.host, broker.port, client_id=client, **dict(auth or {})) as link:
         session = _Session(link, f"prism/v1/{cluster}", target.node)
-        pump = asyncio.create_task(session.pump())
         try:
             await link.subscribe(session.reply, session.health_topic)
             await _wait_links(session, target.peers)
@@ -215,9 +219,9 @@ async def profile_peers(
                     cell_ranks = 1 if mode == "local" else ranks
                     perf.cells.append(make_cell(grid.model, batch, seq, mode, cr, cell_ranks, passes, mbps))
         finally:
-            pump.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await pump
+            session.pumping.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await session.pumping
     perf.link_efficiency = fit_link_efficiency(perf)
     return perf
 
@@ -230,8 +234,12 @@ async def _wait_links(session: _Session, peers: tuple[str, ...], timeout_s: floa
         if left <= 0:
             raise ProfileError(f"'{session.node}' has not measured its link to {', '.join(peers)} in {timeout_s:g} s")
         session.health_seen.clear()
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(session.health_seen.wait(), left)
+        seen = asyncio.ensure_future(session.health_seen.wait())
+        either: set[asyncio.Future[Any]] = {seen, session.pumping}
+        await asyncio.wait(either, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+        seen.cancel()
+        if session.pumping.done():
+            raise ProfileError(f"lost the broker while waiting for '{session.node}' to measure its links")
 
 
 def _check(result: dict[str, Any], mode: str, label: str, node: str) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from policy.perfmap import PerfMap
-from policy.predict import Estimate, option_key, predict
+from policy.predict import Estimate, correction_key, predict
 
 OBJECTIVES = ("latency", "energy")
 
@@ -189,6 +189,6 @@ def decide(
         predicted_j=best.energy_j,
         reason=reason,
         option=best.name,
-        key=option_key(req.model, best.mode, best.cr, ranks, best.mbps),
+        key=correction_key(req.model, best.mode, ranks, best.mbps),
         options=tuple(options),
     )

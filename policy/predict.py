@@ -7,7 +7,7 @@ size. It then moves the link term to the target link:
     ms(B) = ms(B0) + e * wire_bits * (1/B - 1/B0) + rounds * rtt/2
 
 (``e`` is the link efficiency fitted over cells measured at several bandwidths, 1 when there
-are none; loopback counts as B0 = infinity) and applies the option's online correction
+are none; loopback counts as B0 = infinity) and applies the online correction for its mode and link band
 (observed / predicted, EWMA). Energy moves with the wait: every rank idles at ``idle_w`` for
 the extra link time.
 """
@@ -25,14 +25,15 @@ from policy.perfmap import Cell, PerfMap
 CORRECTION_RANGE = (0.25, 4.0)
 
 
-def option_key(model: str, mode: str, cr: float | None, ranks: int, mbps: float | None = None) -> str:
-    """The key corrections are kept under, e.g. ``vit-base/prism@9.9/2/64``: split options per
-    link band (powers of two in Mbit/s), since what the link model gets wrong depends on the link."""
-    name = mode if mode != "prism" else f"prism@{cr:g}"
+def correction_key(model: str, mode: str, ranks: int, mbps: float | None = None) -> str:
+    """The key corrections are kept under, e.g. ``vit-base/prism/2/64``: split options per link
+    band (powers of two in Mbit/s), since what the link model gets wrong depends on the link.
+    PRISM shares one correction over its CRs: what the map misses (the box's drift, the link's
+    efficiency) misses them all alike, and a CR the policy never ran is corrected as well."""
     if mode == "local":
-        return f"{model}/{name}/1"
+        return f"{model}/local/1"
     band = "lo" if mbps is None or math.isinf(mbps) or mbps > 4096 else str(2 ** round(math.log2(max(mbps, 1.0))))
-    return f"{model}/{name}/{ranks}/{band}"
+    return f"{model}/{mode}/{ranks}/{band}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,7 +147,7 @@ def predict(
     PRISM at a higher CR computes attention over fewer segment means and sends fewer bytes,
     so it is never slower than at a lower CR: where the map says otherwise that is
     measurement noise, and the option is predicted at the best of the lower CRs instead
-    (before its own correction, which still tells options apart once jobs have run)."""
+    (then the correction learned at this link applies)."""
     est = _base(perf, model, batch, seq, mode, cr, ranks, mbps, rtt_ms, idle_w)
     if est is None:
         return None
@@ -159,7 +160,7 @@ def predict(
                 est = Estimate(cheaper.ms, min(est.compute_ms, cheaper.compute_ms), est.link_ms, est.energy_j, note)
             if cheaper is not None and cheaper.energy_j < est.energy_j:
                 est = dataclasses.replace(est, energy_j=cheaper.energy_j)
-    correction = perf.corrections.get(option_key(model, mode, cr, ranks, mbps), 1.0)
+    correction = perf.corrections.get(correction_key(model, mode, ranks, mbps), 1.0)
     return dataclasses.replace(est, ms=est.ms * correction, compute_ms=est.compute_ms * correction)
 
 

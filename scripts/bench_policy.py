@@ -117,7 +117,14 @@ def main() -> int:
     p.add_argument("--batches", default="1,2,4,8,16")
     p.add_argument("--crs", default="3.3,4.95,9.9")
     p.add_argument("--no-auto", dest="auto", action="store_false", help="fixed options only")
-    p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--repeat", type=int, default=1, help="runs per cell (each option once per round, interleaved)")
+    p.add_argument(
+        "--min-samples",
+        dest="min_samples",
+        type=int,
+        default=1,
+        help="at least this many samples per cell: small batches get more runs (batch 1 with 8: 8 runs)",
+    )
     p.add_argument("--max-cr", dest="max_cr", type=float, default=10.0, help="auto's accuracy floor (max_cr)")
     p.add_argument("--profile-repeat", type=int, default=3)
     p.add_argument("--map", type=Path, default=None, help="use this map instead of profiling")
@@ -146,7 +153,7 @@ def main() -> int:
     seq = args.seq or 197
     rows: list[dict[str, Any]] = []
     bed = Testbed(args.hosts, models=[f"{args.model}={args.model}"], cluster="bench")
-    env = {"PRISM_PROBE_INTERVAL_S": "2", "PRISM_HEALTH_INTERVAL_S": "1", "PRISM_GROUP_TIMEOUT_S": "600"}
+    env = {"PRISM_PROBE_INTERVAL_S": "5", "PRISM_HEALTH_INTERVAL_S": "1", "PRISM_GROUP_TIMEOUT_S": "600"}
     with bed:
         bed.start_broker()
         for i in range(args.hosts):
@@ -169,7 +176,7 @@ def main() -> int:
             print(f"link {mbps or 'unshaped'} Mbit/s: probes see {seen:.0f}", file=sys.stderr)
             for batch in batches:
                 inputs = inputs_for(args.model, batch, seq)
-                for rep in range(args.repeat):
+                for rep in range(max(args.repeat, -(-args.min_samples // batch))):
                     for option in options:
                         job_id = f"b{batch}-{option}-{int(mbps)}-{rep}".replace("@", "_").replace(".", "_")
                         job = {"id": job_id, "model": args.model, "inputs": inputs, **option_fields(option, args.hosts)}
@@ -217,11 +224,15 @@ def write_outputs(
     cell: dict[tuple[float, int, str], float] = {}
     energy: dict[tuple[float, int, str], float] = {}
     chose: dict[tuple[float, int], str] = {}
+    spread: dict[tuple[float, int, str], float] = {}
     grouped: dict[tuple[float, int, str], list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         grouped[(r["mbps"], r["batch"], r["option"])].append(r)
     for key, rs in grouped.items():
         cell[key] = statistics.median(r["ms_per_sample"] for r in rs)
+        if len(rs) >= 4:  # run-to-run spread: interquartile range over the median
+            q1, _, q3 = statistics.quantiles([r["ms_per_sample"] for r in rs], n=4)
+            spread[key] = (q3 - q1) / cell[key]
         energy[key] = statistics.median(r["j_per_sample"] for r in rs)
         if key[2] == "auto":
             chose[key[:2]] = rs[0]["chose"]
@@ -252,6 +263,15 @@ def write_outputs(
             else:
                 line += f" | {best} | - | - | - |"
             md.append(line)
+    if spread:
+        md += [
+            "",
+            (
+                f"run-to-run spread (interquartile range / median of a cell's runs): median "
+                f"{statistics.median(spread.values()) * 100:.1f} %, largest {max(spread.values()) * 100:.1f} % "
+                f"over {len(spread)} cells with >= 4 runs"
+            ),
+        ]
     if regrets:
         mean, worst = statistics.mean(regrets) * 100, max(regrets) * 100
         md += [
