@@ -23,14 +23,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.config import Broker
+from agent.energy import CpuModelMeter
 from engine.errors import BadRequest, PrismError
 from policy.perfmap import PerfMap
 from policy.predict import fit_link_efficiency
 from policy.profile import Grid, Pass, Progress, energy_label, make_cell
 from transport.mqtt import MqttLink
 
-#: The CPU-time model's power per busy core (as agent.energy.CpuModelMeter).
-WATTS_PER_CORE = 4.0
+#: The CPU-time model's power per busy core, as the agents' own meter uses.
+WATTS_PER_CORE = CpuModelMeter().watts_per_core
 
 
 class ProfileError(PrismError):

@@ -26,7 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -225,6 +225,7 @@ def write_outputs(
     energy: dict[tuple[float, int, str], float] = {}
     chose: dict[tuple[float, int], str] = {}
     spread: dict[tuple[float, int, str], float] = {}
+    chose_note: dict[tuple[float, int], str] = {}
     grouped: dict[tuple[float, int, str], list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         grouped[(r["mbps"], r["batch"], r["option"])].append(r)
@@ -234,8 +235,11 @@ def write_outputs(
             q1, _, q3 = statistics.quantiles([r["ms_per_sample"] for r in rs], n=4)
             spread[key] = (q3 - q1) / cell[key]
         energy[key] = statistics.median(r["j_per_sample"] for r in rs)
-        if key[2] == "auto":
-            chose[key[:2]] = rs[0]["chose"]
+        if key[2] == "auto":  # what it chose most often, and how often when not every time
+            picks = Counter(r["chose"] for r in rs)
+            chose[key[:2]], times = picks.most_common(1)[0]
+            if times < len(rs):
+                chose_note[key[:2]] = f" ({times} of {len(rs)})"
     fixed = [o for o in options if o != "auto"]
     # auto may only pick CRs up to its accuracy floor: its regret is against those options.
     allowed = [o for o in fixed if not o.startswith("prism@") or float(o.split("@")[1]) <= args.max_cr]
@@ -259,7 +263,8 @@ def write_outputs(
                 # The chosen option's own measurement against the best: the decision's cost without
                 # auto's run-to-run noise.
                 choice.append(vals.get(picked, vals[best]) / vals[best] - 1)
-                line += f" | {best} | {picked} | {regret * 100:+.1f} % | {choice[-1] * 100:+.1f} % |"
+                note = chose_note.get((mbps, b), "")
+                line += f" | {best} | {picked}{note} | {regret * 100:+.1f} % | {choice[-1] * 100:+.1f} % |"
             else:
                 line += f" | {best} | - | - | - |"
             md.append(line)
