@@ -74,6 +74,7 @@ class GroupManager:
         self._mine: dict[tuple[str, ...], Group] = {}  # groups I coordinate, by members
         self._joined: dict[str, Group] = {}  # groups I joined as a peer, by gid
         self._control: asyncio.Queue[bytes] = asyncio.Queue(maxsize=256)
+        self._running: dict[tuple[str, ...], asyncio.Event] = {}  # set when a member of the run leaves
 
     async def _tell(self, peer: str, msg: dict[str, Any]) -> None:
         body = json.dumps({**msg, "from": self.node}, sort_keys=True)
@@ -103,7 +104,7 @@ class GroupManager:
                 group = await self._form_as_coordinator(members)
             for peer in members:
                 await self._tell(peer, {"op": "run", "gid": group.gid, "spec": spec_to_dict(spec)})
-            result = await asyncio.to_thread(run_rank, group.comm, served.model.adapter, spec, inputs)
+            result = await self._run_unless_left(members, group, served, spec, inputs)
         except asyncio.CancelledError:
             self._mine.pop(members, None)  # its run may still be in flight in a thread: never reuse it
             raise
@@ -112,6 +113,25 @@ class GroupManager:
             raise GroupError(f"distributed run with {', '.join(members)} failed: {exc}") from exc
         assert result is not None
         return result
+
+    async def _run_unless_left(
+        self, members: tuple[str, ...], group: Group, served: Served, spec: JobSpec, inputs: Tensors
+    ) -> RunResult | None:
+        """Rank 0's part, abandoned as soon as a member is reported gone: a peer whose TCP reset
+        never arrives would otherwise hold the job for the whole GLOO timeout. The abandoned
+        thread ends at that timeout; its group is never used again."""
+        left = self._running[members] = asyncio.Event()
+        work = asyncio.ensure_future(asyncio.to_thread(run_rank, group.comm, served.model.adapter, spec, inputs))
+        gone = asyncio.ensure_future(left.wait())
+        try:
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            self._running.pop(members, None)
+        if not work.done():
+            work.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved, never raised
+            raise GroupError("a peer of the run went offline")
+        return work.result()
 
     async def _form_as_coordinator(self, members: tuple[str, ...]) -> Group:
         gid = uuid.uuid4().hex[:12]
@@ -150,6 +170,9 @@ class GroupManager:
         """Drop every group that includes a node that went away (as peer or as coordinator)."""
         for gid in [g for g, group in self._joined.items() if gone & set(group.members)]:
             self._joined.pop(gid, None)
+        for members, left in list(self._running.items()):
+            if gone & set(members):
+                left.set()
         for members in [m for m in self._mine if gone & set(m)]:
             await self.drop(members, reason=f"peer left: {', '.join(sorted(gone & set(members)))}")
 
