@@ -272,7 +272,8 @@ def test_link_cut_and_restored_mid_job(bed: Testbed, watch: Watch) -> None:
 def test_peer_sigkilled_mid_job_50_times(bed: Testbed, watch: Watch) -> None:
     # The coordinator's link is the slow one: the run lasts ~1 s, and a dead peer's reset
     # still reaches the coordinator at once (a reset dropped by a full tbf queue on the dead
-    # peer's side is never resent, and the coordinator would wait out the GLOO timeout).
+    # peer's side is never resent; the coordinator would then wait for the broker's `offline`,
+    # which tests/test_group_abort.py covers).
     bed.shape(0, PEER_RATE)
     kills = attempts = fallbacks = 0
     gone_s = 0.0
