@@ -19,7 +19,7 @@ import structlog
 from agent.config import Settings, pick_device
 from agent.peers import Peer
 from policy.decide import Decision, PeerLink, Policy, Request, decide
-from policy.perfmap import MapError, PerfMap, hardware_fingerprint, load_map, mismatches, save_map
+from policy.perfmap import MapError, PerfMap, hardware_fingerprint, load_map, mismatches, same_weights, save_map
 from policy.predict import refine
 
 log = structlog.get_logger("prism.policy")
@@ -47,7 +47,7 @@ class AutoPolicy:
                 log.warning("map_other_hardware", problem=problem, hint="re-run prism-agent profile on this node")
             sources = {m.name: m.source for m in settings.models}
             for name, fp in fingerprints.items():
-                same = [m for m, theirs in perf.models.items() if abs(theirs - fp) <= 1e-6 * max(1.0, abs(fp))]
+                same = [m for m, theirs in perf.models.items() if same_weights(fp, theirs)]
                 if same:
                     self.alias[name] = next((m for m in same if m in (name, sources.get(name))), same[0])
                 elif name in perf.models or sources.get(name) in perf.models:

@@ -25,6 +25,7 @@ from engine.errors import BadRequest, GroupError, PrismError
 from engine.models import LoadedModel, fingerprint, load
 from engine.program import JobSpec
 from engine.trace import RunResult
+from policy.perfmap import same_weights
 from transport.gloo import GlooComm, connect_store, make_group
 
 
@@ -187,7 +188,7 @@ class LocalCluster:
         seq = self._send(self._conns, "load", model.name)
         mine = fingerprint(model.adapter)
         for rank, theirs in enumerate(self._replies(self._conns, seq), start=1):
-            if abs(theirs - mine) > 1e-6 * max(1.0, abs(mine)):
+            if not same_weights(mine, theirs):
                 raise GroupError(f"rank {rank} loaded different weights for '{model.name}'")
         self._fingerprints[model.name] = mine
 

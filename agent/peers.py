@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from policy.perfmap import same_weights
+
 
 @dataclass(frozen=True, slots=True)
 class Peer:
@@ -64,7 +66,7 @@ class PeerTable:
 
         def same(p: Peer) -> bool:
             theirs = p.models.get(model)
-            return theirs is not None and abs(theirs - fingerprint) <= 1e-6 * max(1.0, abs(fingerprint))
+            return theirs is not None and same_weights(fingerprint, theirs)
 
         return [p for p in self.alive(now_s) if same(p)]
 

@@ -25,7 +25,7 @@ from typing import Any
 from agent.config import Broker
 from agent.energy import CpuModelMeter
 from engine.errors import BadRequest, PrismError
-from policy.perfmap import PerfMap
+from policy.perfmap import PerfMap, same_weights
 from policy.predict import fit_link_efficiency
 from policy.profile import Grid, Pass, Progress, energy_label, make_cell
 from transport.mqtt import MqttLink
@@ -66,9 +66,7 @@ def resolve(nodes: Sequence[Mapping[str, Any]], node: str, model: str, peers: st
     able = sorted(
         n
         for n in mine.get("peers", [])
-        if any(
-            abs(float(v) - fp) <= 1e-6 * max(1.0, abs(fp)) for v in health.get(n, {}).get("fingerprints", {}).values()
-        )
+        if any(same_weights(fp, float(v)) for v in health.get(n, {}).get("fingerprints", {}).values())
     )
     if peers.strip() == "auto":
         chosen = able

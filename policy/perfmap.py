@@ -108,6 +108,12 @@ class PerfMap:
             raise MapError(f"malformed performance map: {exc}") from None
 
 
+def same_weights(a: float, b: float) -> bool:
+    """Whether two weight fingerprints (``engine.models.fingerprint``) name the same weights, up to
+    the order floats were summed in."""
+    return abs(a - b) <= 1e-6 * max(1.0, abs(a))
+
+
 def hardware_fingerprint(threads: int, device: str = "cpu") -> dict[str, Any]:
     """What makes timings comparable: CPU (or GPU) model, cores, torch threads, torch version."""
     import torch
@@ -167,6 +173,6 @@ def mismatches(perf: PerfMap, hardware: dict[str, Any], models: dict[str, float]
     ]
     for name, fp in models.items():
         theirs = perf.models.get(name)
-        if theirs is not None and abs(theirs - fp) > 1e-6 * max(1.0, abs(fp)):
+        if theirs is not None and not same_weights(fp, theirs):
             out.append(f"model '{name}' was profiled with other weights")
     return out

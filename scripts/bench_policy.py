@@ -18,9 +18,7 @@ unless ``--map`` names one. Energy is a model, labelled as such: each rank's CPU
 from __future__ import annotations
 
 import argparse
-import base64
 import csv
-import io
 import json
 import statistics
 import subprocess
@@ -33,24 +31,13 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from agent.profile_peers import job_inputs  # noqa: E402
 from agent.testbed import Testbed  # noqa: E402
 
 
-def image_b64(seed: int) -> str:
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)  # coarse noise: a few kB as PNG, so batches fit the payload limit
-    small = Image.fromarray(rng.integers(0, 255, (28, 28, 3), dtype=np.uint8))
-    buf = io.BytesIO()
-    small.resize((224, 224), Image.NEAREST).save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
 def inputs_for(model: str, batch: int, seq: int) -> dict[str, Any]:
-    if "vit" in model:
-        return {"image": [image_b64(i) for i in range(batch)]}
-    return {"token_ids": [[101, *[110 + (i * 7 + k) % 800 for k in range(seq - 2)], 102] for i in range(batch)]}
+    vit = "vit" in model
+    return job_inputs("vit" if vit else "bert", batch, None if vit else seq)
 
 
 def option_fields(option: str, ranks: int) -> dict[str, Any]:
