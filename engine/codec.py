@@ -1,0 +1,207 @@
+"""Low-bit codes of hidden-state rows: the pure pieces of the ``codes`` exchange method.
+
+What a rank sends under ``method="codes"`` (research/codec.md): every row, rotated by a
+fixed random orthogonal matrix, as b-bit mid-rise uniform codes with one fp16 scale per
+row (row RMS x the Gaussian-optimal step for b bits), bit-packed into bytes. b and the
+number k of rows that get one bit more follow from the row count and the byte budget
+alone, so every rank computes them and nothing about them travels.
+
+Payload of one sender for one layer (uint8): ``[R fp16 scales][k rows x (b+1) bits][R-k
+rows x b bits]``, each part padded to whole bytes; rows in the order the caller gives.
+
+Everything here is a pure function of its arguments (the rotation is cached because it
+is a constant of ``(d, seed)``).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+
+from engine.errors import BadRequest
+
+#: Seed of the shared rotation: part of the wire format (every rank must build the same R).
+ROTATION_SEED = 0x5EED
+#: Widest and narrowest codes.
+MAX_BITS = 8
+MIN_BITS = 1
+#: Bytes of the per-row scale (fp16).
+SCALE_BYTES = 2
+#: Step, in units of the row RMS, of the MSE-optimal b-bit mid-rise uniform quantiser of
+#: a unit Gaussian (2^b levels at ±(j + ½)·step, outer cells open; Max 1960, recomputed).
+GAUSSIAN_STEP = {
+    1: 1.595769,
+    2: 0.995687,
+    3: 0.586019,
+    4: 0.335201,
+    5: 0.188139,
+    6: 0.104063,
+    7: 0.056868,
+    8: 0.030762,
+}
+#: Relative RMS error of that quantiser on Gaussian values (what a rotated row sees).
+GAUSSIAN_REL_ERROR = {1: 0.6028, 2: 0.3447, 3: 0.1935, 4: 0.1074, 5: 0.0591, 6: 0.0322, 7: 0.0174, 8: 0.0094}
+#: Largest finite fp16: row scales are clamped to it.
+FP16_MAX = 65504.0
+
+
+# -- the rotation -------------------------------------------------------------------------
+@functools.lru_cache(maxsize=8)
+def _rotation_cpu(d: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.randn(d, d, generator=gen, dtype=torch.float64)
+    q, r = torch.linalg.qr(g)
+    q = q * torch.sign(torch.diagonal(r)).unsqueeze(0)  # Haar-distributed, unique
+    return q.to(torch.float32)
+
+
+def rotation(d: int, seed: int = ROTATION_SEED, device: torch.device | None = None) -> torch.Tensor:
+    """The shared random orthogonal (d, d) fp32 matrix R; rows rotate as ``y = x @ R``.
+
+    Built on the CPU in float64 from a seeded generator, so every rank gets the same R
+    (to float precision across BLAS builds, which is all the receivers need).
+    """
+    r = _rotation_cpu(d, seed)
+    return r if device is None else r.to(device)
+
+
+# -- how many bits --------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Bits:
+    """Code widths of one payload: ``k`` rows of ``b + 1`` bits, then ``rows - k`` of ``b``."""
+
+    rows: int
+    d: int
+    b: int
+    k: int
+
+    def __post_init__(self) -> None:
+        assert MIN_BITS <= self.b <= MAX_BITS
+        assert 0 <= self.k <= self.rows
+        assert self.k == 0 or self.b < MAX_BITS
+
+    @property
+    def wide_bytes(self) -> int:
+        """Bytes of the packed (b + 1)-bit rows."""
+        return math.ceil(self.k * self.d * (self.b + 1) / 8)
+
+    @property
+    def narrow_bytes(self) -> int:
+        """Bytes of the packed b-bit rows."""
+        return math.ceil((self.rows - self.k) * self.d * self.b / 8)
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the whole payload: scales plus both packed groups."""
+        return SCALE_BYTES * self.rows + self.wide_bytes + self.narrow_bytes
+
+
+def bits_for_budget(rows: int, d: int, budget_bytes: int) -> Bits:
+    """The widest codes for ``rows`` rows of ``d`` values within ``budget_bytes``.
+
+    b is the largest value in 8..1 for which every row fits; leftover bytes give one
+    more bit to as many leading rows as fit (none at 8 bits). Raises ``BadRequest``
+    when even 1-bit codes do not fit.
+    """
+    for b in range(MAX_BITS, MIN_BITS - 1, -1):
+        if Bits(rows, d, b, 0).nbytes <= budget_bytes:
+            break
+    else:
+        need = Bits(rows, d, MIN_BITS, 0).nbytes
+        raise BadRequest(f"a byte budget of {budget_bytes} cannot carry {rows} rows at 1 bit (needs {need})")
+    if b == MAX_BITS or rows == 0:
+        return Bits(rows, d, b, 0)
+    spare_bits = 8 * (budget_bytes - Bits(rows, d, b, 0).nbytes)
+    k = min(rows, spare_bits // d)
+    while k > 0 and Bits(rows, d, b, k).nbytes > budget_bytes:  # byte rounding of two groups
+        k -= 1
+    return Bits(rows, d, b, k)
+
+
+def layer_budget(full_bytes: int, cr: float, n_layers: int) -> int:
+    """Byte budget of each coded layer (1..L-1) for a sender whose full exchange sends
+    ``full_bytes`` per layer: 1/CR of the full bytes of all L layers, spread over the
+    L - 1 layers that are sent (layer 0 is rebuilt from the inputs)."""
+    coded = n_layers - 1
+    if coded <= 0:
+        return 0
+    return math.floor(full_bytes * n_layers / (cr * coded))
+
+
+# -- quantise -------------------------------------------------------------------------------
+def row_scales(x: torch.Tensor) -> torch.Tensor:
+    """Per-row RMS of ``x`` (R, D) as fp16 (R,): the scale that travels."""
+    rms = x.float().pow(2).mean(dim=-1).sqrt()
+    return rms.clamp(max=FP16_MAX).to(torch.float16)
+
+
+def quantise(x: torch.Tensor, scales: torch.Tensor, b: int) -> torch.Tensor:
+    """b-bit mid-rise codes of ``x`` (R, D) with per-row ``scales`` (R,) -> uint8 (R, D)."""
+    step = scales.float().unsqueeze(-1) * GAUSSIAN_STEP[b]  # (R, 1)
+    safe = torch.where(step > 0, step, torch.ones_like(step))
+    half = 2 ** (b - 1)
+    codes = torch.floor(x.float() / safe) + half
+    codes = torch.where(step > 0, codes, torch.full_like(codes, half))
+    return codes.clamp(0, 2**b - 1).to(torch.uint8)
+
+
+def dequantise(codes: torch.Tensor, scales: torch.Tensor, b: int) -> torch.Tensor:
+    """Inverse of :func:`quantise` (to the cell centres): uint8 (R, D) -> fp32 (R, D)."""
+    step = scales.float().unsqueeze(-1) * GAUSSIAN_STEP[b]
+    return (codes.float() - (2 ** (b - 1) - 0.5)) * step
+
+
+# -- bit packing ----------------------------------------------------------------------------
+def pack(codes: torch.Tensor, b: int) -> torch.Tensor:
+    """Pack b-bit ``codes`` (any shape, uint8 < 2^b) into ``ceil(numel * b / 8)`` bytes, LSB first."""
+    flat = codes.reshape(-1)
+    shifts = torch.arange(b, dtype=torch.uint8, device=flat.device)
+    bits = ((flat.unsqueeze(-1) >> shifts) & 1).reshape(-1)  # (numel * b,) of 0/1
+    pad = (-bits.numel()) % 8
+    if pad:
+        bits = torch.cat([bits, bits.new_zeros(pad)])
+    weights = torch.arange(8, dtype=torch.uint8, device=flat.device)
+    return (bits.view(-1, 8) << weights).sum(dim=-1, dtype=torch.uint8)
+
+
+def unpack(packed: torch.Tensor, b: int, count: int) -> torch.Tensor:
+    """Inverse of :func:`pack`: the first ``count`` b-bit codes, uint8 (count,)."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    bits = ((packed.reshape(-1).unsqueeze(-1) >> shifts) & 1).reshape(-1)[: count * b]
+    weights = torch.arange(b, dtype=torch.uint8, device=packed.device)
+    return (bits.view(count, b) << weights).sum(dim=-1, dtype=torch.uint8)
+
+
+# -- one payload ----------------------------------------------------------------------------
+def encode(rows: torch.Tensor, bits: Bits) -> tuple[torch.Tensor, torch.Tensor]:
+    """Code ``rows`` (R, D) -> (payload uint8 (bits.nbytes,), the receivers' reconstruction fp32 (R, D))."""
+    assert rows.shape == (bits.rows, bits.d), (tuple(rows.shape), bits)
+    scales = row_scales(rows)  # (R,) fp16
+    parts, recon = [scales.view(torch.uint8)], []
+    for lo, hi, b in ((0, bits.k, bits.b + 1), (bits.k, bits.rows, bits.b)):
+        if hi > lo:
+            codes = quantise(rows[lo:hi], scales[lo:hi], b)
+            parts.append(pack(codes, b))
+            recon.append(dequantise(codes, scales[lo:hi], b))
+    payload = torch.cat(parts)
+    assert payload.numel() == bits.nbytes
+    out = torch.cat(recon) if recon else rows.new_zeros(0, bits.d, dtype=torch.float32)
+    return payload, out
+
+
+def decode(payload: torch.Tensor, bits: Bits) -> torch.Tensor:
+    """The reconstruction of a payload built by :func:`encode`: fp32 (R, D)."""
+    assert payload.numel() == bits.nbytes, (payload.numel(), bits)
+    flat = payload.reshape(-1)
+    head = SCALE_BYTES * bits.rows
+    scales = flat[:head].clone().view(torch.float16)  # clone: the piece may start at an odd offset
+    out, offset = [], head
+    for lo, hi, b, size in ((0, bits.k, bits.b + 1, bits.wide_bytes), (bits.k, bits.rows, bits.b, bits.narrow_bytes)):
+        if hi > lo:
+            codes = unpack(flat[offset : offset + size], b, (hi - lo) * bits.d).view(hi - lo, bits.d)
+            out.append(dequantise(codes, scales[lo:hi], b))
+        offset += size
+    return torch.cat(out) if out else torch.zeros(0, bits.d, device=payload.device)
