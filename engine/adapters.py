@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from engine.codec import rotation
 from engine.errors import BadRequest
 
 Tensors = dict[str, torch.Tensor]
@@ -53,6 +54,7 @@ class Adapter:
         first = next(model.parameters())
         self.dtype = first.dtype
         self.device = first.device
+        self._rotated_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # -- shapes and inputs ------------------------------------------------------------
     @property
@@ -83,8 +85,14 @@ class Adapter:
             return torch.ones(shapes.batch, shapes.n_tokens, dtype=torch.bool, device=self.device)
         return mask.bool()
 
-    def split_inputs(self, inputs: Tensors, spans: list[range]) -> tuple[Tensors, list[Tensors]]:
-        """(what every rank gets, what each rank gets) — token inputs are small, so shared."""
+    def split_inputs(
+        self, inputs: Tensors, spans: list[range], *, every_row: bool = False
+    ) -> tuple[Tensors, list[Tensors]]:
+        """(what every rank gets, what each rank gets) — token inputs are small, so shared.
+
+        ``every_row``: every rank must be able to embed every row (the ``codes`` method
+        rebuilds layer 0 of the other ranks' rows instead of receiving it).
+        """
         return dict(inputs), [{} for _ in spans]
 
     # -- the block, row-local ---------------------------------------------------------
@@ -103,6 +111,38 @@ class Adapter:
     def scaling(self, i: int) -> float:
         """Logit scale of layer i."""
         raise NotImplementedError
+
+    def kv_map(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer i's K and V projections as one affine map ``[K | V] = x @ W + b``: W (D, 2D), b (2D)."""
+        raise NotImplementedError
+
+    def head_dim(self, i: int) -> int:
+        """Width of one attention head of layer i."""
+        raise NotImplementedError
+
+    def rotated_kv(self, i: int, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V (B, heads, m, d) of rows given rotated, ``y = x @ R`` (B, m, D).
+
+        R is :func:`engine.codec.rotation`; its inverse is folded into layer i's K/V
+        weights (``R^T W``) once per layer and cached, so rotated rows cost what plain
+        rows cost.
+        """
+        w, b = self._folded_kv(i)
+        kv = y.to(w.dtype) @ w + b  # (B, m, 2D)
+        k, v = kv.chunk(2, dim=-1)
+        d = self.head_dim(i)
+        return heads(k, d), heads(v, d)
+
+    def _folded_kv(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        w, b = self.kv_map(i)
+        cached = self._rotated_kv.get(i)
+        if cached is None or cached[0].device != w.device or cached[0].dtype != w.dtype:
+            with torch.no_grad():
+                rot = rotation(w.shape[0]).to(device=w.device, dtype=torch.float64)
+                folded = (rot.T @ w.detach().double()).to(w.dtype)
+            cached = (folded, b.detach())
+            self._rotated_kv[i] = cached
+        return cached
 
     def finish(self, i: int, h: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
         """Output projection, residuals, norms and MLP of layer i; ctx (B, heads, n, d)."""
@@ -134,6 +174,13 @@ def heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
     """(B, n, h*d) -> (B, h, n, d)."""
     b, n, _ = x.shape
     return x.view(b, n, -1, head_dim).transpose(1, 2)
+
+
+def kv_affine(key: Any, value: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two ``nn.Linear`` (K and V) as one map ``x @ W + b``: W (D_in, 2 D_out), b (2 D_out)."""
+    w = torch.cat([key.weight.T, value.weight.T], dim=1)
+    biases = [lin.bias if lin.bias is not None else key.weight.new_zeros(lin.weight.shape[0]) for lin in (key, value)]
+    return w, torch.cat(biases)
 
 
 def merge_heads(ctx: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,17 @@ from typing import Any
 
 import torch
 
-from engine.adapters import Adapter, Shapes, Task, Tensors, first_row, heads, masked_mean, merge_heads
+from engine.adapters import (
+    Adapter,
+    Shapes,
+    Task,
+    Tensors,
+    first_row,
+    heads,
+    kv_affine,
+    masked_mean,
+    merge_heads,
+)
 from engine.errors import BadRequest, ModelError
 
 
@@ -46,6 +56,13 @@ class BertAdapter(Adapter):
 
     def scaling(self, i: int) -> float:
         return float(self.layers[i].attention.self.scaling)
+
+    def kv_map(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        att = self.layers[i].attention.self
+        return kv_affine(att.key, att.value)
+
+    def head_dim(self, i: int) -> int:
+        return int(self.layers[i].attention.self.attention_head_size)
 
     def finish(self, i: int, h: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
         layer = self.layers[i]

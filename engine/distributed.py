@@ -15,7 +15,7 @@ from typing import Protocol
 import torch
 
 from engine.adapters import Adapter, Tensors
-from engine.program import JobSpec, RankProgram
+from engine.program import JobSpec, RankProgram, split_inputs
 from engine.trace import RankTrace, RunResult
 
 
@@ -51,9 +51,8 @@ def run_rank(comm: Comm, adapter: Adapter, spec: JobSpec, inputs: Tensors | None
     with torch.inference_mode():
         if comm.rank == 0:
             assert inputs is not None, "rank 0 coordinates and must hold the inputs"
-            spans = [spec.plan.span(r) for r in range(spec.plan.ranks)]
             with trace.timing("compute"):
-                shared, local = adapter.split_inputs(inputs, spans)
+                shared, local = split_inputs(adapter, spec, inputs)
             comm.broadcast_tensors(shared)
             for r in range(1, spec.plan.ranks):
                 comm.send_tensors(local[r], r)
@@ -68,8 +67,10 @@ def run_rank(comm: Comm, adapter: Adapter, spec: JobSpec, inputs: Tensors | None
         for i in range(adapter.n_layers):
             with trace.timing("compute"):
                 x, z = prog.send(i, h)
-            shapes = [(spec.batch, prog.rows_from(q), z.shape[-1]) for q in prog.senders]
-            remote = comm.exchange(z, prog.receivers, prog.senders, shapes)
+            remote: list[torch.Tensor] = []
+            if prog.exchanges(i):
+                shapes = [prog.recv_shape(i, q) for q in prog.senders]
+                remote = comm.exchange(z, prog.receivers, prog.senders, shapes)
             with trace.timing("compute"):
                 h = prog.finish(i, h, x, remote)
         with trace.timing("compute"):

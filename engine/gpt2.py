@@ -48,6 +48,14 @@ class GPT2Adapter(Adapter):
     def scaling(self, i: int) -> float:
         return float(self.layers[i].attn.scaling)
 
+    def kv_map(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        att = self.layers[i].attn
+        width = att.split_size
+        return att.c_attn.weight[:, width:], att.c_attn.bias[width:]  # Conv1D: already x @ w + b
+
+    def head_dim(self, i: int) -> int:
+        return int(self.layers[i].attn.head_dim)
+
     def finish(self, i: int, h: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
         layer = self.layers[i]
         h = h + layer.attn.c_proj(merge_heads(ctx))

@@ -14,9 +14,10 @@ import torch
 
 from engine.adapters import Adapter, Shapes, Task, Tensors, place_rows
 from engine.attention import attend, key_bias
+from engine.coded import CodedRows, check_budget
 from engine.errors import BadRequest
 from engine.plan import PartitionPlan
-from engine.segments import Compression, SegmentLayout, layout
+from engine.segments import Compression, Method, SegmentLayout, layout
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,9 +36,25 @@ class JobSpec:
         """Batch and token count of the job."""
         return Shapes(self.batch, self.plan.n_tokens)
 
+    @property
+    def every_row_inputs(self) -> bool:
+        """Every rank needs the inputs of every row (``codes`` rebuilds layer 0 from them)."""
+        return self.comp.uses_codes
+
+
+def split_inputs(adapter: Adapter, spec: JobSpec, inputs: Tensors) -> tuple[Tensors, list[Tensors]]:
+    """(what every rank gets, what each rank gets) of ``inputs`` for ``spec``."""
+    spans = [spec.plan.span(r) for r in range(spec.plan.ranks)]
+    return adapter.split_inputs(inputs, spans, every_row=spec.every_row_inputs)
+
 
 class RankProgram:
-    """One rank's share of a job: embed its rows, then per layer send / finish."""
+    """One rank's share of a job: embed its rows, then per layer send / finish.
+
+    What travels per layer is :meth:`send`'s second value: segment means (B, L, D) in the
+    model's dtype, or under method ``codes`` a uint8 payload of coded rows
+    (:mod:`engine.coded`; none at layer 0). Every rank knows every payload's shape.
+    """
 
     def __init__(self, adapter: Adapter, spec: JobSpec, rank: int, shared: Tensors, local: Tensors) -> None:
         self.adapter = adapter
@@ -63,6 +80,11 @@ class RankProgram:
             causal=adapter.causal,
             dtype=adapter.dtype,
         ).to(device)
+        self.coded: CodedRows | None = None
+        if spec.comp.uses_codes:
+            self.coded = CodedRows(
+                adapter, spec.plan, spec.comp, spec.batch, rank, self.senders, self.receivers, shared
+            )
 
     @property
     def my_layout(self) -> SegmentLayout:
@@ -73,19 +95,36 @@ class RankProgram:
         """Rows per sample this rank receives from ``sender``."""
         return self.layouts[sender].n_segments
 
+    def exchanges(self, i: int) -> bool:
+        """Whether layer i moves anything between ranks (``codes`` rebuilds layer 0 instead)."""
+        return self.coded is None or i > 0
+
+    def recv_shape(self, i: int, sender: int) -> tuple[int, ...]:
+        """Shape of what this rank receives from ``sender`` at layer i."""
+        if self.coded is not None:
+            return (self.coded.payload_bytes(sender, i),)
+        return (self.spec.batch, self.rows_from(sender), self.adapter.hidden_size)
+
     def embed(self) -> torch.Tensor:
         """Embeddings of this rank's rows, (B, n, D)."""
         return self.adapter.embed(self.shared, self.local, self.span)
 
     def send(self, i: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer i's attention input x (B, n, D) and what to send of it, (B, L, D)."""
+        """Layer i's attention input x (B, n, D) and what to send of it (see the class)."""
         x = self.adapter.attn_input(i, h)
+        if self.coded is not None:
+            return x, self.coded.encode(i, x)
         return x, self.my_layout.means(x)
 
     def finish(self, i: int, h: torch.Tensor, x: torch.Tensor, remote: list[torch.Tensor]) -> torch.Tensor:
-        """Layer i given the rows received from ``self.senders`` (in that order)."""
-        unique = torch.cat([x, *remote], dim=1) if remote else x  # (B, n + sum L_q, D)
-        q, k, v = self.adapter.project(i, x, unique)
+        """Layer i given what was received from ``self.senders`` (in that order)."""
+        if self.coded is not None:
+            q, k, v = self.adapter.project(i, x, x)  # local rows
+            keys, values = self.coded.remote_kv(i, remote)  # (B, h, n_q, d) per sender
+            k, v = torch.cat([k, *keys], dim=2), torch.cat([v, *values], dim=2)
+        else:
+            unique = torch.cat([x, *remote], dim=1) if remote else x  # (B, n + sum L_q, D)
+            q, k, v = self.adapter.project(i, x, unique)
         ctx = attend(q, k, v, self.bias, self.adapter.scaling(i))  # (B, h, n, d)
         return self.adapter.finish(i, h, ctx)
 
@@ -115,6 +154,7 @@ def plan_job(
     plan = PartitionPlan.weighted(shapes.n_tokens, weights) if weights else PartitionPlan.equal(shapes.n_tokens, ranks)
     if plan.ranks != ranks:
         raise BadRequest(f"{len(weights or [])} rank weights given for {ranks} ranks")
+    check_budget(plan, comp, shapes.batch, adapter.hidden_size, adapter.n_layers)
     return JobSpec(model, task, plan, comp, shapes.batch, gather_hidden)
 
 
@@ -129,6 +169,7 @@ def spec_to_dict(spec: JobSpec) -> dict[str, Any]:
         "keep_first": comp.keep_first,
         "keep_last": comp.keep_last,
         "count_bias": comp.count_bias,
+        "method": comp.method.value,
         "batch": spec.batch,
         "gather_hidden": spec.gather_hidden,
     }
@@ -142,6 +183,7 @@ def spec_from_dict(data: dict[str, Any]) -> JobSpec:
             keep_first=bool(data["keep_first"]),
             keep_last=bool(data["keep_last"]),
             count_bias=bool(data["count_bias"]),
+            method=Method.parse(str(data.get("method", Method.MEANS.value))),
         )
         sizes = tuple(int(s) for s in data["sizes"])
         return JobSpec(

@@ -1,5 +1,8 @@
 """Segment Means: what a rank sends instead of its full attention input (DESIGN.md §3.3).
 
+(The other exchange method, ``codes``, sends every row in few bits: engine/codec.py and
+engine/coded.py. Here it only picks the method and, as its layout, full exchange's.)
+
 A rank's positions are cut into contiguous, near-equal segments of about ``cr`` tokens
 and only each segment's mean row travels, with its count of real tokens. Padding is
 left out of means and counts; a segment without real tokens has count 0 and is masked
@@ -12,6 +15,7 @@ so counts never need to travel.
 
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass
 
@@ -21,34 +25,68 @@ from engine.errors import BadRequest
 from engine.plan import PartitionPlan
 
 
+class Method(str, enum.Enum):
+    """What ranks send when they compress: segment means, or every row in few bits."""
+
+    MEANS = "means"  # Segment Means: ceil(n / CR) mean rows per rank (DESIGN.md §3.3)
+    CODES = "codes"  # every row, rotated, b-bit codes in 1/CR of the bytes (research/codec.md)
+
+    @classmethod
+    def parse(cls, value: str | Method) -> Method:
+        """``"means"`` / ``"codes"`` (or a Method) -> Method; anything else is a BadRequest."""
+        try:
+            return cls(value)
+        except ValueError:
+            names = ", ".join(m.value for m in cls)
+            raise BadRequest(f"unknown exchange method {value!r} (known: {names})") from None
+
+
 @dataclass(frozen=True, slots=True)
 class Compression:
     """How ranks compress what they exchange.
 
-    ``cr`` is tokens per segment; ``None`` means full exchange (exact rows, the
-    "Voltage" baseline). ``keep_first`` sends global position 0 (CLS) exactly;
-    ``keep_last`` sends each sample's last real token exactly ([SEP] in BERT).
-    ``count_bias`` adds ``log(count)`` to a segment's attention logit so it weighs as
-    the tokens it stands for (switch off only for ablation).
+    ``cr`` is the compression rate; ``None`` means full exchange (exact rows, the
+    "Voltage" baseline) whatever the method. ``method`` says what a CR means:
+
+    * ``means`` (default): CR is tokens per segment. ``keep_first`` sends global
+      position 0 (CLS) exactly; ``keep_last`` sends each sample's last real token
+      exactly ([SEP] in BERT). ``count_bias`` adds ``log(count)`` to a segment's
+      attention logit so it weighs as the tokens it stands for (switch off only for
+      ablation).
+    * ``codes``: CR is a byte budget, each rank sends at most 1/CR of its full-exchange
+      bytes (over the layers); every row travels in few bits. ``keep_first``,
+      ``keep_last`` and ``count_bias`` do not apply.
+
+    A string ``method`` is accepted and parsed (``Compression(cr=8, method="codes")``).
     """
 
     cr: float | None = None
     keep_first: bool = True
     keep_last: bool = False
     count_bias: bool = True
+    method: Method = Method.MEANS
 
     def __post_init__(self) -> None:
         if self.cr is not None and (not math.isfinite(self.cr) or self.cr < 1):
             raise BadRequest(f"compression rate must be a number >= 1 (or 'full'), got {self.cr}")
+        if not isinstance(self.method, Method):
+            object.__setattr__(self, "method", Method.parse(self.method))
 
     @property
     def is_full(self) -> bool:
         """True for exact full-tensor exchange."""
         return self.cr is None
 
+    @property
+    def uses_codes(self) -> bool:
+        """True when ranks send coded rows (method ``codes`` at some CR)."""
+        return self.method is Method.CODES and self.cr is not None
+
     def label(self) -> str:
-        """Short human name: ``full`` or ``cr=8``."""
-        return "full" if self.cr is None else f"cr={self.cr:g}"
+        """Short human name: ``full``, ``cr=8`` (Segment Means) or ``codes cr=8``."""
+        if self.cr is None:
+            return "full"
+        return f"codes cr={self.cr:g}" if self.uses_codes else f"cr={self.cr:g}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,10 +135,13 @@ def last_real_positions(mask: torch.Tensor) -> torch.Tensor:
 
 
 def layout(plan: PartitionPlan, rank: int, mask: torch.Tensor, comp: Compression) -> SegmentLayout:
-    """Segments rank ``rank`` sends for a batch whose real tokens are ``mask`` (B, N) bool."""
+    """Segments rank ``rank`` sends for a batch whose real tokens are ``mask`` (B, N) bool.
+
+    Full exchange and ``codes`` send every row: their layout is the identity.
+    """
     span = plan.span(rank)
     local_mask = mask[:, span.start : span.stop]  # (B, n)
-    if comp.cr is None:
+    if comp.cr is None or comp.uses_codes:
         return SegmentLayout(assign=None, counts=local_mask.to(torch.float32))
 
     batch, n = local_mask.shape

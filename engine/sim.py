@@ -7,7 +7,7 @@ import time
 import torch
 
 from engine.adapters import Adapter, Task, Tensors
-from engine.program import JobSpec, RankProgram
+from engine.program import JobSpec, RankProgram, split_inputs
 from engine.trace import RankTrace, RunResult
 
 
@@ -34,11 +34,10 @@ def run_simulated(adapter: Adapter, spec: JobSpec, inputs: Tensors) -> RunResult
     Bytes are those the GLOO runner would send; times are per simulated rank.
     """
     ranks = spec.plan.ranks
-    spans = [spec.plan.span(r) for r in range(ranks)]
     traces = [RankTrace(rank=r) for r in range(ranks)]
     start = time.perf_counter()
     with torch.inference_mode():
-        shared, local = adapter.split_inputs(inputs, spans)
+        shared, local = split_inputs(adapter, spec, inputs)
         progs = [RankProgram(adapter, spec, r, shared, local[r]) for r in range(ranks)]
         hs = []
         for prog, trace in zip(progs, traces, strict=True):

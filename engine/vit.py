@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from engine.adapters import Adapter, Shapes, Task, Tensors, first_row, heads, merge_heads
+from engine.adapters import Adapter, Shapes, Task, Tensors, first_row, heads, kv_affine, merge_heads
 from engine.errors import BadRequest, ModelError
 
 
@@ -41,23 +41,28 @@ class ViTAdapter(Adapter):
         n_patches = (self.image_hw[0] // self.patch) * (self.image_hw[1] // self.patch)
         return Shapes(int(pixels.shape[0]), n_patches + 1)
 
-    def split_inputs(self, inputs: Tensors, spans: list[range]) -> tuple[Tensors, list[Tensors]]:
-        """Each rank gets only the pixels of its own patches."""
-        px = inputs["pixel_values"]
+    def _patches(self, px: torch.Tensor, span: range) -> torch.Tensor:
+        """The pixels of the patches in ``span``: (B, m, C, p, p), patches in row-major order."""
         b, c, hgt, wid = px.shape
         p = self.patch
         patches = px.view(b, c, hgt // p, p, wid // p, p).permute(0, 2, 4, 1, 3, 5)
-        patches = patches.reshape(b, -1, c, p, p)  # (B, n_patches, C, p, p), row-major
-        local = []
-        for span in spans:
-            first = max(span.start, 1) - 1  # token t >= 1 is patch t - 1
-            local.append({"patches": patches[:, first : span.stop - 1].contiguous()})
-        return {}, local
+        patches = patches.reshape(b, -1, c, p, p)  # (B, n_patches, C, p, p)
+        first = max(span.start, 1) - 1  # token t >= 1 is patch t - 1
+        return patches[:, first : span.stop - 1].contiguous()
+
+    def split_inputs(
+        self, inputs: Tensors, spans: list[range], *, every_row: bool = False
+    ) -> tuple[Tensors, list[Tensors]]:
+        """Each rank gets only the pixels of its own patches, or (``every_row``) the whole image."""
+        px = inputs["pixel_values"]
+        if every_row:
+            return {"pixel_values": px}, [{} for _ in spans]
+        return {}, [{"patches": self._patches(px, span)} for span in spans]
 
     def embed(self, shared: Tensors, local: Tensors, span: range) -> torch.Tensor:
         emb = self.backbone.embeddings
-        patches = local["patches"]  # (B, m, C, p, p)
-        b, m = patches.shape[:2]
+        patches = local["patches"] if "patches" in local else self._patches(shared["pixel_values"], span)
+        b, m = patches.shape[:2]  # (B, m, C, p, p)
         rows = emb.patch_embeddings.projection(patches.flatten(0, 1)).view(b, m, self.hidden_size)  # (B, m, D)
         if span.start == 0:
             rows = torch.cat([emb.cls_token.expand(b, -1, -1), rows], dim=1)
@@ -73,6 +78,13 @@ class ViTAdapter(Adapter):
 
     def scaling(self, i: int) -> float:
         return float(self.layers[i].attention.scaling)
+
+    def kv_map(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        att = self.layers[i].attention
+        return kv_affine(att.k_proj, att.v_proj)
+
+    def head_dim(self, i: int) -> int:
+        return int(self.layers[i].attention.head_dim)
 
     def finish(self, i: int, h: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
         layer = self.layers[i]
