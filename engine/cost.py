@@ -3,6 +3,12 @@
 Single device: (4 + 2f)·N·D² + 2·N²·D. PRISM rank p with n_p local rows and R_p
 received rows: (2 + 2f)·n_p·D² + 2·(n_p + R_p)·D² + 2·n_p·(n_p + R_p)·D, where f is
 the FFN expansion (intermediate size / D).
+
+Segment Means receive R_p = sum of the other ranks' segments. Method ``codes`` sends
+every row, so receivers compute K/V for all of them as in full exchange (R^T is folded
+into W_k/W_v, so rotated rows cost nothing extra there); a rank with receivers also
+rotates its own rows, n_p·D² per block. Quantising, packing and rebuilding layer 0 from
+the inputs are O(n·D) and left out.
 """
 
 from __future__ import annotations
@@ -18,10 +24,12 @@ def block_macs_local(n: int, d: int, f: float) -> float:
     return (4 + 2 * f) * n * d * d + 2 * n * n * d
 
 
-def block_macs_rank(n_p: int, received: int, d: int, f: float) -> float:
-    """MACs of one block on a PRISM rank: Q/out/MLP on local rows, K/V on unique rows."""
+def block_macs_rank(n_p: int, received: int, d: int, f: float, *, rotates: bool = False) -> float:
+    """MACs of one block on a PRISM rank: Q/out/MLP on local rows, K/V on unique rows,
+    plus the rotation of its own rows when it sends codes (``rotates``)."""
     keys = n_p + received
-    return (2 + 2 * f) * n_p * d * d + 2 * keys * d * d + 2 * n_p * keys * d
+    rotation = n_p * d * d if rotates else 0
+    return (2 + 2 * f) * n_p * d * d + 2 * keys * d * d + 2 * n_p * keys * d + rotation
 
 
 def received_rows(plan: PartitionPlan, comp: Compression, causal: bool) -> list[int]:
@@ -35,5 +43,19 @@ def macs_reduction(plan: PartitionPlan, comp: Compression, d: int, f: float, cau
     """Per-device compute saved vs one device, averaged over ranks (the papers' figure)."""
     local = block_macs_local(plan.n_tokens, d, f)
     rows = received_rows(plan, comp, causal)
-    per_rank = [block_macs_rank(plan.sizes[p], rows[p], d, f) for p in range(plan.ranks)]
+    last = plan.ranks - 1
+    per_rank = [
+        block_macs_rank(plan.sizes[p], rows[p], d, f, rotates=comp.uses_codes and not (causal and p == last))
+        for p in range(plan.ranks)
+    ]
     return 1.0 - sum(per_rank) / len(per_rank) / local
+
+
+def full_exchange_bytes(plan: PartitionPlan, batch: int, d: int, n_layers: int, causal: bool, elem_bytes: int) -> int:
+    """Bytes full exchange moves over the group for a job, all ranks and layers together
+    (every rank sends its B·n_p rows of D values to each of its receivers, every layer)."""
+    total = 0
+    for q in range(plan.ranks):
+        receivers = plan.ranks - 1 - q if causal else plan.ranks - 1
+        total += batch * plan.sizes[q] * d * elem_bytes * receivers
+    return total * n_layers
