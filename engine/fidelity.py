@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch.nn.functional as F  # noqa: N812
 
-from engine.adapters import Task, Tensors
+from engine.adapters import Adapter, Task, Tensors
+from engine.cost import full_exchange_bytes
+from engine.program import JobSpec
+from engine.trace import RunResult
 
 #: The output each task is judged on.
 MAIN_OUTPUT = {
@@ -52,3 +56,28 @@ def compare(task: Task, reference: Tensors, got: Tensors) -> Fidelity:
     if key == "logits":
         top1 = float((ref.argmax(-1) == out.argmax(-1)).float().mean())
     return Fidelity(diff, cosine, top1)
+
+
+def full_bytes(adapter: Adapter, spec: JobSpec) -> int:
+    """Exchange bytes full exchange moves for ``spec`` on ``adapter`` (in the model's dtype),
+    exactly what a full-exchange run of the same job measures."""
+    elem = adapter.dtype.itemsize
+    return full_exchange_bytes(spec.plan, spec.batch, adapter.hidden_size, adapter.n_layers, adapter.causal, elem)
+
+
+def bytes_ratio(adapter: Adapter, spec: JobSpec, result: RunResult) -> float:
+    """Exchange bytes that crossed the group in ``result`` over full exchange's for the same job."""
+    full = full_bytes(adapter, spec)
+    return result.exchange_bytes / full if full else 0.0
+
+
+def job_fidelity(adapter: Adapter, spec: JobSpec, reference: Tensors, got: RunResult) -> dict[str, Any]:
+    """What ``fidelity`` reports for one job: :func:`compare` of ``got`` against the local
+    ``reference`` outputs, the method, and the bytes (measured, full exchange's, ratio)."""
+    return {
+        "method": spec.comp.method.value,
+        **compare(spec.task, reference, got.outputs).as_dict(),
+        "exchange_bytes": got.exchange_bytes,
+        "full_exchange_bytes": full_bytes(adapter, spec),
+        "bytes_ratio": bytes_ratio(adapter, spec, got),
+    }
