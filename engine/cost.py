@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from engine.coded import payload_bits
 from engine.plan import PartitionPlan
 from engine.segments import Compression, layout
 
@@ -51,11 +52,33 @@ def macs_reduction(plan: PartitionPlan, comp: Compression, d: int, f: float, cau
     return 1.0 - sum(per_rank) / len(per_rank) / local
 
 
+def _receivers(plan: PartitionPlan, sender: int, causal: bool) -> int:
+    return plan.ranks - 1 - sender if causal else plan.ranks - 1
+
+
 def full_exchange_bytes(plan: PartitionPlan, batch: int, d: int, n_layers: int, causal: bool, elem_bytes: int) -> int:
     """Bytes full exchange moves over the group for a job, all ranks and layers together
     (every rank sends its B·n_p rows of D values to each of its receivers, every layer)."""
     total = 0
     for q in range(plan.ranks):
-        receivers = plan.ranks - 1 - q if causal else plan.ranks - 1
-        total += batch * plan.sizes[q] * d * elem_bytes * receivers
+        total += batch * plan.sizes[q] * d * elem_bytes * _receivers(plan, q, causal)
     return total * n_layers
+
+
+def exchange_bytes(
+    plan: PartitionPlan, comp: Compression, mask: torch.Tensor, d: int, n_layers: int, causal: bool, elem_bytes: int
+) -> int:
+    """Exchange bytes a run of the job will measure (``RunResult.exchange_bytes``), from the
+    plan alone: segment rows in the model's dtype, or the codes' payloads. ``mask`` (B, N)
+    marks real tokens (it matters for ``keep_last``)."""
+    total = 0
+    for q in range(plan.ranks):
+        receivers = _receivers(plan, q, causal)
+        if comp.uses_codes:
+            if n_layers > 1:
+                bits = payload_bits(plan, comp, int(mask.shape[0]), q, d, n_layers)
+                total += bits.nbytes * (n_layers - 1) * receivers
+        else:
+            rows = layout(plan, q, mask, comp).n_segments
+            total += int(mask.shape[0]) * rows * d * elem_bytes * receivers * n_layers
+    return total

@@ -8,7 +8,7 @@ from typing import Any
 import torch.nn.functional as F  # noqa: N812
 
 from engine.adapters import Adapter, Task, Tensors
-from engine.cost import full_exchange_bytes
+from engine.cost import exchange_bytes, full_exchange_bytes
 from engine.program import JobSpec
 from engine.trace import RunResult
 
@@ -63,6 +63,14 @@ def full_bytes(adapter: Adapter, spec: JobSpec) -> int:
     exactly what a full-exchange run of the same job measures."""
     elem = adapter.dtype.itemsize
     return full_exchange_bytes(spec.plan, spec.batch, adapter.hidden_size, adapter.n_layers, adapter.causal, elem)
+
+
+def planned_bytes(adapter: Adapter, spec: JobSpec, inputs: Tensors) -> int:
+    """Exchange bytes a run of ``spec`` on ``inputs`` will measure, without running it."""
+    mask = adapter.token_mask(inputs, spec.shapes).cpu()
+    return exchange_bytes(
+        spec.plan, spec.comp, mask, adapter.hidden_size, adapter.n_layers, adapter.causal, adapter.dtype.itemsize
+    )
 
 
 def bytes_ratio(adapter: Adapter, spec: JobSpec, result: RunResult) -> float:

@@ -10,7 +10,7 @@ from engine.codec import GAUSSIAN_REL_ERROR, rotation
 from engine.coded import payload_bits
 from engine.cost import macs_reduction, received_rows
 from engine.errors import BadRequest
-from engine.fidelity import full_bytes, job_fidelity
+from engine.fidelity import full_bytes, job_fidelity, planned_bytes
 from engine.plan import PartitionPlan
 from engine.program import plan_job, spec_from_dict, spec_to_dict, split_inputs
 from engine.segments import Compression, Method
@@ -172,6 +172,18 @@ def test_full_bytes_is_what_full_exchange_measures(models: Models, name: str) ->
         report = job_fidelity(model.adapter, coded, ref, run_simulated(model.adapter, coded, inputs))
         assert report["method"] == "codes"
         assert 0.12 <= report["bytes_ratio"] <= 1 / 8
+
+
+@pytest.mark.parametrize(("name", "task", "key"), CASES)
+def test_planned_bytes_are_the_measured_bytes(models: Models, name: str, task: Task, key: str) -> None:
+    model = models(name)
+    inputs = inputs_for(model.adapter.family)
+    comps = [Compression(), Compression(cr=3.3, keep_last=True), Compression(cr=8, keep_first=False), codes(9.9)]
+    for ranks in (2, 4):
+        for comp in comps:
+            spec = plan_job(model.adapter, name, task, inputs, ranks=ranks, comp=comp)
+            measured = run_simulated(model.adapter, spec, inputs).exchange_bytes
+            assert planned_bytes(model.adapter, spec, inputs) == measured
 
 
 def test_gpt2_rank0_stays_exact_and_the_last_rank_sends_nothing(models: Models) -> None:
