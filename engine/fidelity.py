@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -9,8 +10,13 @@ import torch.nn.functional as F  # noqa: N812
 
 from engine.adapters import Adapter, Task, Tensors
 from engine.cost import exchange_bytes, full_exchange_bytes
-from engine.program import JobSpec
+from engine.program import JobSpec, plan_job
+from engine.segments import Compression
+from engine.sim import run_local, run_simulated
 from engine.trace import RunResult
+
+#: How a job is run for fidelity: in process by default, or e.g. on a LocalCluster.
+Runner = Callable[[JobSpec, Tensors], RunResult]
 
 #: The output each task is judged on.
 MAIN_OUTPUT = {
@@ -89,3 +95,25 @@ def job_fidelity(adapter: Adapter, spec: JobSpec, reference: Tensors, got: RunRe
         "full_exchange_bytes": full_bytes(adapter, spec),
         "bytes_ratio": bytes_ratio(adapter, spec, got),
     }
+
+
+def run_fidelity(
+    adapter: Adapter,
+    model: str,
+    task: Task,
+    inputs: Tensors,
+    *,
+    ranks: int,
+    comp: Compression,
+    runner: Runner | None = None,
+) -> dict[str, Any]:
+    """Run one job split over ``ranks`` with ``comp`` (its ``method`` included) and the plain
+    local model on the same ``inputs``; :func:`job_fidelity` of the two, plus batch and seq.
+
+    ``runner`` runs the spec (default: the in-process runner); the GLOO path passes e.g.
+    ``lambda spec, inputs: cluster.run(loaded, spec, inputs)``.
+    """
+    spec = plan_job(adapter, model, task, inputs, ranks=ranks, comp=comp)
+    reference = run_local(adapter, task, inputs)
+    got = (runner or (lambda s, x: run_simulated(adapter, s, x)))(spec, inputs)
+    return {"batch": spec.batch, "seq": spec.plan.n_tokens, **job_fidelity(adapter, spec, reference.outputs, got)}
