@@ -24,9 +24,10 @@ import numpy as np
 import torch
 
 from engine.adapters import Task, Tensors
+from engine.fidelity import full_bytes, planned_bytes
 from engine.models import LoadedModel
 from engine.program import plan_job
-from engine.segments import Compression
+from engine.segments import Compression, Method
 from engine.sim import run_simulated
 from engine.trace import RunResult
 
@@ -87,11 +88,15 @@ def str_list(text: str) -> list[str]:
 # -- settings -----------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class Setting:
-    """One point of a sweep: how many ranks, how they compress, and the variant's name."""
+    """One point of a sweep: how many ranks, how they compress, and the variant's name.
+
+    ``target`` names the byte budget a setting was chosen for (equal-bytes comparisons).
+    """
 
     ranks: int
     comp: Compression
     variant: str = "default"
+    target: str = ""
 
     @property
     def cr(self) -> str:
@@ -100,7 +105,10 @@ class Setting:
 
     def key(self) -> Row:
         """The columns that identify this setting in a result row."""
-        return {"P": self.ranks, "CR": self.cr, "variant": self.variant}
+        key: Row = {"P": self.ranks, "CR": self.cr, "variant": self.variant, "method": self.comp.method.value}
+        if self.target:
+            key["target"] = self.target
+        return key
 
 
 def sweep(crs: Sequence[float], ranks: Sequence[int], base: Compression) -> list[Setting]:
@@ -142,6 +150,87 @@ def simulate(
         gather_hidden=gather_hidden,
     )
     return run_simulated(model.adapter, spec, inputs)
+
+
+def planned_total(model: LoadedModel, task: Task, batches: Sequence[Tensors], ranks: int, comp: Compression) -> int:
+    """Exchange bytes a run of every batch at (``ranks``, ``comp``) will measure."""
+    total = 0
+    for inputs in batches:
+        spec = plan_job(model.adapter, model.name, task, inputs, ranks=ranks, comp=comp)
+        total += planned_bytes(model.adapter, spec, inputs)
+    return total
+
+
+def full_total(model: LoadedModel, task: Task, batches: Sequence[Tensors], ranks: int) -> int:
+    """Exchange bytes of full exchange over every batch."""
+    total = 0
+    for inputs in batches:
+        spec = plan_job(model.adapter, model.name, task, inputs, ranks=ranks, comp=Compression())
+        total += full_bytes(model.adapter, spec)
+    return total
+
+
+def means_cr_for_bytes(
+    model: LoadedModel, task: Task, batches: Sequence[Tensors], ranks: int, target: int, base: Compression
+) -> tuple[float, bool]:
+    """The Segment Means CR whose bytes over ``batches`` are the largest not above ``target``.
+
+    Bytes only fall as CR grows, so this is the smallest such CR (bisection, then rounded
+    up to 3 significant digits). Returns ``(cr, reached)``; when even one segment per
+    rank sends more than ``target``, the largest useful CR and ``False``.
+    """
+
+    def fits(cr: float) -> bool:
+        return planned_total(model, task, batches, ranks, replace(base, cr=cr, method=Method.MEANS)) <= target
+
+    n_tokens = max(model.adapter.shapes(b).n_tokens for b in batches)
+    hi = float(n_tokens)  # one segment per rank (plus exact rows): nothing sends less
+    if not fits(hi):
+        return hi, False
+    lo = 1.0
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+    digits = 2 - int(np.floor(np.log10(hi)))
+    nice = float(np.ceil(hi * 10**digits) / 10**digits)
+    return (nice if fits(nice) else hi), True
+
+
+def equal_bytes_settings(
+    model: LoadedModel,
+    task: Task,
+    batches: Sequence[Tensors],
+    ranks: Sequence[int],
+    fractions: Sequence[float],
+) -> list[Setting]:
+    """Full exchange, then per P and byte fraction f: codes at CR 1/f and Segment Means at
+    the CR whose measured bytes are closest to (not above) f of full exchange's."""
+    out: list[Setting] = []
+    for p in ranks:
+        out.append(Setting(p, Compression()))
+        full = full_total(model, task, batches, p)
+        for f in fractions:
+            label = fraction_label(f)
+            cr, reached = means_cr_for_bytes(model, task, batches, p, int(f * full), Compression())
+            variant = "default" if reached else "not reachable"
+            out.append(Setting(p, Compression(cr=cr), variant, label))
+            out.append(Setting(p, Compression(cr=1 / f, method=Method.CODES), "default", label))
+    return out
+
+
+def fraction_label(f: float) -> str:
+    """``0.125`` -> ``1/8``."""
+    return f"1/{1 / f:g}"
+
+
+def add_bytes_fraction(rows: list[Row], group: Sequence[str]) -> None:
+    """Set ``bytes_fraction`` = the row's measured bytes / full exchange's, within ``group``
+    (columns besides ``P`` that select comparable rows)."""
+    full = {tuple(r[k] for k in ("P", *group)): r["exchange_bytes"] for r in rows if r["CR"] == "full"}
+    for r in rows:
+        ref = full.get(tuple(r[k] for k in ("P", *group)))
+        if ref:
+            r["bytes_fraction"] = r["exchange_bytes"] / ref
 
 
 def batch_slices(n: int, size: int) -> Iterator[slice]:
