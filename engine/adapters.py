@@ -134,13 +134,14 @@ class Adapter:
         return heads(k, d), heads(v, d)
 
     def _folded_kv(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        w, b = self.kv_map(i)
+        # Weights are frozen for inference and an adapter never changes device or dtype
+        # (engine.models.to_device builds a new one), so layer i is folded once.
         cached = self._rotated_kv.get(i)
-        if cached is None or cached[0].device != w.device or cached[0].dtype != w.dtype:
+        if cached is None:
+            w, b = self.kv_map(i)
             with torch.no_grad():
                 rot = rotation(w.shape[0]).to(device=w.device, dtype=torch.float64)
-                folded = (rot.T @ w.detach().double()).to(w.dtype)
-            cached = (folded, b.detach())
+                cached = ((rot.T @ w.detach().double()).to(w.dtype), b.detach().clone())
             self._rotated_kv[i] = cached
         return cached
 
