@@ -12,7 +12,7 @@ from engine.cost import macs_reduction, received_rows
 from engine.errors import BadRequest
 from engine.fidelity import full_bytes, job_fidelity, planned_bytes
 from engine.plan import PartitionPlan
-from engine.program import plan_job, spec_from_dict, spec_to_dict, split_inputs
+from engine.program import RankProgram, plan_job, spec_from_dict, spec_to_dict, split_inputs
 from engine.segments import Compression, Method
 from engine.sim import run_local, run_simulated
 from tests.conftest import Models, inputs_for, max_diff
@@ -92,6 +92,24 @@ def test_vit_ranks_get_the_whole_image_under_codes(models: Models) -> None:
             span = coded.plan.span(r)
             own = adapter.embed(shared_m, local_m[r], span)
             assert torch.equal(adapter.embed(shared_c, local_c[r], span), own)
+
+
+def test_payloads_are_packed_bytes_of_a_size_every_rank_knows(models: Models) -> None:
+    adapter = models("tiny-bert").adapter
+    inputs = inputs_for("bert")
+    spec = plan_job(adapter, "tiny-bert", Task.EMBED, inputs, ranks=2, comp=codes(8))
+    shared, local = split_inputs(adapter, spec, inputs)
+    with torch.inference_mode():
+        sender, receiver = (RankProgram(adapter, spec, r, shared, local[r]) for r in range(2))
+        h = sender.embed()
+        x, first = sender.send(0, h)
+        assert first.numel() == 0  # layer 0 is rebuilt, not sent
+        assert not sender.exchanges(0)
+        h = sender.finish(0, h, x, [receiver.send(0, receiver.embed())[1]])
+        _, payload = sender.send(1, h)
+    assert payload.dtype == torch.uint8
+    assert sender.exchanges(1)
+    assert receiver.recv_shape(1, 0) == tuple(payload.shape) == (sender.coded.payload_bytes(0, 1),)  # type: ignore[union-attr]
 
 
 # -- runs -------------------------------------------------------------------------------------
