@@ -18,8 +18,9 @@ import structlog
 
 from agent.config import Settings, pick_device
 from agent.peers import Peer
+from engine.weights import same_weights
 from policy.decide import Decision, PeerLink, Policy, Request, decide
-from policy.perfmap import MapError, PerfMap, hardware_fingerprint, load_map, mismatches, same_weights, save_map
+from policy.perfmap import MapError, PerfMap, hardware_fingerprint, load_map, mismatches, save_map
 from policy.predict import refine
 
 log = structlog.get_logger("prism.policy")

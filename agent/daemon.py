@@ -34,7 +34,6 @@ from agent.config import ConfigError, Settings, mqtt_credentials, pick_device, t
 from agent.discovery import Discovery, advert
 from agent.energy import find_meter
 from agent.groups import GroupManager
-from agent.localcluster import free_port
 from agent.monitors import LinkTable, read_load
 from agent.peers import Peer, PeerTable
 from agent.probe import ProbeServer, probe
@@ -42,6 +41,7 @@ from agent.replies import Outbox, Recent, Reply, job_key
 from agent.sdnotify import Notifier
 from agent.service import JobService, Served
 from engine.adapters import Tensors
+from engine.localcluster import free_port
 from engine.models import fingerprint, load, to_device
 from engine.program import JobSpec
 from engine.trace import RunResult

@@ -21,8 +21,8 @@ import torch
 from agent import logs
 from agent.broker import HostedBroker
 from agent.client import peers, submit
-from agent.localcluster import free_port
 from engine.corpus import english_sentences
+from engine.localcluster import free_port
 
 NODES = ("demo-a", "demo-b")
 

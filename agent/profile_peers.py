@@ -25,7 +25,8 @@ from typing import Any
 from agent.config import Broker
 from agent.energy import CpuModelMeter
 from engine.errors import BadRequest, PrismError
-from policy.perfmap import PerfMap, same_weights
+from engine.weights import same_weights
+from policy.perfmap import PerfMap
 from policy.predict import fit_link_efficiency
 from policy.profile import Grid, Pass, Progress, energy_label, make_cell
 from transport.mqtt import MqttLink

@@ -79,7 +79,7 @@ def test_probe_measures_rtt_and_bandwidth_on_loopback() -> None:
 
 
 def test_probe_to_nothing_fails_quickly() -> None:
-    from agent.localcluster import free_port
+    from engine.localcluster import free_port
 
     with pytest.raises(ConnectionRefusedError):
         asyncio.run(probe("127.0.0.1", free_port(), timeout_s=2))
