@@ -21,9 +21,9 @@ from typing import Any
 
 import structlog
 
-from agent.admission import Admission
-from agent.peers import Peer
-from agent.service import Served
+from agent.cluster.admission import Admission
+from agent.cluster.peers import Peer
+from agent.jobs.service import Served
 from engine.adapters import Tensors
 from engine.distributed import run_rank
 from engine.errors import GroupError, PrismError

@@ -17,12 +17,12 @@ from typing import Any, Protocol
 
 import structlog
 
-from agent.autopolicy import AutoPolicy
-from agent.config import ModelSpec, Settings
-from agent.energy import CpuModelMeter, Meter
-from agent.jobinputs import to_output, to_tensors
-from agent.monitors import read_load
-from agent.peers import Peer
+from agent.cluster.peers import Peer
+from agent.jobs.auto import AutoPolicy
+from agent.jobs.inputs import to_output, to_tensors
+from agent.node.config import ModelSpec, Settings
+from agent.node.energy import CpuModelMeter, Meter
+from agent.node.monitors import read_load
 from engine.adapters import Task, Tensors
 from engine.errors import BadRequest, PrismError
 from engine.models import LoadedModel

@@ -20,7 +20,7 @@ from typing import TextIO
 
 import torch
 
-from agent.energy import CpuModelMeter, Meter, find_meter
+from agent.node.energy import CpuModelMeter, Meter, find_meter
 from engine.adapters import Task, Tensors
 from engine.inputs import make_inputs
 from engine.localcluster import ClusterConfig, LocalCluster
