@@ -17,7 +17,7 @@ import aiomqtt
 import structlog
 
 from agent.compat import BaseExceptionGroup, TaskGroup
-from agent.config import Broker, Settings, mqtt_credentials, tls_context
+from agent.node.config import Broker, Settings, mqtt_credentials, tls_context
 from engine.errors import BadRequest
 from transport.mqtt import NO_SUBSCRIBERS, MqttLink, Topics, TransportError, backoff_s, transport_error
 

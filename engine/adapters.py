@@ -67,6 +67,10 @@ class Adapter:
         """Model width D."""
         return int(self.config.hidden_size)
 
+    def default_task(self) -> Task:
+        """What a job without a ``task`` asks of this model."""
+        return self.tasks[0]
+
     def check_task(self, task: Task) -> None:
         """Raise ``BadRequest`` unless this model can do ``task``."""
         if task not in self.tasks:

@@ -33,6 +33,10 @@ class BertAdapter(Adapter):
         if getattr(self.config, "is_decoder", False) or getattr(self.config, "add_cross_attention", False):
             raise ModelError("BERT decoder / cross-attention configs are not supported (encoders only)")
 
+    def default_task(self) -> Task:
+        """Classification when the model has a head, else mean-pooled embeddings."""
+        return Task.CLASSIFY if self.classifier is not None else Task.EMBED
+
     def check_task(self, task: Task) -> None:
         super().check_task(task)
         if task is Task.CLASSIFY and (self.classifier is None or self.backbone.pooler is None):

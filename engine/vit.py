@@ -28,6 +28,10 @@ class ViTAdapter(Adapter):
         if self.image_hw[0] % self.patch or self.image_hw[1] % self.patch:
             raise ModelError(f"ViT image size {self.image_hw} is not a whole number of {self.patch}-pixel patches")
 
+    def default_task(self) -> Task:
+        """Classification when the model has a head, else CLS features."""
+        return Task.CLASSIFY if self.classifier is not None else Task.FEATURES
+
     def check_task(self, task: Task) -> None:
         super().check_task(task)
         if task is Task.CLASSIFY and self.classifier is None:

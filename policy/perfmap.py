@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import PrismError
+from engine.weights import same_weights
 
 MAP_VERSION = 1
 MODES = ("local", "full", "prism")
@@ -106,12 +107,6 @@ class PerfMap:
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise MapError(f"malformed performance map: {exc}") from None
-
-
-def same_weights(a: float, b: float) -> bool:
-    """Whether two weight fingerprints (``engine.models.fingerprint``) name the same weights, up to
-    the order floats were summed in."""
-    return abs(a - b) <= 1e-6 * max(1.0, abs(a))
 
 
 def hardware_fingerprint(threads: int, device: str = "cpu") -> dict[str, Any]:

@@ -23,8 +23,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from agent.broker import mosquitto_binary  # noqa: E402
-from agent.localcluster import free_port  # noqa: E402
+from agent.node.broker import mosquitto_binary  # noqa: E402
+from engine.localcluster import free_port  # noqa: E402
 from transport.mqtt import MqttLink  # noqa: E402
 
 

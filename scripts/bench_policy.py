@@ -31,8 +31,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from agent.profile_peers import job_inputs  # noqa: E402
-from agent.testbed import Testbed  # noqa: E402
+from agent.profiling.peers import job_inputs  # noqa: E402
+from testbed.bed import Testbed  # noqa: E402
 
 
 def inputs_for(model: str, batch: int, seq: int) -> dict[str, Any]:

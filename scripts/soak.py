@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent.testbed import REPO, Testbed, bed_with_agents, netns_unavailable, rss_kib
+from testbed.bed import REPO, Testbed, bed_with_agents, netns_unavailable, rss_kib
 
 WARMUP_S = 30.0
 
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     duration = ns.minutes * 60
     with bed_with_agents(3, cluster="soak") as bed:
         pid = bed.procs["h0"].pid
-        stream_cmd = [sys.executable, "-m", "agent.testbed", "stream", "--host", bed.address(0)]
+        stream_cmd = [sys.executable, "-m", "testbed.clients", "stream", "--host", bed.address(0)]
         stream_cmd += ["--cluster", bed.cluster, "--node", "h0", "--rate", str(ns.rate), "--duration", str(duration)]
         out_path = bed.workdir / "stream.json"
         with out_path.open("wb") as out:

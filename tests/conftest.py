@@ -10,8 +10,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
-from agent.localcluster import ClusterConfig, LocalCluster
 from engine.adapters import Tensors
+from engine.localcluster import ClusterConfig, LocalCluster
 from engine.models import LoadedModel, load
 
 

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from agent.localcluster import free_port
+from engine.localcluster import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,11 +1,11 @@
-"""The namespace test bed lives in :mod:`agent.testbed` (also ``prism-agent testbed``);
+"""The namespace test bed lives in :mod:`testbed.bed` (also ``prism-agent testbed``);
 the tests import it from here."""
 
 from __future__ import annotations
 
 import pytest
 
-from agent.testbed import Testbed, TestbedError, Watch, netns_unavailable, rss_kib, sh
+from testbed.bed import Testbed, TestbedError, Watch, netns_unavailable, rss_kib, sh
 
 __all__ = ["Testbed", "TestbedError", "Watch", "netns_unavailable", "require_netns", "rss_kib", "sh"]
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from agent.client import stream
-from agent.config import Broker
+from agent.node.config import Broker
 from tests.mqtt_env import Mosquitto, agent, mosquitto_process, wait_online
 
 pytestmark = pytest.mark.mqtt

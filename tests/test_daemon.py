@@ -169,7 +169,7 @@ def test_sigterm_publishes_offline_notifies_systemd_and_exits_zero(broker: int) 
 def test_agent_reconnects_and_resubscribes_after_the_broker_restarts() -> None:
     import time
 
-    from agent.localcluster import free_port
+    from engine.localcluster import free_port
     from tests.mqtt_env import wait_online
 
     port = free_port()

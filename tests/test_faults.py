@@ -24,7 +24,7 @@ from typing import Any
 import msgpack
 import pytest
 
-from agent.testbed import REPO, Testbed, Watch, rss_kib
+from testbed.bed import REPO, Testbed, Watch, rss_kib
 from tests.netns import require_netns
 from tests.test_fuzz_agent import CLUSTER as FUZZ_CLUSTER
 from tests.test_fuzz_agent import hostile_messages
@@ -96,7 +96,7 @@ def blast(bed: Testbed, items: list[list[Any]], timeout_s: float) -> dict[str, A
     """Publish every item ([payload, id or None, topic?]) at once from host 0; results by id."""
     path = bed.workdir / f"payloads-{time.monotonic_ns()}.msgpack"
     path.write_bytes(msgpack.packb(items))
-    cmd = [sys.executable, "-m", "agent.testbed", "blast", "--host", bed.address(0), "--payloads", str(path)]
+    cmd = [sys.executable, "-m", "testbed.clients", "blast", "--host", bed.address(0), "--payloads", str(path)]
     cmd += ["--topic", bed.topic("nodes/h0/jobs"), "--results", bed.topic("results/+"), "--timeout", str(timeout_s)]
     done = bed.exec(0, *cmd, capture_output=True, text=True, cwd=REPO, timeout=timeout_s + 120)
     path.unlink()

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from agent.localcluster import LocalCluster
 from engine.adapters import Task
 from engine.errors import BadRequest, GroupError
+from engine.localcluster import LocalCluster
 from engine.models import LoadedModel
 from engine.program import plan_job
 from engine.segments import Compression
@@ -127,7 +127,7 @@ def test_a_killed_worker_fails_the_job_and_the_cluster_recovers(models: Models) 
     import os
     import signal
 
-    from agent.localcluster import ClusterConfig
+    from engine.localcluster import ClusterConfig
 
     model = models("tiny-bert")
     inputs = inputs_for("bert")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from agent.engine_cmds import JobArgs, bench_engine
+from agent.cli.engine_cmds import JobArgs, bench_engine
 from engine.segments import Compression
 
 pytestmark = pytest.mark.gloo

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.monitors import LinkTable, read_load
-from agent.probe import ProbeServer, probe
+from agent.cluster.probes import ProbeServer, probe
+from agent.node.monitors import LinkTable, read_load
 
 
 def fake_root(tmp_path: Path, gpu: str | None) -> Path:
@@ -79,7 +79,7 @@ def test_probe_measures_rtt_and_bandwidth_on_loopback() -> None:
 
 
 def test_probe_to_nothing_fails_quickly() -> None:
-    from agent.localcluster import free_port
+    from engine.localcluster import free_port
 
     with pytest.raises(ConnectionRefusedError):
         asyncio.run(probe("127.0.0.1", free_port(), timeout_s=2))

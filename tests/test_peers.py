@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from agent.peers import Peer, PeerTable
-from agent.service import choose
+from agent.cluster.peers import Peer, PeerTable
+from agent.jobs.service import choose
 from engine.errors import BadRequest
 from engine.program import JobSpec, spec_from_dict, spec_to_dict
 from transport.schema import Limits, parse_job

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from agent.profile_peers import job_inputs, option_fields, resolve
+from agent.profiling.peers import job_inputs, option_fields, resolve
 from engine.errors import BadRequest
 
 HW = {"cpu": "x", "cores": 2, "threads": 1, "device": "cpu", "gpu": None}

@@ -6,7 +6,7 @@ import asyncio
 
 from structlog.testing import capture_logs
 
-from agent.replies import Outbox, Recent, Reply, job_key
+from agent.jobs.replies import Outbox, Recent, Reply, job_key
 
 
 def test_a_redelivered_job_is_known_in_flight_then_answered() -> None:

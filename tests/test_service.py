@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from agent.config import ModelSpec, Settings
-from agent.service import JobService, Served
+from agent.jobs.service import JobService, Served
+from agent.node.config import ModelSpec, Settings
 from tests.conftest import Models
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.install import install, render_unit
+from agent.node.install import install, render_unit
 
 
 @pytest.fixture
@@ -63,7 +63,7 @@ def test_install_writes_config_env_and_unit(tmp_path: Path) -> None:
 
 
 def test_the_shipped_example_config_loads() -> None:
-    from agent.config import load_settings
+    from agent.node.config import load_settings
 
     settings = load_settings(Path(__file__).resolve().parents[1] / "systemd" / "agent.toml", {}, {})
     assert [m.name for m in settings.models] == ["minilm"]

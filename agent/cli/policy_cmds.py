@@ -98,8 +98,8 @@ def run_cli(ns: argparse.Namespace) -> int:
 
 
 def _profile(ns: argparse.Namespace) -> int:
+    from agent.profiling.loopback import Grid, profile_loopback
     from policy.perfmap import save_map
-    from policy.profile import Grid, profile_loopback
     from policy.report import table
 
     if ns.ranks is not None and ns.ranks < 2:
@@ -125,14 +125,14 @@ def _profile(ns: argparse.Namespace) -> int:
 def _profile_peers(
     ns: argparse.Namespace, batches: tuple[int, ...], crs: tuple[float | None, ...], repeat: int
 ) -> tuple[Any, Any]:
-    """The map measured through the agents (agent.profile_peers)."""
+    """The map measured through the agents (agent.profiling.peers)."""
     import asyncio
     import os
 
     from agent.client import client_auth, peers
-    from agent.config import load_settings, parse_broker
-    from agent.profile_peers import profile_peers, resolve
-    from policy.profile import Grid
+    from agent.node.config import load_settings, parse_broker
+    from agent.profiling.loopback import Grid
+    from agent.profiling.peers import profile_peers, resolve
 
     _positive(ns.timeout, "timeout")
     settings = load_settings(None, os.environ, {"broker": ns.broker})

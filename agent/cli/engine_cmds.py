@@ -9,11 +9,11 @@ from typing import Any
 
 import torch
 
-from agent.localcluster import ClusterConfig, LocalCluster
 from engine.adapters import Task, Tensors
 from engine.cost import macs_reduction
 from engine.fidelity import compare
 from engine.inputs import make_inputs
+from engine.localcluster import ClusterConfig, LocalCluster
 from engine.models import LoadedModel, load
 from engine.program import JobSpec, plan_job
 from engine.segments import Compression
@@ -34,20 +34,10 @@ class JobArgs:
     seed: int = 0
 
 
-def default_task(model: LoadedModel) -> Task:
-    """Classification where the model has a head, else embeddings; next token for GPT-2."""
-    adapter = model.adapter
-    if adapter.family == "gpt2":
-        return Task.NEXT_TOKEN
-    if getattr(adapter, "classifier", None) is not None:
-        return Task.CLASSIFY
-    return Task.FEATURES if adapter.family == "vit" else Task.EMBED
-
-
 def prepare(args: JobArgs) -> tuple[LoadedModel, Task, Tensors, JobSpec]:
     """Load the model, build inputs and the job spec."""
     model = load(args.model)
-    task = Task(args.task) if args.task else default_task(model)
+    task = Task(args.task) if args.task else model.adapter.default_task()
     inputs = make_inputs(model, args.batch, args.seq, args.seed)
     spec = plan_job(model.adapter, model.name, task, inputs, ranks=args.ranks, comp=args.comp)
     return model, task, inputs, spec
@@ -138,7 +128,7 @@ def demo(model_name: str, batch: int, crs: list[float]) -> list[dict[str, Any]]:
     """One model run locally and split over two real GLOO processes, mode by mode."""
     torch.set_num_threads(1)
     model = load(model_name)
-    task = default_task(model)
+    task = model.adapter.default_task()
     inputs = make_inputs(model, batch)
     ref_ms, ref = _timed(lambda: run_local(model.adapter, task, inputs), 1, 3)
     same = compare(task, ref.outputs, ref.outputs)

@@ -14,7 +14,7 @@ import secrets
 from collections.abc import Mapping
 from pathlib import Path
 
-from agent.config import ConfigError
+from agent.node.config import ConfigError
 
 PROOF_FIELDS = ("ts", "nonce", "proof")
 

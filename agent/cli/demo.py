@@ -18,11 +18,11 @@ from typing import Any
 
 import torch
 
-from agent import logs
-from agent.broker import HostedBroker
 from agent.client import peers, submit
-from agent.localcluster import free_port
+from agent.node import logs
+from agent.node.broker import HostedBroker
 from engine.corpus import english_sentences
+from engine.localcluster import free_port
 
 NODES = ("demo-a", "demo-b")
 

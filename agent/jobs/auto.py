@@ -16,10 +16,11 @@ from typing import Any
 
 import structlog
 
-from agent.config import Settings, pick_device
-from agent.peers import Peer
+from agent.cluster.peers import Peer
+from agent.node.config import Settings, pick_device
+from engine.weights import same_weights
 from policy.decide import Decision, PeerLink, Policy, Request, decide
-from policy.perfmap import MapError, PerfMap, hardware_fingerprint, load_map, mismatches, same_weights, save_map
+from policy.perfmap import MapError, PerfMap, hardware_fingerprint, load_map, mismatches, save_map
 from policy.predict import refine
 
 log = structlog.get_logger("prism.policy")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from policy.perfmap import same_weights
+from engine.weights import same_weights
 
 
 @dataclass(frozen=True, slots=True)

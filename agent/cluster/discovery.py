@@ -18,8 +18,8 @@ import structlog
 from zeroconf import IPVersion, ServiceStateChange
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
-from agent.admission import Admission
-from agent.peers import Peer, PeerTable
+from agent.cluster.admission import Admission
+from agent.cluster.peers import Peer, PeerTable
 
 SERVICE = "_prism._tcp.local."
 RESOLVE_TIMEOUT_MS = 3000

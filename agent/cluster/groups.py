@@ -21,13 +21,13 @@ from typing import Any
 
 import structlog
 
-from agent.admission import Admission
-from agent.localcluster import free_port
-from agent.peers import Peer
-from agent.service import Served
+from agent.cluster.admission import Admission
+from agent.cluster.peers import Peer
+from agent.jobs.service import Served
 from engine.adapters import Tensors
 from engine.distributed import run_rank
 from engine.errors import GroupError, PrismError
+from engine.localcluster import free_port
 from engine.program import JobSpec, spec_from_dict, spec_to_dict
 from engine.trace import RunResult
 from transport.gloo import GlooComm, connect_store, make_group

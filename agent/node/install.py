@@ -20,7 +20,7 @@ class InstallError(PrismError):
 
 
 def _template(name: str) -> str:
-    path = Path(__file__).resolve().parents[1] / "systemd" / name
+    path = Path(__file__).resolve().parents[2] / "systemd" / name
     if not path.is_file():
         raise InstallError(f"{path} is missing: install-service runs from a checkout (scripts/setup.sh)")
     return path.read_text()

@@ -26,22 +26,22 @@ from typing import Any
 import aiomqtt
 import structlog
 
-from agent.admission import Admission, read_secret
-from agent.autopolicy import AutoPolicy
-from agent.broker import HostedBroker, find_broker, port_free
+from agent.cluster.admission import Admission, read_secret
+from agent.cluster.discovery import Discovery, advert
+from agent.cluster.groups import GroupManager
+from agent.cluster.peers import Peer, PeerTable
+from agent.cluster.probes import ProbeServer, probe
 from agent.compat import BaseExceptionGroup, TaskGroup
-from agent.config import ConfigError, Settings, mqtt_credentials, pick_device, tls_context
-from agent.discovery import Discovery, advert
-from agent.energy import find_meter
-from agent.groups import GroupManager
-from agent.localcluster import free_port
-from agent.monitors import LinkTable, read_load
-from agent.peers import Peer, PeerTable
-from agent.probe import ProbeServer, probe
-from agent.replies import Outbox, Recent, Reply, job_key
-from agent.sdnotify import Notifier
-from agent.service import JobService, Served
+from agent.jobs.auto import AutoPolicy
+from agent.jobs.replies import Outbox, Recent, Reply, job_key
+from agent.jobs.service import JobService, Served
+from agent.node.broker import HostedBroker, find_broker, port_free
+from agent.node.config import ConfigError, Settings, mqtt_credentials, pick_device, tls_context
+from agent.node.energy import find_meter
+from agent.node.monitors import LinkTable, read_load
+from agent.node.sdnotify import Notifier
 from engine.adapters import Tensors
+from engine.localcluster import free_port
 from engine.models import fingerprint, load, to_device
 from engine.program import JobSpec
 from engine.trace import RunResult

@@ -17,13 +17,12 @@ from typing import Any, Protocol
 
 import structlog
 
-from agent.autopolicy import AutoPolicy
-from agent.config import ModelSpec, Settings
-from agent.energy import CpuModelMeter, Meter
-from agent.engine_cmds import default_task
-from agent.jobinputs import to_output, to_tensors
-from agent.monitors import read_load
-from agent.peers import Peer
+from agent.cluster.peers import Peer
+from agent.jobs.auto import AutoPolicy
+from agent.jobs.inputs import to_output, to_tensors
+from agent.node.config import ModelSpec, Settings
+from agent.node.energy import CpuModelMeter, Meter
+from agent.node.monitors import read_load
 from engine.adapters import Task, Tensors
 from engine.errors import BadRequest, PrismError
 from engine.models import LoadedModel
@@ -161,7 +160,7 @@ class JobService:
             return self._fail(job.id, "unknown_model", f"this node has no model '{job.model}' (it serves: {known})")
         model = served.model
         try:
-            task = Task(job.task or served.spec.task or default_task(model).value)
+            task = Task(job.task or served.spec.task or model.adapter.default_task().value)
         except ValueError:
             return self._fail(job.id, "invalid_job", f"unknown task '{job.task}'")
         try:

@@ -20,11 +20,10 @@ from typing import TextIO
 
 import torch
 
-from agent.energy import CpuModelMeter, Meter, find_meter
-from agent.engine_cmds import default_task
-from agent.localcluster import ClusterConfig, LocalCluster
+from agent.node.energy import CpuModelMeter, Meter, find_meter
 from engine.adapters import Task, Tensors
 from engine.inputs import make_inputs
+from engine.localcluster import ClusterConfig, LocalCluster
 from engine.models import LoadedModel, fingerprint, load
 from engine.program import plan_job
 from engine.segments import Compression
@@ -203,7 +202,7 @@ def profile_loopback(grid: Grid, progress: Progress | None = None) -> PerfMap:
     torch.set_num_threads(1)
     progress = progress or Progress(grid.passes)
     model: LoadedModel = load(grid.model)
-    task = default_task(model)
+    task = model.adapter.default_task()
     meter = find_meter()
     perf = PerfMap(
         hardware=hardware_fingerprint(threads=1),

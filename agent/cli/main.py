@@ -145,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--engine", action="store_true", help="engine only: one process vs 2 GLOO ranks, no daemon, broker or discovery"
     )
-    from agent import policy_cmds, testbed
+    from agent.cli import policy_cmds
+    from testbed import cli as testbed
 
     policy_cmds.add_cli(sub)
     testbed.add_cli(sub)
@@ -153,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _job_args(ns: argparse.Namespace) -> Any:
-    from agent.engine_cmds import JobArgs
+    from agent.cli.engine_cmds import JobArgs
 
     comp = Compression(
         cr=ns.cr, keep_first=not ns.no_keep_first, keep_last=ns.keep_last, count_bias=not ns.no_count_bias
@@ -206,8 +207,8 @@ def _run_daemon(ns: argparse.Namespace) -> int:
 
     import torch
 
-    from agent import daemon, logs
-    from agent.config import load_settings
+    from agent.node import daemon, logs
+    from agent.node.config import load_settings
 
     keys = (
         "broker",
@@ -233,7 +234,7 @@ def _submit(ns: argparse.Namespace) -> int:
     import asyncio
 
     from agent.client import build_job, client_auth, submit
-    from agent.config import load_settings, parse_broker
+    from agent.node.config import load_settings, parse_broker
 
     try:
         ids = [[int(t) for t in row.split(",") if t.strip()] for row in ns.token_ids or []]
@@ -263,7 +264,7 @@ def _peers(ns: argparse.Namespace) -> int:
     import asyncio
 
     from agent.client import client_auth, peers
-    from agent.config import load_settings, parse_broker
+    from agent.node.config import load_settings, parse_broker
 
     settings = load_settings(None, os.environ, {"broker": ns.broker})
     nodes = asyncio.run(peers(parse_broker(ns.broker), ns.cluster, auth=client_auth(settings)))
@@ -297,16 +298,16 @@ def run(argv: Sequence[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if ns.command == "testbed":  # before torch: the bed's commands are plain process and namespace work
-        from agent import testbed
+        from testbed import cli as testbed
 
         return testbed.run_cli(ns)
     if ns.command in ("profile", "map"):
-        from agent import policy_cmds
+        from agent.cli import policy_cmds
 
         return policy_cmds.run_cli(ns)
     import torch
 
-    from agent import engine_cmds
+    from agent.cli import engine_cmds
 
     if ns.command == "fidelity":
         torch.set_num_threads(ns.threads)
@@ -322,7 +323,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     elif ns.command == "peers":
         return _peers(ns)
     elif ns.command == "install-service":
-        from agent import install
+        from agent.node import install
 
         if ns.print_unit:
             print(install.render_unit(), end="")
@@ -337,7 +338,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         except argparse.ArgumentTypeError as exc:
             raise SystemExit(f"prism-agent: error: {exc}") from None
         if not ns.engine:
-            from agent import demo
+            from agent.cli import demo
 
             return demo.main(ns.model, ns.batch, crs, ns.json)
         rows = engine_cmds.demo(ns.model, ns.batch, crs)

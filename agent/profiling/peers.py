@@ -22,12 +22,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from agent.config import Broker
-from agent.energy import CpuModelMeter
+from agent.node.config import Broker
+from agent.node.energy import CpuModelMeter
+from agent.profiling.loopback import Grid, Pass, Progress, energy_label, make_cell
 from engine.errors import BadRequest, PrismError
-from policy.perfmap import PerfMap, same_weights
+from engine.weights import same_weights
+from policy.perfmap import PerfMap
 from policy.predict import fit_link_efficiency
-from policy.profile import Grid, Pass, Progress, energy_label, make_cell
 from transport.mqtt import MqttLink
 
 #: The CPU-time model's power per busy core, as the agents' own meter uses.

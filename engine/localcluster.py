@@ -25,7 +25,7 @@ from engine.errors import BadRequest, GroupError, PrismError
 from engine.models import LoadedModel, fingerprint, load
 from engine.program import JobSpec
 from engine.trace import RunResult
-from policy.perfmap import same_weights
+from engine.weights import same_weights
 from transport.gloo import GlooComm, connect_store, make_group
 
 

@@ -1,0 +1,1 @@
+"""The other nodes: peers, discovery, admission, health, GLOO groups and link probes."""

@@ -1,0 +1,1 @@
+"""Jobs: intake, the job service, replies, inputs and the auto decision."""

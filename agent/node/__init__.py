@@ -1,0 +1,1 @@
+"""The node itself: settings, lifecycle, supervision, logs, systemd, energy and load."""

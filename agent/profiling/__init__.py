@@ -1,0 +1,1 @@
+"""Measuring performance maps: loopback ranks on this box, or through running agents."""
