@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from agent.localcluster import LocalCluster
 from engine.adapters import Task
 from engine.coded import payload_bits
+from engine.localcluster import LocalCluster
 from engine.program import plan_job
 from engine.segments import Compression, Method
 from engine.sim import run_local, run_simulated
