@@ -1,0 +1,81 @@
+"""The retained health document of a node (``nodes/{node}/health``), typed.
+
+Built by the node every ``health_interval_s`` and read by its peers (admission, load and
+links for the policy), by ``prism-agent peers`` and by the profiler. Who the node is, where
+it listens and which weights it serves are repeated under ``admission``, signed, and only
+those signed fields are trusted by peers when a cluster secret is set.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from transport.schema import WireError
+
+MAX_HEALTH_BYTES = 256 * 1024
+
+
+class _Doc(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore", allow_inf_nan=False)
+
+
+class Load(_Doc):
+    """CPU, memory, GPU and the engine queue of a node."""
+
+    cpus: int = Field(default=1, ge=1)
+    load1: float | None = None
+    load5: float | None = None
+    mem_total_mb: int | None = None
+    mem_available_mb: int | None = None
+    gpu_load: float | None = None
+    power_mode: str | None = None
+    queue: int = Field(default=0, ge=0)
+
+
+class LinkView(_Doc):
+    """One peer's link as the node measured it."""
+
+    rtt_ms: float | None = None
+    mbps: float | None = None
+    age_s: float | None = None
+    gloo_mbps: float | None = None
+    samples: int = 0
+    source: str = ""
+
+
+class Health(_Doc):
+    """What a node says about itself (see the module docstring)."""
+
+    node: str
+    time: float
+    version: str = ""
+    boot: str = ""
+    load: Load = Field(default_factory=Load)
+    energy_source: str = ""
+    jobs: dict[str, int] = Field(default_factory=dict)
+    models: list[str] = Field(default_factory=list)
+    fingerprints: dict[str, float] = Field(default_factory=dict)
+    families: dict[str, str] = Field(default_factory=dict)
+    hardware: dict[str, Any] = Field(default_factory=dict)
+    address: str = ""
+    peers: list[str] = Field(default_factory=list)
+    links: dict[str, LinkView] = Field(default_factory=dict)
+    probe_port: int = Field(default=0, ge=0, le=65535)
+    loops: dict[str, int] = Field(default_factory=dict)  # background loop -> restarts after a crash
+    admission: dict[str, str] = Field(default_factory=dict)
+
+    def encode(self) -> bytes:
+        """JSON bytes for the retained topic."""
+        return self.model_dump_json(exclude_none=False).encode()
+
+
+def parse_health(payload: bytes) -> Health:
+    """A health document from the wire; anything malformed is a WireError (never another exception)."""
+    if len(payload) > MAX_HEALTH_BYTES:
+        raise WireError(f"health of {len(payload)} bytes is over the limit of {MAX_HEALTH_BYTES}")
+    try:
+        return Health.model_validate_json(payload)
+    except (ValidationError, ValueError, RecursionError) as exc:
+        raise WireError(f"malformed health: {str(exc).splitlines()[0][:160]}") from None
