@@ -174,7 +174,9 @@ def agent(
     cmd += ["--log-format", "json", *(extra or [])]
     for m in models:
         cmd += ["--model", m]
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    # Each agent keeps its job journal in a directory of its own (unless the test gives one).
+    state = {"PRISM_STATE_DIR": tempfile.mkdtemp(prefix=f"prism-state-{node}-")}
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **state, **(env or {})}
     # Logs go to a file: a pipe nobody reads would fill up and block the agent.
     log = tempfile.NamedTemporaryFile(prefix=f"agent-{node}-", suffix=".log", delete=False)  # noqa: SIM115
     proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.DEVNULL, stderr=log, text=True)

@@ -32,12 +32,19 @@ def test_layers_override_in_order(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("threads = 'many'", "must be int"),
+        ("threads = 'many'", "threads = 'many'"),
+        ("threads = 2.5", "valid integer"),
         ("colour = 'blue'", "unknown setting 'colour'"),
         ("broker = 'http://x'", "mqtt://host:port"),
         ("cluster = 'a/b'", "without / + #"),
-        ("[limits]\nmax_batch = 0", "max_batch must be >= 1"),
-        ("[limits]\nmax_bogus = 1", "bad [limits]"),
+        ("[limits]\nmax_batch = 0", "limits.max_batch = 0"),
+        ("[limits]\nmax_batch = '32'", "valid integer"),
+        ("[limits]\nmax_bogus = 1", "unknown limit 'max_bogus'"),
+        ("health_interval_s = 0", "greater than or equal to 0.1"),
+        ("log_format = 'xml'", "'auto', 'json' or 'console'"),
+        ("max_cr = 4", "replaced by min_fidelity"),
+        ("[models]\nb = { source = 'tiny-bert', max_cr = 4 }", "replaced by min_fidelity"),
+        ("[models]\nb = { source = 'tiny-bert', min_fidelity = 2 }", "less than or equal to 1"),
         ("this is = not toml =", "not valid TOML"),
     ],
 )
@@ -46,6 +53,18 @@ def test_bad_settings_say_what_is_wrong(tmp_path: Path, text: str, message: str)
     toml.write_text(text)
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_settings(toml, {}, {})
+
+
+def test_environment_strings_are_parsed_and_checked() -> None:
+    s = load_settings(None, {"PRISM_THREADS": "3", "PRISM_HEALTH_INTERVAL_S": "0.5", "PRISM_NODE_ID": "n"}, {})
+    assert (s.threads, s.health_interval_s) == (3, 0.5)
+    with pytest.raises(ConfigError, match=re.escape("queue_max = 'x' ($PRISM_QUEUE_MAX)")):
+        load_settings(None, {"PRISM_QUEUE_MAX": "x", "PRISM_NODE_ID": "n"}, {})
+
+
+def test_systemd_state_directory_is_the_default_state_dir() -> None:
+    s = load_settings(None, {"STATE_DIRECTORY": "/var/lib/prism-agent", "PRISM_NODE_ID": "n"}, {})
+    assert s.journal_path() == Path("/var/lib/prism-agent/journal-default-n.sqlite3")
 
 
 def test_model_flag_needs_name_and_source() -> None:

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from agent.cluster.probes import ProbeServer, probe
-from agent.node.monitors import LinkTable, read_load
+from agent.cluster.links import LinkTable
+from agent.node.monitors import read_load
 
 
 def fake_root(tmp_path: Path, gpu: str | None) -> Path:

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from agent.cluster.peers import Peer, PeerTable
-from agent.jobs.service import choose
+from agent.jobs.auto import choose
 from engine.errors import BadRequest
 from engine.program import JobSpec, spec_from_dict, spec_to_dict
 from transport.schema import Limits, parse_job

@@ -21,18 +21,43 @@ def job(i: int, **extra: object) -> bytes:
     return json.dumps({"id": f"j{i}", "model": "bert", "inputs": {"text": ["hello"]}, **extra}).encode()
 
 
-def test_past_the_queue_bound_jobs_are_busy_at_once(models: Models) -> None:
-    async def scenario() -> list[str]:
-        svc = service(models, queue_max=2)
-        await svc._engine.acquire()  # the engine is busy with a long job
+async def test_past_the_queue_bound_jobs_are_busy_at_once(models: Models) -> None:
+    svc = service(models, queue_max=2)
+    async with svc.engine.slot("a long job"):  # the engine is busy
         first = [asyncio.create_task(svc.handle(job(i))) for i in range(2)]
         await asyncio.sleep(0.05)
         extra = await asyncio.wait_for(svc.handle(job(9)), timeout=1)  # answered without waiting
-        svc._engine.release()
-        done = await asyncio.gather(*first)
-        return [extra.error.code if extra.error else "ok", *("ok" if r.ok else "fail" for r in done)]
+    done = await asyncio.gather(*first)
+    assert [extra.error.code if extra.error else "ok", *("ok" if r.ok else "fail" for r in done)] == [
+        "busy",
+        "ok",
+        "ok",
+    ]
 
-    assert asyncio.run(scenario()) == ["busy", "ok", "ok"]
+
+async def test_a_deadline_that_passes_while_the_job_waits_is_answered_at_once(models: Models) -> None:
+    svc = service(models)
+    async with svc.engine.slot("a long job"):
+        start = asyncio.get_running_loop().time()
+        result = await asyncio.wait_for(svc.handle(job(1, deadline_ms=200)), timeout=5)
+        waited = asyncio.get_running_loop().time() - start
+    assert result.error is not None and result.error.code == "deadline_exceeded"
+    assert 0.15 < waited < 1.0
+
+
+async def test_a_crash_inside_a_job_is_an_internal_error_not_a_dead_service(
+    models: Models, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    svc = service(models)
+
+    def boom(*args: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr("agent.jobs.service.run_local", boom)
+    broken = await svc.handle(job(1))
+    assert broken.error is not None and broken.error.code == "internal"
+    monkeypatch.undo()
+    assert (await svc.handle(job(2))).ok
 
 
 def test_distributed_request_without_peers_is_answered_locally_and_flagged(models: Models) -> None:

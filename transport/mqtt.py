@@ -149,6 +149,7 @@ class MqttLink:
         tls: ssl.SSLContext | None = None,
         timeout_s: float = 10.0,
         session_expiry_s: int | None = None,
+        manual_ack: bool = False,
     ) -> None:
         will_msg = aiomqtt.Will(will[0], will[1], qos=1, retain=True) if will else None
         connect_props = None
@@ -170,6 +171,8 @@ class MqttLink:
             clean_start=session_expiry_s is None,
             properties=connect_props,
         )
+        if manual_ack:  # QoS 1 messages are acknowledged by :meth:`ack`, once they are safe
+            self._client._client.manual_ack_set(True)
 
     async def __aenter__(self) -> MqttLink:
         try:
@@ -232,11 +235,16 @@ class MqttLink:
             raise TransportError(f"publish to {topic} failed: {exc}") from exc
         return self._client.puback_codes.pop(_LAST_MID.get(), 0)
 
+    def ack(self, message: aiomqtt.Message) -> None:
+        """Acknowledge a QoS 1 message (with ``manual_ack``; a no-op otherwise and for QoS 0)."""
+        if message.qos > 0:
+            self._client._client.ack(message.mid, message.qos)
+
     async def messages(self) -> AsyncIterator[aiomqtt.Message]:
         """Incoming messages until the connection drops (then TransportError).
 
-        Messages already read off the socket were acknowledged to the broker, which will not
-        send them again: they are handed out before the error.
+        Messages already read off the socket are handed out before the error (without
+        ``manual_ack`` the broker counts them delivered and will not send them again).
         """
         try:
             async for message in self._client.messages:

@@ -74,7 +74,7 @@ class Job:
     cr_given: bool = False
     ranks: int | None = None
     peers: tuple[str, ...] | None = None  # split over exactly these nodes (then ranks = peers + 1)
-    objective: Objective = Objective.LATENCY
+    objective: Objective | None = None  # None: the node's setting
     deadline_ms: float | None = None
 
     @property
@@ -128,6 +128,11 @@ def _text(value: Any, limits: Limits, job_id: str) -> tuple[str, ...]:
         raise _fail("inputs.text must be a string or a non-empty list of strings", job_id)
     if any(len(t) > limits.max_text_chars for t in items):
         raise _fail(f"a text is longer than {limits.max_text_chars} characters", job_id, "too_large")
+    for t in items:
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate ("\ud800") decodes from JSON but is not text
+            raise _fail("inputs.text holds a lone surrogate: not valid Unicode text", job_id, "bad_request") from None
     return tuple(items)
 
 
@@ -202,7 +207,7 @@ def parse_job(payload: bytes, limits: Limits) -> Job:
         cr_given="cr" in data and data["cr"] is not None,
         ranks=_ranks(data.get("ranks"), job_id) if peers is None else len(peers) + 1,
         peers=peers,
-        objective=_enum(Objective, data.get("objective"), "objective", job_id, Objective.LATENCY),
+        objective=_enum(Objective, data.get("objective"), "objective", job_id, None),
         deadline_ms=_deadline(data.get("deadline_ms"), job_id),
     )
 
@@ -214,24 +219,40 @@ def _enum(kind: type[enum.Enum], value: Any, name: str, job_id: str, default: An
         return kind(value)
     except ValueError:
         allowed = ", ".join(str(m.value) for m in kind)
-        raise _fail(f"field '{name}' must be one of {allowed}, got {value!r}", job_id) from None
+        raise _fail(f"field '{name}' must be one of {allowed}, got {_shown(value)}", job_id) from None
+
+
+def _number(value: Any) -> float | None:
+    """``value`` as a finite float, or None (bools, strings, huge integers, inf and nan are not numbers here)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, int) and abs(value) > 10**15:  # float() of a 400-digit integer raises
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:37]}..."
 
 
 def _cr(value: Any, job_id: str) -> float | None:
     if value is None or value == "full":
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 1:
-        raise _fail(f"field 'cr' must be a number >= 1 or 'full', got {value!r}", job_id)
-    if value > 1_000_000:
-        raise _fail(f"field 'cr' must be at most 1000000, got {value!r}", job_id)
-    return float(value)
+    number = _number(value)
+    if number is None or number < 1:
+        raise _fail(f"field 'cr' must be a number >= 1 or 'full', got {_shown(value)}", job_id)
+    if number > 1_000_000:
+        raise _fail(f"field 'cr' must be at most 1000000, got {_shown(value)}", job_id)
+    return number
 
 
 def _ranks(value: Any, job_id: str) -> int | None:
     if value is None:
         return None
     if type(value) is not int or not 1 <= value <= 64:
-        raise _fail(f"field 'ranks' must be an integer from 1 to 64, got {value!r}", job_id)
+        raise _fail(f"field 'ranks' must be an integer from 1 to 64, got {_shown(value)}", job_id)
     return int(value)
 
 
@@ -250,9 +271,13 @@ def _peers(value: Any, ranks: Any, job_id: str) -> tuple[str, ...] | None:
 def _deadline(value: Any, job_id: str) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise _fail(f"field 'deadline_ms' must be a positive number, got {value!r}", job_id)
-    return float(value)
+    number = _number(value)
+    if number is None or number <= 0 or number > 86_400_000:
+        raise _fail(
+            f"field 'deadline_ms' must be a positive number of milliseconds (at most a day), got {_shown(value)}",
+            job_id,
+        )
+    return number
 
 
 @dataclass(frozen=True, slots=True)

@@ -207,7 +207,7 @@ def _run_daemon(ns: argparse.Namespace) -> int:
 
     import torch
 
-    from agent.node import daemon, logs
+    from agent.node import logs, main
     from agent.node.config import load_settings
 
     keys = (
@@ -226,7 +226,7 @@ def _run_daemon(ns: argparse.Namespace) -> int:
     settings = load_settings(ns.config, os.environ, overrides)
     logs.configure(settings.log_format)
     torch.set_num_threads(settings.threads)
-    asyncio.run(daemon.main_async(settings))
+    asyncio.run(main.main_async(settings))
     return 0
 
 

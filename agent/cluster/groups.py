@@ -1,224 +1,434 @@
-"""GLOO groups between agents: formed over MQTT control, reused across jobs, dropped on failure.
+"""GLOO groups between agents: formed over the control channel, run under reserved engines.
 
-The coordinator (rank 0) picks a port, tells each peer ``form`` (rank, size, rendezvous
-address) on its control topic, and joins as rank 0; the group is kept for later jobs with
-the same peers. Each job is announced with ``run`` (the spec, as control data); inputs,
-per-layer rows and outputs then travel over GLOO. Any failure drops the group (``teardown``)
-and the caller falls back to local execution. Peers handle control messages one at a time,
-in order, so a ``run`` never overtakes its ``form``.
+**Forming.** The coordinator (rank 0) picks a group id and tells each peer ``form`` with the
+members in rank order; every member then builds its ProcessGroupGloo over a
+:class:`~transport.rendezvous.RelayStore`, whose keys travel as ``store`` messages: no store
+port is opened anywhere. A formed group is kept for later jobs with the same members, keyed
+by its member tuple, and dropped after ``group_idle_s`` unused (which closes its GLOO
+listeners), on any failure, on a teardown or when a member leaves.
+
+**Running.** A run needs every member's engine (agent/node/engine.py) at once. The
+coordinator takes them one by one in node-id order — its own slot when its turn comes, a
+peer's with ``reserve``, answered by ``grant`` once that peer's engine is free — and only
+then tells every peer ``run``. Everyone takes engines in the same order, so two coordinators
+sharing peers never wait on each other. Every collective has a deadline
+(:class:`~transport.gloo.DeadlineGroup`): a frozen peer or a cut link fails the run in
+seconds, the group is dropped and the job runs locally. A peer's failure is reported with
+``failed``, so the coordinator stops waiting at once.
+
+Each group's messages are handled by that group's own tasks, so a slow group never holds
+up another.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
-import json
+import itertools
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 
-from agent.cluster.admission import Admission
+from agent.cluster.channel import ControlChannel
+from agent.cluster.group_state import GroupEvent, GroupState, next_state
 from agent.cluster.peers import Peer
 from agent.jobs.service import Served
+from agent.node.engine import Engine, Slot
 from engine.adapters import Tensors
 from engine.distributed import run_rank
-from engine.errors import GroupError, PrismError
-from engine.localcluster import free_port
+from engine.errors import GroupError
 from engine.program import JobSpec, spec_from_dict, spec_to_dict
 from engine.trace import RunResult
-from transport.gloo import GlooComm, connect_store, make_group
+from transport.control import Control, Failed, Form, Grant, Release, Reserve, Run, StoreSet, Teardown
+from transport.gloo import DeadlineGroup, GlooComm, make_group
+from transport.rendezvous import RelayStore
 
 log = structlog.get_logger("prism.groups")
-Publish = Callable[[str, bytes], Awaitable[None]]
+Spawn = Callable[[Coroutine[Any, Any, None], str], "asyncio.Task[None]"]
+
+#: Bytes per value on the wire, for the link share of a collective's deadline.
+_FP32 = 4
+#: Store keys that may wait for their group's ``form`` (messages from different senders race).
+_PENDING_GROUPS = 64
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
+class Timing:
+    """How long groups may take: formation and reservations, every collective, idle life."""
+
+    group_s: float = 10.0
+    collective_s: float = 2.0
+    idle_s: float = 60.0
+
+
+@dataclass(eq=False)
 class Group:
-    """A formed GLOO group and who is in it (rank order)."""
+    """One group, seen from one member."""
 
     gid: str
-    members: tuple[str, ...]
-    comm: GlooComm
-    store: Any  # keeps the rendezvous alive
+    members: tuple[str, ...]  # rank order, the coordinator first
+    rank: int
+    store: RelayStore
+    state: GroupState = GroupState.FORMING
+    comm: GlooComm | None = None
+    deadline: DeadlineGroup | None = None
+    formed: asyncio.Event = field(default_factory=asyncio.Event)
+    failed: asyncio.Event = field(default_factory=asyncio.Event)
+    failure: str = ""
+    used_s: float = field(default_factory=time.monotonic)
+    grants: dict[tuple[int, str], asyncio.Future[None]] = field(default_factory=dict)  # coordinator
+    runs: dict[int, asyncio.Future[Run]] = field(default_factory=dict)  # peer: Run per reservation
+    holds: dict[int, asyncio.Task[None]] = field(default_factory=dict)  # peer: reservations held
 
+    @property
+    def coordinator(self) -> str:
+        """The member that runs rank 0."""
+        return self.members[0]
 
-def _form(host: str, port: int, rank: int, size: int, timeout_s: float, address: str, gid: str) -> tuple[Any, GlooComm]:
-    store = connect_store(host, port, rank, size, timeout_s=timeout_s)
-    return store, GlooComm(make_group(store, rank, size, timeout_s=timeout_s, address=address, prefix=gid))
+    def move(self, event: GroupEvent) -> None:
+        """Apply ``event`` (group_state.next_state)."""
+        self.state = next_state(self.state, event)
 
 
 class GroupManager:
-    """Both sides of distributed jobs for one node."""
+    """Both sides of distributed jobs for one node (see the module docstring)."""
 
     def __init__(
         self,
         node: str,
         address: str,
-        timeout_s: float,
         served: Mapping[str, Served],
-        publish: Publish,
-        control_topic: Callable[[str], str],
-        admission: Admission,
+        channel: ControlChannel,
+        engine: Engine,
+        spawn: Spawn,
+        timing: Timing | None = None,
+        link_mbps: Callable[[str], float | None] = lambda node: None,
     ) -> None:
-        self.admission = admission
         self.node = node
         self.address = address
-        self.timeout_s = timeout_s
         self.served = served
-        self.publish = publish
-        self.control_topic = control_topic
+        self.channel = channel
+        self.engine = engine
+        self.spawn = spawn
+        self.timing = timing or Timing()
+        self.link_mbps = link_mbps
         self._mine: dict[tuple[str, ...], Group] = {}  # groups I coordinate, by members
-        self._joined: dict[str, Group] = {}  # groups I joined as a peer, by gid
-        self._control: asyncio.Queue[bytes] = asyncio.Queue(maxsize=256)
-        self._running: dict[tuple[str, ...], asyncio.Event] = {}  # set when a member of the run leaves
+        self._groups: dict[str, Group] = {}  # every live group, by gid
+        self._pending: dict[str, tuple[float, list[tuple[str, str, str]]]] = {}  # gid -> (since, keys)
+        self._runs = itertools.count(1)
+        self._reaper = ThreadPoolExecutor(max_workers=2, thread_name_prefix="group-reaper")
+        self._loop: asyncio.AbstractEventLoop | None = None
 
-    async def _tell(self, peer: str, msg: dict[str, Any]) -> None:
-        body = json.dumps({**msg, "from": self.node}, sort_keys=True)
-        signed = self.admission.sign({"body": body, "to": peer}, time.time())
-        await self.publish(self.control_topic(peer), json.dumps(signed).encode())
+    @property
+    def groups(self) -> list[Group]:
+        """Every live group (both roles)."""
+        return list(self._groups.values())
 
-    def _open_envelope(self, payload: bytes) -> dict[str, Any] | None:
-        """The control message, if it is for us and carries a valid, fresh proof."""
-        envelope = json.loads(payload)
-        if not isinstance(envelope, dict) or not isinstance(envelope.get("body"), str):
-            raise ValueError("control message without a body")
-        if envelope.get("to") != self.node or not self.admission.verify(envelope, time.time()):
-            log.warning("admission_refused", via="control", to=envelope.get("to"))
-            return None
-        msg = json.loads(envelope["body"])
-        if not isinstance(msg, dict):
-            raise ValueError("control body is not an object")
-        return msg
+    # -- incoming control -------------------------------------------------------------
+    def control(self, sender: str, msg: Control) -> None:
+        """Handle one opened control message (never blocks: slow work is spawned per group)."""
+        group = self._groups.get(msg.gid)
+        if isinstance(msg, Form):
+            self._on_form(sender, msg)
+        elif isinstance(msg, StoreSet):
+            self._on_store(sender, msg, group)
+        elif group is None or sender not in group.members:
+            log.info("control_ignored", op=msg.op, gid=msg.gid, sender=sender, why="no such group here")
+        elif isinstance(msg, Grant) and group.rank == 0:
+            granted = group.grants.get((msg.run, sender))
+            if granted is not None and not granted.done():
+                granted.set_result(None)
+        elif isinstance(msg, Failed) and group.rank == 0:
+            self._fail(group, f"{sender}: {msg.error}")
+        elif sender != group.coordinator:
+            log.info("control_ignored", op=msg.op, gid=msg.gid, sender=sender, why="not from the coordinator")
+        elif isinstance(msg, Reserve):
+            if msg.run not in group.holds:
+                group.holds[msg.run] = self.spawn(self._hold(group, msg.run), f"hold-{group.gid}-{msg.run}")
+        elif isinstance(msg, Run):
+            fut = group.runs.setdefault(msg.run, asyncio.get_running_loop().create_future())
+            if not fut.done():
+                fut.set_result(msg)
+        elif isinstance(msg, Release):
+            hold = group.holds.get(msg.run)
+            if hold is not None:
+                hold.cancel()
+        elif isinstance(msg, Teardown):
+            self._drop(group, GroupEvent.TEARDOWN, "the coordinator tore it down")
+
+    def _on_form(self, sender: str, msg: Form) -> None:
+        members = tuple(msg.members)
+        if members[0] != sender or self.node not in members[1:] or len(set(members)) != len(members):
+            log.warning("control_ignored", op="form", gid=msg.gid, sender=sender, why="not a group I am a peer of")
+            return
+        if msg.gid in self._groups:
+            return  # a copy: the first one is being formed
+        group = self._new_group(msg.gid, members, min(self.timing.group_s, msg.timeout_s))
+        for member, key, value in self._pending.pop(msg.gid, (0.0, []))[1]:
+            self._deliver(group, member, key, value)
+        self.spawn(self._join(group), f"group-join-{msg.gid}")
+
+    def _on_store(self, sender: str, msg: StoreSet, group: Group | None) -> None:
+        if group is not None:
+            self._deliver(group, sender, msg.key, msg.value)
+            return
+        if msg.gid not in self._pending and len(self._pending) >= _PENDING_GROUPS:
+            return  # a flood of keys for groups that never form: drop them
+        keys = self._pending.setdefault(msg.gid, (time.monotonic(), []))[1]
+        if len(keys) < 64:
+            keys.append((sender, msg.key, msg.value))
+
+    def _deliver(self, group: Group, sender: str, key: str, value: str) -> None:
+        if sender not in group.members or sender == self.node:
+            return
+        try:
+            group.store.deliver(key, base64.b64decode(value, validate=True))
+        except (binascii.Error, ValueError):
+            log.info("control_ignored", op="store", gid=group.gid, sender=sender, why="not base64")
+
+    # -- forming ----------------------------------------------------------------------
+    def _new_group(self, gid: str, members: tuple[str, ...], timeout_s: float) -> Group:
+        self._loop = asyncio.get_running_loop()
+        group = Group(gid, members, members.index(self.node), RelayStore(self._publisher(gid, members), timeout_s))
+        self._groups[gid] = group
+        return group
+
+    def _publisher(self, gid: str, members: tuple[str, ...]) -> Callable[[str, bytes], None]:
+        """What a group's store calls (on the forming thread) to send a key to the other members."""
+
+        def publish(key: str, value: bytes) -> None:
+            assert self._loop is not None
+            msg = StoreSet(gid=gid, key=key, value=base64.b64encode(value).decode())
+            sends = [self.channel.tell(m, msg) for m in members if m != self.node]
+            asyncio.run_coroutine_threadsafe(_all(sends), self._loop).result(timeout=self.timing.group_s)
+
+        return publish
+
+    async def _attach(self, group: Group) -> None:
+        """Build this member's ProcessGroupGloo (on a thread: it blocks on the rendezvous)."""
+        size, timeout_s = len(group.members), self.timing.group_s
+        pg = await asyncio.to_thread(
+            make_group, group.store, group.rank, size, timeout_s=timeout_s, address=self.address, prefix=group.gid
+        )
+        group.deadline = DeadlineGroup(pg, self.timing.collective_s)
+        group.comm = GlooComm(group.deadline)
+        group.move(GroupEvent.FORMED)
+        group.formed.set()
+
+    async def _join(self, group: Group) -> None:
+        try:
+            await self._attach(group)
+        except Exception as exc:  # noqa: BLE001 - any failure to form just drops the group
+            self._drop(group, GroupEvent.FAILED, f"forming failed: {exc}")
+            return
+        log.info("group_joined", gid=group.gid, rank=group.rank, coordinator=group.coordinator)
+
+    async def _form(self, members: tuple[str, ...]) -> Group:
+        group = self._new_group(uuid.uuid4().hex[:12], members, self.timing.group_s)
+        self._mine[members] = group
+        form = Form(gid=group.gid, members=list(members), timeout_s=self.timing.group_s)
+        try:
+            await _all([self.channel.tell(peer, form) for peer in members[1:]])
+            await self._attach(group)
+        except Exception as exc:
+            self._drop(group, GroupEvent.FAILED, f"forming failed: {exc}")
+            raise GroupError(f"could not form a group with {', '.join(members[1:])}: {exc}") from exc
+        log.info("group_formed", gid=group.gid, members=list(members))
+        return group
 
     # -- coordinator ------------------------------------------------------------------
     async def run(self, served: Served, spec: JobSpec, inputs: Tensors, peers: list[Peer]) -> RunResult:
-        """Run ``spec`` with ``peers`` as ranks 1..; raises GroupError (the group is dropped)."""
-        members = tuple(p.node for p in peers)
+        """Run ``spec`` with ``peers`` as ranks 1..; any failure raises GroupError (group dropped)."""
+        members = (self.node, *(p.node for p in peers))
         group = self._mine.get(members)
+        if group is None or group.state is GroupState.DROPPED:
+            group = await self._form(members)
+        run_id = next(self._runs)
         try:
-            if group is None:
-                group = await self._form_as_coordinator(members)
-            for peer in members:
-                await self._tell(peer, {"op": "run", "gid": group.gid, "spec": spec_to_dict(spec)})
-            result = await self._run_unless_left(members, group, served, spec, inputs)
+            async with self._engines(group, run_id) as slot:
+                floor = self._collective_floor(spec, served, peers)
+                await _all(
+                    [
+                        self.channel.tell(
+                            p, Run(gid=group.gid, run=run_id, spec=spec_to_dict(spec), collective_s=floor)
+                        )
+                        for p in members[1:]
+                    ]
+                )
+                group.move(GroupEvent.RUN_START)
+                if group.comm is None or group.deadline is None:
+                    raise GroupError(group.failure or "the group was dropped")
+                group.deadline.restart(floor)
+                work = slot.run(run_rank, group.comm, served.model.adapter, spec, inputs)
+                result = await self._unless_failed(group, work)
+                group.move(GroupEvent.RUN_END)
+                group.used_s = time.monotonic()
         except asyncio.CancelledError:
-            self._mine.pop(members, None)  # its run may still be in flight in a thread: never reuse it
+            self._drop(group, GroupEvent.FAILED, "the job was cancelled")
             raise
-        except PrismError as exc:
-            await self.drop(members, reason=str(exc))
-            raise GroupError(f"distributed run with {', '.join(members)} failed: {exc}") from exc
+        except Exception as exc:
+            why = group.failure or str(exc) or type(exc).__name__
+            self._drop(group, GroupEvent.FAILED, why)
+            raise GroupError(f"distributed run with {', '.join(members[1:])} failed: {why}") from exc
         assert result is not None
         return result
 
-    async def _run_unless_left(
-        self, members: tuple[str, ...], group: Group, served: Served, spec: JobSpec, inputs: Tensors
-    ) -> RunResult | None:
-        """Rank 0's part, abandoned as soon as a member is reported gone: a peer whose TCP reset
-        never arrives would otherwise hold the job for the whole GLOO timeout. The abandoned
-        thread ends at that timeout; its group is never used again."""
-        left = self._running[members] = asyncio.Event()
-        work = asyncio.ensure_future(asyncio.to_thread(run_rank, group.comm, served.model.adapter, spec, inputs))
-        gone = asyncio.ensure_future(left.wait())
+    def _collective_floor(self, spec: JobSpec, served: Served, peers: list[Peer]) -> float:
+        """A collective's deadline floor: the setting, plus four times the largest full-exchange
+        message's time on the slowest link (unknown links: 10 Mbit/s)."""
+        rows = max(spec.plan.sizes) * spec.batch
+        largest = rows * served.model.adapter.hidden_size * _FP32 * (len(peers) + 1)
+        mbps = min((self.link_mbps(p.node) or 10.0) for p in peers) if peers else 10.0
+        return self.timing.collective_s + 4 * largest * 8 / (mbps * 1e6)
+
+    @contextlib.asynccontextmanager
+    async def _engines(self, group: Group, run_id: int) -> AsyncIterator[Slot]:
+        """Every member's engine for ``run_id``, taken in node-id order; mine is yielded."""
+        mine: Slot | None = None
+        asked: list[str] = []
         try:
-            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+            async with contextlib.AsyncExitStack() as stack:
+                for node in sorted(group.members):
+                    if node == self.node:
+                        what = f"rank 0 of {group.gid}"
+                        mine = await stack.enter_async_context(self.engine.slot(what, self.timing.group_s))
+                        continue
+                    fut = asyncio.get_running_loop().create_future()
+                    group.grants[(run_id, node)] = fut
+                    asked.append(node)
+                    await self.channel.tell(node, Reserve(gid=group.gid, run=run_id))
+                    try:
+                        await self._unless_failed(group, asyncio.wait_for(fut, self.timing.group_s))
+                    except asyncio.TimeoutError:
+                        raise GroupError(f"{node} did not free its engine in {self.timing.group_s:g} s") from None
+                assert mine is not None
+                yield mine
+        except BaseException:
+            for node in asked:  # they may hold their engine for a run that will not come
+                with contextlib.suppress(Exception):
+                    await self.channel.tell(node, Release(gid=group.gid, run=run_id))
+            raise
         finally:
-            gone.cancel()
-            self._running.pop(members, None)
-        if not work.done():
-            work.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved, never raised
-            raise GroupError("a peer of the run went offline")
-        return work.result()
+            for node in group.members:
+                group.grants.pop((run_id, node), None)
 
-    async def _form_as_coordinator(self, members: tuple[str, ...]) -> Group:
-        gid = uuid.uuid4().hex[:12]
-        port = free_port(self.address)
-        size = len(members) + 1
-        for rank, peer in enumerate(members, start=1):
-            await self._tell(
-                peer,
-                {
-                    "op": "form",
-                    "gid": gid,
-                    "rank": rank,
-                    "size": size,
-                    "host": self.address,
-                    "port": port,
-                    "timeout_s": self.timeout_s,
-                },
-            )
-        store, comm = await asyncio.to_thread(_form, self.address, port, 0, size, self.timeout_s, self.address, gid)
-        group = Group(gid, members, comm, store)
-        self._mine[members] = group
-        log.info("group_formed", gid=gid, members=list(members))
-        return group
-
-    async def drop(self, members: tuple[str, ...], reason: str) -> None:
-        """Forget a group we coordinate and tell its peers."""
-        group = self._mine.pop(members, None)
-        if group is None:
-            return
-        log.warning("group_dropped", gid=group.gid, members=list(members), reason=reason[:200])
-        for peer in members:
-            with contextlib.suppress(PrismError):  # the peer may be why we drop the group
-                await self._tell(peer, {"op": "teardown", "gid": group.gid})
-
-    async def membership_changed(self, gone: set[str]) -> None:
-        """Drop every group that includes a node that went away (as peer or as coordinator)."""
-        for gid in [g for g, group in self._joined.items() if gone & set(group.members)]:
-            self._joined.pop(gid, None)
-        for members, left in list(self._running.items()):
-            if gone & set(members):
-                left.set()
-        for members in [m for m in self._mine if gone & set(m)]:
-            await self.drop(members, reason=f"peer left: {', '.join(sorted(gone & set(members)))}")
+    async def _unless_failed(self, group: Group, work: Any) -> Any:
+        """Await ``work`` unless the group fails first (a member left or reported failure)."""
+        task = asyncio.ensure_future(work)
+        failed = asyncio.ensure_future(group.failed.wait())
+        try:
+            await asyncio.wait({task, failed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            failed.cancel()
+        if not task.done():
+            task.cancel()
+            task.add_done_callback(lambda f: f.cancelled() or f.exception())
+            raise GroupError(group.failure or "the group failed")
+        return task.result()
 
     # -- peer -------------------------------------------------------------------------
-    def control(self, payload: bytes) -> None:
-        """Queue a control message (called from the intake loop)."""
+    async def _hold(self, group: Group, run_id: int) -> None:
+        """Reserve my engine for the coordinator's run ``run_id`` and run my rank when told."""
+        lease_s = self.timing.group_s
         try:
-            self._control.put_nowait(payload)
-        except asyncio.QueueFull:
-            log.warning("control_dropped", reason="queue full")
+            await asyncio.wait_for(group.formed.wait(), lease_s)
+            async with self.engine.slot(f"rank {group.rank} of {group.gid}", lease_s) as slot:
+                fut = group.runs.setdefault(run_id, asyncio.get_running_loop().create_future())
+                await self.channel.tell(group.coordinator, Grant(gid=group.gid, run=run_id))
+                run = await asyncio.wait_for(fut, lease_s)
+                spec = spec_from_dict(run.spec)
+                served = self.served.get(spec.model)
+                if served is None:
+                    raise GroupError(f"run for model {spec.model!r}, which this node does not serve")
+                if group.comm is None or group.deadline is None:
+                    return  # dropped while waiting for the run
 
-    async def serve_control(self) -> None:
-        """Handle control messages in order, forever."""
+                group.move(GroupEvent.RUN_START)
+                group.deadline.restart(run.collective_s)
+                await slot.run(run_rank, group.comm, served.model.adapter, spec)
+                group.move(GroupEvent.RUN_END)
+                group.used_s = time.monotonic()
+        except asyncio.CancelledError:
+            if group.state is GroupState.RUNNING:  # released mid-run: the collectives are in an unknown state
+                self._drop(group, GroupEvent.FAILED, "released mid-run")
+        except Exception as exc:  # noqa: BLE001 - reported to the coordinator, the group is dropped
+            why = f"{type(exc).__name__}: {exc}" if not isinstance(exc, asyncio.TimeoutError) else "no run came"
+            with contextlib.suppress(Exception):
+                await self.channel.tell(group.coordinator, Failed(gid=group.gid, run=run_id, error=why[:480]))
+            self._drop(group, GroupEvent.FAILED, why)
+        finally:
+            group.holds.pop(run_id, None)
+            group.runs.pop(run_id, None)
+
+    # -- dropping ---------------------------------------------------------------------
+    def _fail(self, group: Group, why: str) -> None:
+        group.failure = group.failure or why
+        group.failed.set()
+
+    def _drop(self, group: Group, event: GroupEvent, why: str) -> None:
+        """Drop ``group`` for good; its GLOO resources are freed on a reaper thread."""
+        if group.state is GroupState.DROPPED:
+            return
+        group.move(event)
+        self._fail(group, why)
+        self._groups.pop(group.gid, None)
+        if self._mine.get(group.members) is group:
+            del self._mine[group.members]
+        group.store.close(why)
+        for hold in group.holds.values():
+            hold.cancel()
+        log.warning("group_dropped", gid=group.gid, members=list(group.members), reason=why[:200])
+        if group.rank == 0 and event is not GroupEvent.TEARDOWN:
+            teardown = Teardown(gid=group.gid)
+            self.spawn(_quietly(_all([self.channel.tell(p, teardown) for p in group.members[1:]])), "teardown")
+        comm, deadline = group.comm, group.deadline
+        group.comm = group.deadline = None
+        # Destroying a ProcessGroupGloo waits for its pending work (up to the GLOO timeout):
+        # never on the event loop.
+        self._reaper.submit(_release, comm, deadline)
+
+    def membership_changed(self, gone: set[str]) -> None:
+        """Drop every group with a member that went away (runs in progress fail at once)."""
+        for group in self.groups:
+            left = gone & set(group.members)
+            if left:
+                self._drop(group, GroupEvent.MEMBER_LEFT, f"{', '.join(sorted(left))} went offline")
+
+    def drop_all(self, why: str) -> None:
+        """Drop every group (at stop, or to free descriptors)."""
+        for group in self.groups:
+            self._drop(group, GroupEvent.FAILED, why)
+
+    async def upkeep(self) -> None:
+        """Forever: drop groups idle for ``idle_s`` and store keys whose group never formed."""
         while True:
-            payload = await self._control.get()
-            try:
-                msg = self._open_envelope(payload)
-                if msg is not None:
-                    await self._handle(msg)
-            except Exception as exc:  # noqa: BLE001 - a malformed or hostile control message must not stop the node
-                log.warning("control_failed", error=f"{type(exc).__name__}: {str(exc)[:200]}")
+            await asyncio.sleep(min(5.0, self.timing.idle_s / 2))
+            now = time.monotonic()
+            for group in self.groups:
+                if group.state is GroupState.READY and not group.holds and now - group.used_s > self.timing.idle_s:
+                    self._drop(group, GroupEvent.IDLE, f"idle for {self.timing.idle_s:g} s")
+            for gid, (since, _keys) in list(self._pending.items()):
+                if now - since > self.timing.group_s:
+                    del self._pending[gid]
 
-    async def _handle(self, msg: dict[str, Any]) -> None:
-        op, gid = msg["op"], str(msg["gid"])
-        if op == "form":
-            rank, size, port = int(msg["rank"]), int(msg["size"]), int(msg["port"])
-            if not (1 <= rank < size <= 64 and 1 <= port <= 65535):
-                raise GroupError(f"form with rank {rank}, size {size}, port {port} makes no sense")
-            timeout_s = min(self.timeout_s, max(0.1, float(msg["timeout_s"])))  # never wait longer than we would
-            store, comm = await asyncio.to_thread(
-                _form, str(msg["host"]), port, rank, size, timeout_s, self.address, gid
-            )
-            self._joined[gid] = Group(gid, (str(msg["from"]),), comm, store)
-            log.info("group_joined", gid=gid, rank=msg["rank"], coordinator=msg["from"])
-        elif op == "run":
-            group = self._joined.get(gid)
-            if group is None:
-                raise GroupError(f"run for unknown group {gid}")
-            spec = spec_from_dict(msg["spec"])
-            served = self.served.get(spec.model)
-            if served is None:
-                raise GroupError(f"run for model {spec.model!r}, which this node does not serve")
-            try:
-                await asyncio.to_thread(run_rank, group.comm, served.model.adapter, spec)
-            except PrismError:
-                self._joined.pop(gid, None)
-                raise
-        elif op == "teardown":
-            self._joined.pop(gid, None)
+
+def _release(*objects: Any) -> None:
+    """Hold the last references to a group's GLOO objects until this reaper thread drops them."""
+    del objects
+
+
+async def _all(sends: list[Any]) -> None:
+    if sends:
+        await asyncio.gather(*sends)
+
+
+async def _quietly(work: Any) -> None:
+    with contextlib.suppress(Exception):
+        await work

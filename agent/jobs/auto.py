@@ -22,6 +22,7 @@ from engine.weights import same_weights
 from policy.decide import Decision, PeerLink, Policy, Request, decide
 from policy.perfmap import MapError, PerfMap, hardware_fingerprint, load_map, mismatches, save_map
 from policy.predict import refine
+from transport.schema import Job, Mode
 
 log = structlog.get_logger("prism.policy")
 SAVE_EVERY_S = 60.0
@@ -54,11 +55,7 @@ class AutoPolicy:
                 elif name in perf.models or sources.get(name) in perf.models:
                     self.untrusted[name] = f"model '{name}' was profiled with other weights (interim rule)"
                     log.warning("map_untrusted", model=name, hint="re-run prism-agent profile for this model")
-        self.policy = Policy(
-            max_cr={self.alias.get(m.name, m.name): m.max_cr for m in settings.models if m.max_cr is not None},
-            default_max_cr=settings.max_cr,
-            idle_w=settings.idle_watts,
-        )
+        self.policy = Policy(idle_w=settings.idle_watts)
 
     @classmethod
     def load(cls, settings: Settings, fingerprints: Mapping[str, float]) -> AutoPolicy:
@@ -135,3 +132,32 @@ class AutoPolicy:
         self.dirty = False
         self._saved_s = time.monotonic()
         log.info("map_saved", file=str(self.path), corrections=len(self.perf.corrections))
+
+
+#: Interim rule for ``auto`` when there is no usable performance map: distribute from this
+#: batch size up when a peer is available (the Jetson paper's crossover was batch 8).
+AUTO_MIN_BATCH = 8
+DEFAULT_CR = 8.0
+
+
+def choose(job: Job, batch: int, peers: int) -> tuple[str, str]:
+    """(mode, reason) for a job: pure, table-tested."""
+    if job.mode is Mode.LOCAL:
+        return "local", "requested local"
+    if job.ranks == 1:
+        return "local", "requested 1 rank"
+    if peers == 0:
+        return "local", "no peer serves this model with the same weights"
+    if job.mode is Mode.DISTRIBUTED:
+        return "distributed", "requested distributed"
+    if batch >= AUTO_MIN_BATCH:
+        return "distributed", f"auto: batch {batch} >= {AUTO_MIN_BATCH} and {peers} peer(s) available"
+    return "local", f"auto: batch {batch} < {AUTO_MIN_BATCH}"
+
+
+def interim(job: Job, batch: int, peers: list[Peer], why: str) -> Decision:
+    mode, reason = choose(job, batch, len(peers))
+    cr = (job.cr if job.cr_given else DEFAULT_CR) if mode == "distributed" else None
+    chosen = tuple(p.node for p in peers[: max(1, (job.ranks or 2) - 1)]) if mode == "distributed" else ()
+    option = "local" if mode == "local" else ("full" if cr is None else f"prism@{cr:g}")
+    return Decision(mode, cr, chosen, None, None, f"{reason}; {why}" if why else reason, option)

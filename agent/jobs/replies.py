@@ -1,29 +1,22 @@
-"""What makes jobs survive a broker restart: results queued until a connection takes them,
-and a bounded memory of recent jobs so a redelivered one is not run twice.
+"""Results on their way to the broker: an outbox that outlives connections, bounded in bytes.
 
-MQTT QoS 1 is at-least-once: after a reconnect the broker sends again what we had not
-acknowledged, and a client sends again a job whose PUBLISH was not acknowledged. A job
-that is back while it runs is ignored (its result will go out); one that was answered
-gets the stored result again. Transport-free, so it is tested without a broker.
+A sender takes :meth:`Outbox.first`, publishes it and calls :meth:`Outbox.sent` once the
+broker acknowledged it, so a result whose publish failed is still first on the next
+connection. Every result is also in the job journal (agent/jobs/journal.py), so the outbox
+keeps the encoded bytes in memory only while they fit its budget; past it a reply carries
+just its journal key and the sender reads the bytes back when its turn comes. Nothing is
+ever dropped. Transport-free, so it is tested without a broker.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections import OrderedDict, deque
-from dataclasses import dataclass
-from typing import Generic, TypeVar
+from collections import deque
+from dataclasses import dataclass, replace
 
-import structlog
-
-log = structlog.get_logger("prism.replies")
-T = TypeVar("T")
-
-#: Results kept for a disconnected agent; past it the oldest is dropped (and logged).
-OUTBOX_MAX = 10_000
-#: Jobs remembered for redeliveries.
-RECENT_MAX = 1024
+#: Result codes that say "not now" rather than "this job's answer": a retried job runs again.
+TRANSIENT = frozenset({"busy", "deadline_exceeded"})
 
 
 def job_key(payload: bytes) -> bytes:
@@ -31,71 +24,37 @@ def job_key(payload: bytes) -> bytes:
     return hashlib.blake2b(payload, digest_size=16).digest()
 
 
-class Recent(Generic[T]):
-    """The last ``size`` jobs by key: ``None`` while in flight, then their result."""
-
-    def __init__(self, size: int = RECENT_MAX) -> None:
-        self._size = size
-        self._entries: OrderedDict[bytes, T | None] = OrderedDict()
-
-    def __contains__(self, key: bytes) -> bool:
-        return key in self._entries
-
-    def get(self, key: bytes) -> T | None:
-        """The stored result; ``None`` while the job runs (or when unknown)."""
-        return self._entries.get(key)
-
-    def start(self, key: bytes) -> None:
-        """A job is admitted."""
-        self._set(key, None)
-
-    def finish(self, key: bytes, result: T) -> None:
-        """A job is answered."""
-        self._set(key, result)
-
-    def forget(self, key: bytes) -> None:
-        """A job was cancelled without a result: a redelivery may run it."""
-        self._entries.pop(key, None)
-
-    def _set(self, key: bytes, value: T | None) -> None:
-        self._entries[key] = value
-        self._entries.move_to_end(key)
-        while len(self._entries) > self._size:
-            self._entries.popitem(last=False)
-
-
 @dataclass(frozen=True, slots=True)
 class Reply:
-    """One encoded result and where it goes."""
+    """One result and where it goes; ``payload`` None: read it from the journal."""
 
+    key: bytes
     topic: str
-    payload: bytes
+    payload: bytes | None
     correlation: bytes | None = None
     job: str | None = None
+    transient: bool = False
 
 
 class Outbox:
-    """Results waiting for the broker, oldest first; bounded, the oldest dropped when full.
+    """Replies waiting for the broker, oldest first (see the module docstring)."""
 
-    A sender takes :meth:`first`, publishes it and calls :meth:`sent` once the broker
-    acknowledged it, so a result whose publish failed is still first on the next connection.
-    """
-
-    def __init__(self, size: int = OUTBOX_MAX) -> None:
-        self._size = size
+    def __init__(self, max_bytes: int = 64 << 20) -> None:
+        self.max_bytes = max_bytes
         self._items: deque[Reply] = deque()
         self._changed = asyncio.Event()
-        self.dropped = 0
+        self.bytes = 0
 
     def __len__(self) -> int:
         return len(self._items)
 
     def put(self, reply: Reply) -> None:
-        """Queue ``reply`` (dropping the oldest when full)."""
-        if len(self._items) >= self._size:
-            old = self._items.popleft()
-            self.dropped += 1
-            log.warning("result_dropped", job=old.job, limit=self._size, dropped=self.dropped)
+        """Queue ``reply``; its bytes stay in memory only while they fit the budget."""
+        size = len(reply.payload or b"")
+        if self.bytes + size > self.max_bytes:
+            reply = replace(reply, payload=None)
+        else:
+            self.bytes += size
         self._items.append(reply)
         self._changed.set()
 
@@ -110,6 +69,7 @@ class Outbox:
         """``reply`` reached the broker: unqueue it."""
         if self._items and self._items[0] is reply:
             self._items.popleft()
+            self.bytes -= len(reply.payload or b"")
             self._changed.set()
 
     async def flushed(self) -> None:

@@ -97,17 +97,31 @@ def die_with_parent() -> Callable[[], None] | None:
 class HostedBroker:
     """A mosquitto child process on ``address:port``, advertised over mDNS (async context manager)."""
 
-    def __init__(self, address: str, port: int = 1883, node: str = "prism", advertise: bool = True) -> None:
+    def __init__(
+        self,
+        address: str,
+        port: int = 1883,
+        node: str = "prism",
+        advertise: bool = True,
+        workdir: Path | None = None,
+    ) -> None:
         self.broker = Broker(address, port)
         self.node = node
         self.advertise = advertise
         self._proc: asyncio.subprocess.Process | None = None
-        self._dir: tempfile.TemporaryDirectory[str] | None = None
+        self._workdir = workdir
+        self._dir: Path | None = None
         self._zc: AsyncZeroconf | None = None
 
     async def __aenter__(self) -> HostedBroker:
-        self._dir = tempfile.TemporaryDirectory(prefix="prism-broker-")
-        conf = Path(self._dir.name) / "mosquitto.conf"
+        # A fixed directory (the node's state) is emptied first: a SIGKILLed agent left it behind.
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir.mkdir(parents=True, mode=0o700)
+            self._dir = self._workdir
+        else:
+            self._dir = Path(tempfile.mkdtemp(prefix="prism-broker-"))
+        conf = self._dir / "mosquitto.conf"
         # As root, mosquitto would switch to user 'mosquitto', which clears the parent-death
         # signal: it keeps the agent's user instead, so it dies with its agent.
         same_user = "user root\n" if os.geteuid() == 0 else ""
@@ -115,7 +129,7 @@ class HostedBroker:
             f"listener {self.broker.port} {self.broker.host}\nallow_anonymous true\n"
             f"set_tcp_nodelay true\npersistence false\n{same_user}"
         )
-        log_path = Path(self._dir.name) / "mosquitto.log"  # a pipe nobody reads would freeze the broker
+        log_path = self._dir / "mosquitto.log"  # a pipe nobody reads would freeze the broker
         with log_path.open("wb") as log_file:
             self._proc = await asyncio.create_subprocess_exec(
                 mosquitto_binary(),
@@ -159,4 +173,4 @@ class HostedBroker:
                 self._proc.kill()
                 await self._proc.wait()
         if self._dir is not None:
-            self._dir.cleanup()
+            shutil.rmtree(self._dir, ignore_errors=True)

@@ -1,6 +1,9 @@
 """Settings: defaults < TOML file < ``PRISM_*`` environment < command-line flags.
 
-Loaded once in ``main()``; nothing here reads the environment at import time.
+Loaded once in ``main()``; nothing here reads the environment at import time. Every value is
+validated by pydantic against the type and range written on its field (strictly for the TOML
+file, whose values are typed; leniently for the environment, whose values are strings), and a
+bad one is a one-line :class:`ConfigError` naming the key and where it came from.
 """
 
 from __future__ import annotations
@@ -12,8 +15,10 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, get_type_hints
 from urllib.parse import urlsplit
+
+from pydantic import Field, TypeAdapter, ValidationError
 
 from engine.errors import PrismError
 from transport.schema import Limits
@@ -30,6 +35,12 @@ class ConfigError(PrismError):
     code = "config_error"
 
 
+Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+Count = Annotated[int, Field(ge=1)]
+Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[^/+#\s]+$")]
+Fidelity = Annotated[float, Field(gt=0, le=1)]
+
+
 @dataclass(frozen=True, slots=True)
 class ModelSpec:
     """A model this node serves: the name jobs use, where it loads from, its default task."""
@@ -37,7 +48,7 @@ class ModelSpec:
     name: str
     source: str
     task: str | None = None
-    max_cr: float | None = None  # accuracy floor: the largest CR auto may pick for this model
+    min_fidelity: float | None = None  # accuracy floor for auto (a cosine vs local), else the node's
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,18 +62,21 @@ class Broker:
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    """Everything a node needs to run."""
+    """Everything a node needs to run (ranges on each field are checked at load)."""
 
-    node_id: str
-    cluster: str = "default"
+    node_id: Name
+    cluster: Name = "default"
     broker: Broker | None = None
     interface: str | None = None
     models: tuple[ModelSpec, ...] = ()
-    threads: int = 1
-    queue_max: int = 16
-    health_interval_s: float = 5.0
-    group_timeout_s: float = 10.0
-    probe_interval_s: float = 30.0
+    threads: Count = 1
+    queue_max: Count = 16
+    health_interval_s: Annotated[float, Field(ge=0.1, le=3600)] = 5.0
+    group_timeout_s: Annotated[float, Field(ge=0.5, le=3600)] = 10.0
+    collective_timeout_s: Annotated[float, Field(ge=0.1, le=3600)] = 2.0
+    group_idle_s: Annotated[float, Field(ge=1, le=86400)] = 60.0
+    probe_interval_s: Annotated[float, Field(ge=0.1, le=86400)] = 30.0
+    probe_max_connections: Count = 32
     secret_file: str | None = None
     device: str = "auto"
     mqtt_username: str | None = None
@@ -70,20 +84,50 @@ class Settings:
     tls_ca: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
-    reconnect_min_s: float = 0.2
-    reconnect_max_s: float = 10.0
-    session_expiry_s: int = 300
-    log_format: str = "auto"
+    reconnect_min_s: Positive = 0.2
+    reconnect_max_s: Positive = 10.0
+    session_expiry_s: Annotated[int, Field(ge=0, le=0xFFFFFFFF)] = 300
+    log_format: Literal["auto", "json", "console"] = "auto"
     map_file: str | None = None
-    objective: str = "latency"
-    max_cr: float = 10.0
-    idle_watts: float = 0.0
+    objective: Literal["latency", "energy"] = "latency"
+    min_fidelity: Fidelity = 0.999
+    idle_watts: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
+    state_dir: str | None = None
+    journal_sync: Literal["normal", "full"] = "normal"
+    journal_max_bytes: Annotated[int, Field(ge=1 << 20)] = 256 << 20
+    outbox_max_bytes: Annotated[int, Field(ge=1 << 16)] = 64 << 20
     limits: Limits = field(default_factory=Limits)
 
     @property
     def topic_root(self) -> str:
         """``prism/v1/{cluster}``."""
         return f"prism/v1/{self.cluster}"
+
+    def journal_path(self) -> Path:
+        """Where this node keeps its job journal (one file per cluster and node)."""
+        base = Path(self.state_dir).expanduser() if self.state_dir else Path.home() / ".local/state/prism-agent"
+        return base / f"journal-{self.cluster}-{self.node_id}.sqlite3"
+
+
+#: Keys a file or the environment may set, with their validated types.
+_FIELDS = {
+    f.name: get_type_hints(Settings, include_extras=True)[f.name]
+    for f in dataclasses.fields(Settings)
+    if f.name not in ("broker", "models", "limits")
+}
+_LIMITS = Annotated[int, Field(ge=1)]
+_RENAMED = {"max_cr": "min_fidelity (a cosine of the output vs local, default 0.999; max_cr is gone)"}
+
+
+def _check(key: str, kind: Any, value: Any, where: str, *, strict: bool) -> Any:
+    try:
+        return TypeAdapter(kind).validate_python(value, strict=strict)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        msg = str(err["msg"])
+        if err["type"] == "string_pattern_mismatch":
+            msg = "must be 1-64 characters without / + # or spaces"
+        raise ConfigError(f"{key} = {value!r} ({where}): {msg[0].lower()}{msg[1:]}") from None
 
 
 def mqtt_credentials(settings: Settings) -> tuple[str | None, str | None]:
@@ -146,58 +190,34 @@ def parse_model(text: str) -> ModelSpec:
     return ModelSpec(name.strip(), source.strip(), task)
 
 
-def _models_from_toml(table: Any) -> list[ModelSpec]:
+def _models_from_toml(table: Any, where: str) -> list[ModelSpec]:
     if not isinstance(table, dict):
-        raise ConfigError("[models] must be a table of NAME = SOURCE")
+        raise ConfigError(f"[models] must be a table of NAME = SOURCE ({where})")
     out = []
     for name, value in table.items():
         if isinstance(value, str):
             out.append(ModelSpec(name, value))
-        elif isinstance(value, dict) and isinstance(value.get("source"), str):
-            max_cr = value.get("max_cr")
-            if max_cr is not None and (isinstance(max_cr, bool) or not isinstance(max_cr, (int, float)) or max_cr < 1):
-                raise ConfigError(f"model {name!r}: max_cr must be a number >= 1, got {max_cr!r}")
-            out.append(ModelSpec(name, value["source"], value.get("task"), None if max_cr is None else float(max_cr)))
-        else:
-            raise ConfigError(f"model {name!r}: give a source string or {{ source = ..., task = ..., max_cr = ... }}")
+            continue
+        if not isinstance(value, dict) or not isinstance(value.get("source"), str):
+            raise ConfigError(f"model {name!r}: give a source string or {{ source = ..., task = ... }} ({where})")
+        for key in value:
+            if key in _RENAMED:
+                raise ConfigError(f"model {name!r}: {key} was replaced by {_RENAMED[key]} ({where})")
+            if key not in ("source", "task", "min_fidelity"):
+                raise ConfigError(f"model {name!r}: unknown key {key!r} ({where})")
+        task = _check(f"models.{name}.task", str | None, value.get("task"), where, strict=True)
+        floor = _check(f"models.{name}.min_fidelity", Fidelity | None, value.get("min_fidelity"), where, strict=True)
+        out.append(ModelSpec(name, value["source"], task, floor))
     return out
 
 
-_SCALARS: dict[str, type] = {
-    "node_id": str,
-    "cluster": str,
-    "interface": str,
-    "threads": int,
-    "queue_max": int,
-    "health_interval_s": float,
-    "group_timeout_s": float,
-    "probe_interval_s": float,
-    "secret_file": str,
-    "device": str,
-    "mqtt_username": str,
-    "mqtt_password_file": str,
-    "tls_ca": str,
-    "tls_cert": str,
-    "tls_key": str,
-    "reconnect_min_s": float,
-    "reconnect_max_s": float,
-    "session_expiry_s": int,
-    "log_format": str,
-    "map_file": str,
-    "objective": str,
-    "max_cr": float,
-    "idle_watts": float,
-}
-
-
-def _coerce(key: str, value: Any) -> Any:
-    kind = _SCALARS[key]
+def _read_toml(config_file: Path) -> dict[str, Any]:
     try:
-        if kind is int and (isinstance(value, bool) or (isinstance(value, float) and not value.is_integer())):
-            raise ValueError
-        return kind(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"setting {key!r} must be {kind.__name__}, got {value!r}") from None
+        return tomllib.loads(config_file.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {config_file}: {exc.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config {config_file} is not valid TOML: {exc}") from None
 
 
 def load_settings(
@@ -208,31 +228,31 @@ def load_settings(
     """Merge the layers and validate. ``overrides`` come from the command line."""
     values: dict[str, Any] = {}
     models: dict[str, ModelSpec] = {}
-    limits: dict[str, Any] = {}
+    limits: dict[str, int] = {}
     if config_file is not None:
-        try:
-            data = tomllib.loads(config_file.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise ConfigError(f"cannot read config {config_file}: {exc.strerror}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config {config_file} is not valid TOML: {exc}") from None
-        for key, value in data.items():
-            if key in _SCALARS:
-                values[key] = _coerce(key, value)
+        where = str(config_file)
+        for key, value in _read_toml(config_file).items():
+            if key in _FIELDS:
+                values[key] = _check(key, _FIELDS[key], value, where, strict=True)
             elif key == "broker":
-                values["broker"] = parse_broker(str(value))
+                values["broker"] = parse_broker(_check(key, str, value, where, strict=True))
             elif key == "models":
-                models.update({m.name: m for m in _models_from_toml(value)})
+                models.update({m.name: m for m in _models_from_toml(value, where)})
             elif key == "limits" and isinstance(value, dict):
-                limits.update(value)
+                for name, limit in value.items():
+                    if name not in {f.name for f in dataclasses.fields(Limits)}:
+                        raise ConfigError(f"unknown limit {name!r} in [limits] ({where})")
+                    limits[name] = _check(f"limits.{name}", _LIMITS, limit, where, strict=True)
+            elif key in _RENAMED:
+                raise ConfigError(f"{key} was replaced by {_RENAMED[key]} ({where})")
             else:
-                raise ConfigError(f"unknown setting {key!r} in {config_file}")
+                raise ConfigError(f"unknown setting {key!r} in {where}")
     for key, value in (env or {}).items():
         if not key.startswith("PRISM_"):
             continue
         name = key.removeprefix("PRISM_").lower()
-        if name in _SCALARS:
-            values[name] = _coerce(name, value)
+        if name in _FIELDS:
+            values[name] = _check(name, _FIELDS[name], value, f"${key}", strict=False)
         elif name == "broker":
             values["broker"] = parse_broker(value)
         elif name == "models":
@@ -244,33 +264,12 @@ def load_settings(
             values["broker"] = parse_broker(value)
         elif key == "models":
             models.update({m.name: m for m in (parse_model(t) for t in value)})
-        elif key in _SCALARS:
-            values[key] = _coerce(key, value)
-    values.setdefault("node_id", socket.gethostname())
-    try:
-        settings = Settings(models=tuple(models.values()), limits=Limits(**limits), **values)
-    except TypeError as exc:
-        raise ConfigError(f"bad [limits]: {exc}") from None
-    return _validated(settings)
-
-
-def _validated(s: Settings) -> Settings:
-    for name, value in (("node_id", s.node_id), ("cluster", s.cluster)):
-        if not value or any(c in value for c in "/+#") or len(value) > 64:
-            raise ConfigError(f"{name} must be 1-64 characters without / + #, got {value!r}")
-    if s.threads < 1 or s.queue_max < 1:
-        raise ConfigError("threads and queue_max must be >= 1")
-    if s.log_format not in ("auto", "json", "console"):
-        raise ConfigError(f"log_format must be auto, json or console, got {s.log_format!r}")
-    if s.objective not in ("latency", "energy"):
-        raise ConfigError(f"objective must be latency or energy, got {s.objective!r}")
-    if s.max_cr < 1 or s.idle_watts < 0:
-        raise ConfigError("max_cr must be >= 1 and idle_watts >= 0")
-    if not 0 < s.reconnect_min_s <= s.reconnect_max_s:
-        raise ConfigError("need 0 < reconnect_min_s <= reconnect_max_s")
-    if not 0 <= s.session_expiry_s <= 0xFFFFFFFF:
-        raise ConfigError("session_expiry_s must be between 0 and 4294967295")
-    for limit in dataclasses.fields(s.limits):
-        if getattr(s.limits, limit.name) < 1:
-            raise ConfigError(f"limit {limit.name} must be >= 1")
-    return s
+        elif key in _FIELDS:
+            values[key] = _check(key, _FIELDS[key], value, f"--{key.replace('_', '-')}", strict=False)
+    values.setdefault("node_id", _check("node_id", _FIELDS["node_id"], socket.gethostname(), "hostname", strict=True))
+    if "state_dir" not in values and (env or {}).get("STATE_DIRECTORY"):
+        values["state_dir"] = (env or {})["STATE_DIRECTORY"].split(":")[0]  # systemd's StateDirectory=
+    settings = Settings(models=tuple(models.values()), limits=Limits(**limits), **values)
+    if settings.reconnect_min_s > settings.reconnect_max_s:
+        raise ConfigError("reconnect_min_s must not be above reconnect_max_s")
+    return settings

@@ -1,133 +1,119 @@
-"""``prism-agent run``: the daemon's lifecycle (DESIGN.md §6).
+"""A node's lifecycle (docs/design.md §6): one root task group, supervised loops, a graceful stop.
 
-One task group for jobs, which outlives connections, and one per broker connection; every
-task named. On connect (a persistent MQTT 5 session, so the broker queues jobs while we are
-away): subscribe (shared job topic and this node's own), publish a retained ``online`` birth
-(the Last Will says ``offline``), send the results queued meanwhile, then take jobs. A lost
-connection is retried with capped full-jitter backoff while jobs keep running; a refused
-login is not retried. SIGTERM stops intake, lets in-flight jobs finish within the grace
-period, sends their results, publishes ``offline`` and returns.
+The node opens its job journal (re-running what a crash interrupted), starts its probe
+server and mDNS advert, then runs under one task group: the broker connection (reconnected
+with capped full-jitter backoff; a refused login is fatal), the watchdog, link probes,
+group upkeep and the map saver, each supervised (agent/node/supervise.py), plus one task per
+job or group duty. Per connection: subscribe (a persistent MQTT 5 session, so the broker
+queues jobs while we are away), publish a retained ``online`` (the Last Will says
+``offline``), then route messages — jobs to the intake, control to the groups, other nodes'
+health and status to the observer — and publish results and health.
+
+Jobs are acknowledged to the broker only once journalled; their tasks outlive connections,
+and results wait in the outbox for the next one. SIGTERM stops intake, lets in-flight jobs
+finish within the grace period, sends their results, publishes ``offline`` and returns.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import json
-import os
-import random
-import signal
-import socket
+import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Coroutine, Mapping
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
-import aiomqtt
 import structlog
 
-from agent.cluster.admission import Admission, read_secret
+from agent.cluster.admission import Admission
+from agent.cluster.channel import ControlChannel
 from agent.cluster.discovery import Discovery, advert
-from agent.cluster.groups import GroupManager
+from agent.cluster.groups import GroupManager, Timing
+from agent.cluster.health import Observer, build_health, signed_identity
+from agent.cluster.links import LinkTable, probe_loop
 from agent.cluster.peers import Peer, PeerTable
-from agent.cluster.probes import ProbeServer, probe
+from agent.cluster.probes import ProbeServer
 from agent.compat import BaseExceptionGroup, TaskGroup
 from agent.jobs.auto import AutoPolicy
-from agent.jobs.replies import Outbox, Recent, Reply, job_key
+from agent.jobs.intake import Intake
+from agent.jobs.journal import Journal
+from agent.jobs.replies import Outbox
 from agent.jobs.service import JobService, Served
-from agent.node.broker import HostedBroker, find_broker, port_free
-from agent.node.config import ConfigError, Settings, mqtt_credentials, pick_device, tls_context
-from agent.node.energy import find_meter
-from agent.node.monitors import LinkTable, read_load
+from agent.node.config import Settings, mqtt_credentials, pick_device, tls_context
+from agent.node.energy import Meter, find_meter
+from agent.node.engine import Engine
+from agent.node.monitors import read_load
 from agent.node.sdnotify import Notifier
+from agent.node.supervise import RESTARTS, supervise
 from engine.adapters import Tensors
-from engine.localcluster import free_port
-from engine.models import fingerprint, load, to_device
 from engine.program import JobSpec
 from engine.trace import RunResult
 from policy.perfmap import hardware_fingerprint
 from transport.mqtt import MqttLink, Topics, TransportError, backoff_s, reply_route, transport_error
-from transport.schema import Result
+from transport.schema import WireError
 
-log = structlog.get_logger("prism.daemon")
-VERSION = "0.1.0"
+log = structlog.get_logger("prism.node")
+VERSION = "0.2.0"
 GRACE_S = 30.0
 FLUSH_S = 10.0
+#: A connection that lasted this long resets the reconnect backoff.
+GOOD_CONNECTION_S = 10.0
+LinkFactory = Callable[[], AbstractAsyncContextManager[MqttLink]]
 
 
-def load_models(settings: Settings) -> dict[str, Served]:
-    """Load every configured model once (at start, before taking jobs)."""
-    served = {}
-    device = pick_device(settings.device)
-    for spec in settings.models:
-        start = time.monotonic()
-        model = to_device(load(spec.source), device)
-        served[spec.name] = Served(spec, model, fingerprint(model.adapter))
-        log.info(
-            "model_loaded", model=spec.name, source=spec.source, device=device, s=round(time.monotonic() - start, 2)
-        )
-    return served
-
-
-def local_address(settings: Settings) -> str:
-    """The IPv4 address we advertise and bind GLOO to: the chosen interface's, else the
-    one that routes to the broker (127.0.0.1 for a broker on loopback)."""
-    if settings.interface:
-        import ifaddr
-
-        for adapter in ifaddr.get_adapters():
-            if adapter.nice_name == settings.interface:
-                for ip in adapter.ips:
-                    if ip.is_IPv4:
-                        return str(ip.ip)
-        raise ConfigError(f"interface {settings.interface!r} has no IPv4 address")
-    if settings.broker is None:
-        return "127.0.0.1"  # single-box mode; --interface puts the node on a LAN
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.connect((settings.broker.host, settings.broker.port))  # UDP: sends nothing
-        return str(probe.getsockname()[0])
-
-
-class Daemon:
-    """A node: its settings, models, peers, job service and broker connection."""
+class Node:
+    """A node: its settings, models, peers, engine, jobs and broker connection."""
 
     def __init__(
         self,
         settings: Settings,
         models: Mapping[str, Served],
-        notifier: Notifier | None = None,
+        *,
         address: str = "127.0.0.1",
         admission: Admission | None = None,
+        notifier: Notifier | None = None,
+        meter: Meter | None = None,
+        link_factory: LinkFactory | None = None,
+        watchdog_s: float | None = None,
     ) -> None:
-        self.settings = settings
+        s = settings
+        self.settings = s
         self.address = address
-        self.admission = admission or Admission(None, settings.cluster)
-        self.peers = PeerTable(settings.cluster, settings.node_id, max_age_s=max(15.0, 3 * settings.health_interval_s))
+        self.admission = admission or Admission(None, s.cluster)
+        self.notifier = notifier or Notifier(None)
+        self.watchdog_s = watchdog_s or s.health_interval_s
+        self.boot = secrets.token_hex(8)
+        self.topics = Topics(s.topic_root, s.node_id)
+        self.stop = asyncio.Event()
+        self.failure: BaseException | None = None
+        self.accepting = True
+        self.probe_port = 0
+        self.peers = PeerTable(s.cluster, s.node_id, max_age_s=max(15.0, 3 * s.health_interval_s))
+        self.links = LinkTable()
+        self.engine = Engine()
+        self.journal = Journal(s.journal_path(), sync=s.journal_sync, max_bytes=s.journal_max_bytes)
+        self.outbox = Outbox(s.outbox_max_bytes)
+        self.channel = ControlChannel(
+            s.node_id, self.admission, self._publish, lambda n: f"{s.topic_root}/nodes/{n}/control"
+        )
+        timing = Timing(s.group_timeout_s, s.collective_timeout_s, s.group_idle_s)
         self.groups = GroupManager(
-            settings.node_id,
-            address,
-            settings.group_timeout_s,
-            models,
-            self._publish,
-            lambda node: f"{settings.topic_root}/nodes/{node}/control",
-            self.admission,
+            s.node_id, address, models, self.channel, self.engine, self._spawn, timing, self._link_mbps
         )
         fingerprints = {name: served.fingerprint for name, served in models.items()}
-        self.service = JobService(settings, models, self, find_meter(), AutoPolicy.load(settings, fingerprints))
-        self.links = LinkTable()
-        self.hardware = hardware_fingerprint(settings.threads, pick_device(settings.device))
-        self.probe_port = 0
+        auto = AutoPolicy.load(s, fingerprints)
+        self.service = JobService(s, models, self, meter or find_meter(), auto, self.engine)
+        self.intake = Intake(self.service, self.journal, self.outbox, self.topics, self._spawn)
+        self.observer = Observer(s.node_id, s.cluster, self.peers, self.admission, self.groups.membership_changed)
+        self.hardware = hardware_fingerprint(s.threads, pick_device(s.device))
+        self._link_factory = link_factory or self._mqtt_link
         self._link: MqttLink | None = None
-        self.topics = Topics(settings.topic_root, settings.node_id)
-        self.notifier = notifier or Notifier(None)
-        self.stop = asyncio.Event()
-        self._jobs: set[asyncio.Task[None]] = set()
-        self._job_seq = 0
-        self._jobs_tg: TaskGroup | None = None
-        self.outbox = Outbox()
-        self.recent: Recent[Result] = Recent()
+        self._tg: TaskGroup | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._ready = False
 
-    # -- Distributor, for the job service ---------------------------------------------
+    # -- the distributor the job service uses -------------------------------------------
     def peers_for(self, model: str, fingerprint: float) -> list[Peer]:
         """Alive peers serving ``model`` with the same weights, least loaded first."""
         return self.peers.able(model, fingerprint, time.monotonic())
@@ -137,8 +123,8 @@ class Daemon:
         result = await self.groups.run(served, spec, inputs, peers)
         mine = result.traces[0]
         if mine.comm_s > 0 and mine.exchange_bytes_recv > 0:
-            # Bytes over time spent in collectives: a lower bound on the link (it includes waiting
-            # for the slower rank), so it is reported beside the probes' figure, never mixed in.
+            # Bytes over time in collectives: a lower bound on the link (it includes waiting for
+            # the slower rank), so it is kept beside the probes' figure, never mixed in.
             mbps = (mine.exchange_bytes_recv + mine.exchange_bytes_sent) * 8 / mine.comm_s / 1e6
             for peer in peers:
                 self.links.observe_gloo(peer.node, time.monotonic(), mbps)
@@ -148,332 +134,239 @@ class Daemon:
         """Per-peer link estimates (for the auto policy)."""
         return self.links.report(time.monotonic())
 
+    def _link_mbps(self, node: str) -> float | None:
+        estimate = self.links.links.get(node)
+        return estimate.mbps if estimate else None
+
+    # -- tasks --------------------------------------------------------------------------
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        """A task in the root group; its exceptions are logged, never allowed to stop the node."""
+        if self._tg is None:
+            coro.close()
+            raise RuntimeError("the node is not running")
+        task = self._tg.create_task(_guarded(coro, name), name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
     async def _publish(self, topic: str, payload: bytes) -> None:
         if self._link is None:
             raise TransportError("not connected to the broker")
         await self._link.publish(topic, payload)
 
+    # -- lifecycle ----------------------------------------------------------------------
     async def run(self) -> None:
-        """Serve until :attr:`stop` is set; reconnect on failures."""
-        interfaces = [self.address]
+        """Serve until :attr:`stop` is set (or the broker refuses our login: then raise that)."""
         s = self.settings
-        info = advert(s.node_id, s.cluster, self.address, 0, VERSION, sorted(self.service.models), self.admission)
-        discovery = Discovery(self.peers, info, interfaces, admission=self.admission)
-        async with ProbeServer(self.address) as probes, discovery:
-            self.probe_port = probes.port
-            await self._serve()
-
-    async def _serve(self) -> None:
-        """Connect, serve, reconnect. Jobs live in a task group of their own, so a lost
-        connection does not cancel them: their results wait in the outbox for the next one."""
-        failure: Exception | None = None
-        async with TaskGroup() as jobs:
-            self._jobs_tg = jobs
-            try:
-                await self._reconnecting()
-            except Exception as exc:  # noqa: BLE001 - raised again below, once the jobs are cancelled
-                failure = exc
-            finally:
-                self._jobs_tg = None
-                unfinished = [task for task in self._jobs if not task.done()]
-                if unfinished or self.outbox:
-                    log.warning("unanswered_at_stop", jobs_cancelled=len(unfinished), results_unsent=len(self.outbox))
-                for task in unfinished:
-                    task.cancel()
-        self.notifier.notify("STOPPING=1")
-        if failure is not None:
-            raise failure
-
-    async def _reconnecting(self) -> None:
-        broker = self.settings.broker
-        assert broker is not None
-        attempt = 0
-        while not self.stop.is_set():
-            try:
-                await self._connected(broker.host, broker.port)
-                attempt = 0
-            except TransportError as exc:
-                if exc.fatal:
-                    log.error("mqtt_refused", error=str(exc), hint="check username/password; not retrying")
-                    raise
-                delay = backoff_s(attempt, self.settings.reconnect_min_s, self.settings.reconnect_max_s)
-                attempt += 1
-                log.warning(
-                    "mqtt_reconnect", error=str(exc), in_s=round(delay, 3), attempt=attempt, jobs=len(self._jobs)
-                )
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self.stop.wait(), timeout=delay)
-
-    async def _connected(self, host: str, port: int) -> None:
-        will = (self.topics.status, b"offline")
+        recovery = await self.journal.open()
         try:
-            username, password = mqtt_credentials(self.settings)
-            link_cm = MqttLink(
-                host,
-                port,
-                client_id=f"prism-{self.settings.cluster}-{self.settings.node_id}",
-                will=will,
-                username=username,
-                password=password,
-                tls=tls_context(self.settings),
-                session_expiry_s=self.settings.session_expiry_s,
-            )
-            async with link_cm as link:
-                self._link = link
-                await link.subscribe(self.topics.shared_jobs, self.topics.my_jobs, *self._watched)
-                await link.publish(self.topics.status, b"online", retain=True)
-                log.info(
-                    "mqtt_connected",
-                    broker=f"{host}:{port}",
-                    node=self.settings.node_id,
-                    jobs=len(self._jobs),
-                    results_queued=len(self.outbox),
+            async with ProbeServer(self.address, max_connections=s.probe_max_connections) as probes:
+                self.probe_port = probes.port
+                info = advert(
+                    s.node_id,
+                    s.cluster,
+                    self.address,
+                    probes.port,
+                    VERSION,
+                    sorted(self.service.models),
+                    self.admission,
                 )
-                self.notifier.notify("READY=1")
-                async with TaskGroup() as tg:
-                    intake = tg.create_task(self._intake(link), name="intake")
-                    stop = tg.create_task(self.stop.wait(), name="stop-signal")
-                    background = [
-                        tg.create_task(self._send_results(link), name="results"),
-                        tg.create_task(self._health(link), name="health"),
-                        tg.create_task(self.groups.serve_control(), name="control"),
-                        tg.create_task(self._probe_links(), name="link-probes"),
-                    ]
-                    await asyncio.wait({intake, stop}, return_when=asyncio.FIRST_COMPLETED)
-                    if intake.done():  # the connection dropped: let the group raise it
-                        for task in [stop, *background]:
-                            task.cancel()
-                        intake.result()
-                    # Stop intake: leave the job topics first so nothing new lands here, then
-                    # finish what was admitted, send the results and say goodbye. The session
-                    # outlives us: leave the other topics too, so the broker queues nothing for it.
-                    await link.unsubscribe(self.topics.shared_jobs, self.topics.my_jobs)
-                    intake.cancel()
-                    await self._drain()
-                    self.service.auto.save_if_due(force=True)
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(self.outbox.flushed(), FLUSH_S)
-                    await link.unsubscribe(*self._watched)
-                    await link.publish(self.topics.status, b"offline", retain=True)
-                    for task in background:
+                async with Discovery(self.peers, info, [self.address], admission=self.admission), TaskGroup() as tg:
+                    self._tg = tg
+                    await self.intake.recover(recovery)
+                    loops = {
+                        "watchdog": self._watchdog,
+                        "link-probes": lambda: probe_loop(self.peers, self.links, s.probe_interval_s),
+                        "groups": self.groups.upkeep,
+                        "map-saver": self._save_map,
+                        "mqtt": self._connections,
+                    }
+                    tasks = [tg.create_task(supervise(n, body), name=n) for n, body in loops.items()]
+                    await self.stop.wait()
+                    await self._stop_serving()
+                    for task in [*tasks, *self._tasks]:
                         task.cancel()
-                log.info("stopped", **self.service.stats)
-        except BaseExceptionGroup as group:
-            transport = transport_error(group)
-            if transport is not None:
-                raise transport from group  # the connection is gone: the broker sends our Last Will
-            await self._say_offline()
-            raise
-        except Exception:
-            await self._say_offline()
-            raise
+                self._tg = None
         finally:
-            self._link = None
+            self.groups.drop_all("the node is stopping")
+            self.notifier.notify("STOPPING=1")
+            await self.journal.close()
+            self.engine.shutdown()
+        log.info("stopped", **self.service.stats)
+        if self.failure is not None:
+            raise self.failure
+
+    async def _stop_serving(self) -> None:
+        """Leave the job topics, finish admitted jobs, send their results, say goodbye."""
+        self.accepting = False
+        link = self._link
+        if link is not None:
+            with contextlib.suppress(TransportError):
+                await link.unsubscribe(self.topics.shared_jobs, self.topics.my_jobs)
+        if self.intake.running:
+            log.info("draining", jobs=self.intake.running, grace_s=GRACE_S)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.intake.idle.wait(), GRACE_S)
+        await asyncio.to_thread(self.service.auto.save_if_due, True)
+        link = self._link
+        if link is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.outbox.flushed(), FLUSH_S)
+            with contextlib.suppress(TransportError, asyncio.TimeoutError):
+                await asyncio.wait_for(link.unsubscribe(*self._watched), 2.0)
+                await asyncio.wait_for(link.publish(self.topics.status, b"offline", retain=True), 2.0)
+        if self.intake.running or self.outbox:
+            log.warning("unanswered_at_stop", jobs=self.intake.running, results_unsent=len(self.outbox))
 
     @property
     def _watched(self) -> tuple[str, ...]:
         """Every topic but the job topics: control, and every node's health and status."""
         return (self.topics.control, self.topics.all_health, self.topics.all_status)
 
-    async def _say_offline(self) -> None:
-        """After a crash the client still disconnects cleanly, which cancels the Last Will: say it ourselves."""
-        if self._link is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._link.publish(self.topics.status, b"offline", retain=True), 2.0)
+    # -- the broker connection ------------------------------------------------------------
+    def _mqtt_link(self) -> MqttLink:
+        s = self.settings
+        assert s.broker is not None
+        username, password = mqtt_credentials(s)
+        return MqttLink(
+            s.broker.host,
+            s.broker.port,
+            client_id=f"prism-{s.cluster}-{s.node_id}",
+            will=(self.topics.status, b"offline"),
+            username=username,
+            password=password,
+            tls=tls_context(s),
+            session_expiry_s=s.session_expiry_s,
+            manual_ack=True,
+        )
 
-    async def _drain(self) -> None:
-        if self._jobs:
-            log.info("draining", jobs=len(self._jobs), grace_s=GRACE_S)
-            _done, pending = await asyncio.wait(set(self._jobs), timeout=GRACE_S)
-            for task in pending:
-                task.cancel()
+    async def _connections(self) -> None:
+        """Connect, serve, reconnect; a refused login stops the node (systemd decides what next)."""
+        attempt = 0
+        while not self.stop.is_set():
+            up_s = 0.0
+            try:
+                async with self._link_factory() as link:
+                    start = time.monotonic()
+                    try:
+                        await self._session(link)
+                    finally:
+                        up_s = time.monotonic() - start
+            except TransportError as exc:
+                if exc.fatal:
+                    log.error("mqtt_refused", error=str(exc), hint="check username/password; not retrying")
+                    self.failure = exc
+                    self.stop.set()
+                    return
+                if up_s > GOOD_CONNECTION_S:
+                    attempt = 0
+                delay = backoff_s(attempt, self.settings.reconnect_min_s, self.settings.reconnect_max_s)
+                attempt += 1
+                log.warning("mqtt_reconnect", error=str(exc), in_s=round(delay, 3), attempt=attempt)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.stop.wait(), timeout=delay)
 
-    async def _intake(self, link: MqttLink) -> None:
+    async def _session(self, link: MqttLink) -> None:
+        topics = (self.topics.shared_jobs, self.topics.my_jobs) if self.accepting else ()
+        await link.subscribe(*topics, *self._watched)
+        await link.publish(self.topics.status, b"online", retain=True)
+        self._link = link
+        try:
+            log.info("mqtt_connected", node=self.settings.node_id, results_queued=len(self.outbox))
+            if not self._ready:
+                self._ready = True
+                self.notifier.notify("READY=1")
+            async with TaskGroup() as tg:
+                tg.create_task(supervise("results", lambda: self.intake.send(link), passthrough=(TransportError,)))
+                tg.create_task(supervise("health", lambda: self._health(link), passthrough=(TransportError,)))
+                await self._messages(link)  # until the connection drops (TransportError) or we are cancelled
+        except BaseExceptionGroup as group:
+            error = transport_error(group)
+            if error is not None:
+                raise error from group  # the connection is gone: reconnect
+            raise
+        finally:
+            self._link = None
+
+    async def _messages(self, link: MqttLink) -> None:
+        jobs = {self.topics.jobs, self.topics.my_jobs}
         async for message in link.messages():
             topic = str(message.topic)
-            if not topic.endswith("/jobs"):
-                try:
-                    self._observe(topic, message)
-                except Exception as exc:  # noqa: BLE001 - one odd message must never stop the node
-                    log.warning("message_ignored", topic=topic, error=f"{type(exc).__name__}: {str(exc)[:120]}")
-                continue
-            if message.retain:  # a retained job would re-run on every (re)subscribe
-                log.warning("retained_job_ignored", topic=topic)
-                continue
             payload = message.payload if isinstance(message.payload, bytes) else str(message.payload).encode()
-            route = reply_route(message)
-            key = job_key(payload)
-            if key in self.recent:  # redelivered (QoS 1 is at-least-once)
-                stored = self.recent.get(key)
-                log.info("duplicate_job", job=stored.id if stored else None, answered=stored is not None)
-                if stored is not None:
-                    self._queue_reply(payload, route, stored)
-                continue
-            self.recent.start(key)
-            self._job_seq += 1
-            self._spawn(self._answer(payload, route, key), f"job-{self._job_seq}")
+            if topic in jobs:
+                if not self.accepting:
+                    continue  # stopping: not acknowledged, so the broker keeps it for someone else
+                try:
+                    await self.intake.take(payload, reply_route(message), bool(message.retain))
+                except Exception:
+                    log.exception("job_not_taken", topic=topic)
+                    continue
+            else:
+                try:
+                    self._observe(topic, payload)
+                except WireError as exc:
+                    log.info("message_ignored", topic=topic[:120], error=str(exc)[:160])
+                except Exception:
+                    log.exception("message_failed", topic=topic[:120])
+            link.ack(message)
 
-    async def _answer(self, payload: bytes, route: tuple[str | None, bytes | None], key: bytes) -> None:
-        try:
-            result = await self.service.handle(payload)
-        except BaseException:
-            self.recent.forget(key)  # cancelled: a redelivery may run it
-            raise
-        self.recent.finish(key, result)
-        self._queue_reply(payload, route, result)
-
-    def _queue_reply(self, payload: bytes, route: tuple[str | None, bytes | None], result: Result) -> None:
-        """Encode ``result`` like the job (JSON or msgpack) for the outbox."""
-        response_topic, correlation = route
-        topic = response_topic or (self.topics.result(result.id) if result.id else None)
-        if topic is None:
-            log.warning("unanswerable_payload", head=payload[:80].decode(errors="replace"))
-            return
-        as_msgpack = not payload.lstrip().startswith(b"{")
-        try:
-            encoded = result.encode(as_msgpack)
-        except Exception:  # a bug must cost one job its answer, not the daemon
-            log.exception("result_unencodable", job=result.id)
-            return
-        self.outbox.put(Reply(topic, encoded, correlation, result.id))
-
-    async def _send_results(self, link: MqttLink) -> None:
-        """Publish queued results in order; one stays queued until the broker acknowledged it."""
-        while True:
-            reply = await self.outbox.first()
-            try:
-                await link.publish(reply.topic, reply.payload, correlation=reply.correlation)
-            except TransportError as exc:
-                if not isinstance(exc.__cause__, ValueError):
-                    raise  # the connection is gone: the next one sends it
-                log.warning("reply_failed", job=reply.job, error=str(exc))
-            self.outbox.sent(reply)
-
-    def _observe(self, topic: str, message: aiomqtt.Message) -> None:
-        """Control for this node, and every node's health and status."""
-        payload = message.payload if isinstance(message.payload, bytes) else str(message.payload).encode()
+    def _observe(self, topic: str, payload: bytes) -> None:
         if topic == self.topics.control:
-            self.groups.control(payload)
+            opened = self.channel.open(payload)
+            if opened is not None:
+                self.groups.control(*opened)
             return
         node = topic.split("/")[-2]
-        if node == self.settings.node_id:
-            return
         if topic.endswith("/status"):
-            if payload == b"offline":
-                self.peers.offline(node)
-                self._spawn(self.groups.membership_changed({node}), f"membership-{node}")
-            return
-        try:
-            health = json.loads(payload)
-            signed = {str(k): str(v) for k, v in health["admission"].items()}
-            if not self.admission.verify(signed, time.time()) or signed["node"] != node:
-                log.warning("admission_refused", node=node, via="health")
-                return
-            # Only signed fields decide who the peer is, where it is and which weights it has.
-            peer = Peer(
-                node=signed["node"],
-                cluster=self.settings.cluster,
-                address=signed["address"],
-                models={str(k): float(v) for k, v in json.loads(signed["fingerprints"]).items()},
-                version=str(health.get("version", "")),
-                load1=float(health["load"]["load1"] or 0.0),
-                cpus=max(1, int(health["load"].get("cpus") or 1)),
-                queue=int(health["load"]["queue"]),
-                probe_port=int(signed["probe_port"]),
-            )
-        except (ValueError, KeyError, TypeError, AttributeError):
-            log.info("health_ignored", node=node)
-            return
-        if self.peers.get(node) is None:
-            log.info("peer_seen", node=node, address=peer.address, via="mqtt")
-        self.peers.seen(peer, time.monotonic())
+            self.observer.status(node, payload)
+        elif topic.endswith("/health"):
+            self.observer.health(node, payload)
 
-    def _spawn(self, coro: Any, name: str) -> None:
-        """A job (or a short task) in the jobs' task group, which outlives connections."""
-        if self._jobs_tg is None:
-            coro.close()
-            return
-        task = self._jobs_tg.create_task(coro, name=name)
-        self._jobs.add(task)
-        task.add_done_callback(self._jobs.discard)
-
-    async def _probe_links(self) -> None:
-        """Time a short transfer to every alive peer, every ``probe_interval_s``."""
-        while True:
-            for peer in self.peers.alive(time.monotonic()):
-                if not peer.probe_port:
-                    continue
-                try:
-                    rtt_ms, mbps = await probe(peer.address, peer.probe_port)
-                except (OSError, asyncio.TimeoutError) as exc:
-                    log.info("probe_failed", peer=peer.node, error=str(exc)[:120])
-                    continue
-                self.links.observe(peer.node, time.monotonic(), rtt_ms=rtt_ms, mbps=mbps, source="probe")
-            await asyncio.sleep(self.settings.probe_interval_s)
-
-    def health(self) -> dict[str, Any]:
-        """The retained health document (who/where/which weights is signed under ``admission``)."""
+    # -- loops --------------------------------------------------------------------------
+    def health(self) -> bytes:
+        """The retained health document."""
         fingerprints = {name: s.fingerprint for name, s in self.service.models.items()}
-        return {
-            "node": self.settings.node_id,
-            "time": time.time(),
-            "version": VERSION,
-            "load": {**read_load(), "queue": self.service.queue_depth},
-            "energy_source": self.service.meter.source,
-            "jobs": dict(self.service.stats),
-            "models": sorted(self.service.models),
-            "fingerprints": fingerprints,
-            "families": {name: s.model.adapter.family for name, s in self.service.models.items()},
-            "hardware": self.hardware,
-            "address": self.address,
-            "peers": [p.node for p in self.peers.alive(time.monotonic())],
-            "links": self.links.report(time.monotonic()),
-            "probe_port": self.probe_port,
-            "admission": self.admission.sign(
-                {
-                    "node": self.settings.node_id,
-                    "address": self.address,
-                    "fingerprints": json.dumps(fingerprints, sort_keys=True),
-                    "probe_port": str(self.probe_port),
-                },
-                time.time(),
+        now = time.monotonic()
+        return build_health(
+            node=self.settings.node_id,
+            version=VERSION,
+            boot=self.boot,
+            load=read_load(),
+            queue=self.engine.depth,
+            energy_source=self.service.meter.source,
+            jobs=self.service.stats,
+            families={name: s.model.adapter.family for name, s in self.service.models.items()},
+            fingerprints=fingerprints,
+            hardware=self.hardware,
+            address=self.address,
+            peers=[p.node for p in self.peers.alive(now)],
+            links=self.links.report(now),
+            probe_port=self.probe_port,
+            loops=dict(RESTARTS),
+            identity=signed_identity(
+                self.admission, self.settings.node_id, self.address, fingerprints, self.probe_port
             ),
-        }
+        ).encode()
 
     async def _health(self, link: MqttLink) -> None:
         while True:
-            await link.publish(self.topics.health, json.dumps(self.health()).encode(), retain=True, qos=0)
-            self.notifier.notify("WATCHDOG=1")
-            await asyncio.to_thread(self.service.auto.save_if_due)
+            await link.publish(self.topics.health, self.health(), retain=True, qos=0)
             await asyncio.sleep(self.settings.health_interval_s)
 
+    async def _watchdog(self) -> None:
+        """Prove the event loop alive to systemd, broker or not (a blocked loop misses pings)."""
+        while True:
+            self.notifier.notify("WATCHDOG=1")
+            await asyncio.sleep(self.watchdog_s)
 
-def install_signal_handlers(daemon: Daemon) -> None:
-    """SIGTERM and SIGINT start a graceful stop."""
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, daemon.stop.set)
+    async def _save_map(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.health_interval_s)
+            await asyncio.to_thread(self.service.auto.save_if_due)
 
 
-async def main_async(settings: Settings) -> None:
-    """Load models, find or host a broker, then serve until signalled."""
-    admission = Admission(read_secret(settings.secret_file), settings.cluster)  # fail fast on a bad secret
-    models = await asyncio.to_thread(load_models, settings)
-    address = local_address(settings)
-    async with contextlib.AsyncExitStack() as stack:
-        if settings.broker is None:
-            broker = await find_broker(address)
-            if broker is None:  # a random pause, so two boxes starting together rarely both host one
-                await asyncio.sleep(random.uniform(0.0, 1.0))
-                broker = await find_broker(address, wait_s=0.5)
-            if broker is None:
-                port = 1883 if port_free(address, 1883) else free_port(address)
-                broker = (await stack.enter_async_context(HostedBroker(address, port, settings.node_id))).broker
-            else:
-                log.info("broker_found", broker=f"{broker.host}:{broker.port}", via="mdns")
-            settings = dataclasses.replace(settings, broker=broker)
-        if admission.open:
-            log.warning("running_open", hint="no cluster secret: any agent on this network can join; set secret_file")
-        daemon = Daemon(settings, models, Notifier(os.environ.get("NOTIFY_SOCKET")), address, admission)
-        install_signal_handlers(daemon)
-        await daemon.run()
+async def _guarded(coro: Coroutine[Any, Any, None], name: str) -> None:
+    try:
+        await coro
+    except Exception:
+        log.exception("task_crashed", task=name)

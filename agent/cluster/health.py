@@ -1,0 +1,126 @@
+"""Health: what this node publishes about itself, and what it makes of other nodes' health and status.
+
+The retained health document (transport/health.py) carries load, queue (the engine's:
+local jobs and ranks run for others alike), models, links and counters; who the node is,
+where it listens and which weights it serves are repeated under ``admission``, signed, and
+only those signed fields decide who a peer is. A node's ``offline`` status (clean stop or
+Last Will) drops it from the peer table and from every group it is in.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import structlog
+
+from agent.cluster.admission import Admission
+from agent.cluster.peers import Peer, PeerTable
+from transport.health import Health, LinkView, Load, parse_health
+from transport.schema import WireError
+
+log = structlog.get_logger("prism.health")
+
+
+def signed_identity(
+    admission: Admission, node: str, address: str, fingerprints: Mapping[str, float], probe_port: int
+) -> dict[str, str]:
+    """The fields peers trust: who, where, which weights, which probe port (signed when there is a secret)."""
+    fields = {
+        "node": node,
+        "address": address,
+        "fingerprints": json.dumps(dict(fingerprints), sort_keys=True),
+        "probe_port": str(probe_port),
+    }
+    return admission.sign(fields, time.time())
+
+
+class Observer:
+    """Other nodes' health and status, into the peer table; departures reported to ``on_gone``."""
+
+    def __init__(
+        self, me: str, cluster: str, peers: PeerTable, admission: Admission, on_gone: Callable[[set[str]], None]
+    ) -> None:
+        self.me = me
+        self.cluster = cluster
+        self.peers = peers
+        self.admission = admission
+        self.on_gone = on_gone
+
+    def status(self, node: str, payload: bytes) -> None:
+        """``nodes/{node}/status``: ``offline`` drops the node."""
+        if node == self.me or payload != b"offline":
+            return
+        self.peers.offline(node)
+        self.on_gone({node})
+
+    def health(self, node: str, payload: bytes) -> None:
+        """``nodes/{node}/health``: admit or refresh the peer from its signed fields."""
+        if node == self.me:
+            return
+        try:
+            doc = parse_health(payload)
+            signed = doc.admission
+            if not self.admission.verify(signed, time.time()) or signed.get("node") != node:
+                log.warning("admission_refused", node=node, via="health")
+                return
+            peer = Peer(
+                node=node,
+                cluster=self.cluster,
+                address=signed["address"],
+                models={str(k): float(v) for k, v in json.loads(signed["fingerprints"]).items()},
+                version=doc.version,
+                load1=float(doc.load.load1 or 0.0),
+                cpus=doc.load.cpus,
+                queue=doc.load.queue,
+                probe_port=int(signed["probe_port"]),
+            )
+        except (WireError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            log.info("health_ignored", node=node, error=str(exc)[:120])
+            return
+        if self.peers.get(node) is None:
+            log.info("peer_seen", node=node, address=peer.address, via="mqtt")
+        self.peers.seen(peer, time.monotonic())
+
+
+def build_health(
+    *,
+    node: str,
+    version: str,
+    boot: str,
+    load: dict[str, Any],
+    queue: int,
+    energy_source: str,
+    jobs: Mapping[str, int],
+    families: Mapping[str, str],
+    fingerprints: Mapping[str, float],
+    hardware: dict[str, Any],
+    address: str,
+    peers: list[str],
+    links: Mapping[str, Mapping[str, Any]],
+    probe_port: int,
+    loops: Mapping[str, int],
+    identity: dict[str, str],
+) -> Health:
+    """This node's health document."""
+    return Health(
+        node=node,
+        time=time.time(),
+        version=version,
+        boot=boot,
+        load=Load(**{**load, "queue": queue}),
+        energy_source=energy_source,
+        jobs=dict(jobs),
+        models=sorted(fingerprints),
+        fingerprints=dict(fingerprints),
+        families=dict(families),
+        hardware=hardware,
+        address=address,
+        peers=peers,
+        links={peer: LinkView(**view) for peer, view in links.items()},
+        probe_port=probe_port,
+        loops=dict(loops),
+        admission=identity,
+    )

@@ -1,0 +1,101 @@
+"""Links to peers: smoothed estimates from active probes and GLOO transfers, and the probe loop.
+
+Estimates are EWMA-smoothed and carry their age; a step change (a WiFi rate switch, a
+reshaped link) replaces the estimate at once. The probe loop times a transfer to every
+alive peer every ``probe_interval_s``, sized to the link; an address that is not a prism
+probe server (or does not answer) is left alone for a minute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from agent.cluster.peers import PeerTable
+from agent.cluster.probes import probe, probe_bytes
+
+log = structlog.get_logger("prism.links")
+#: How long an address whose probe failed is left alone.
+PROBE_BACKOFF_S = 60.0
+
+
+@dataclass(slots=True)
+class LinkEstimate:
+    """Smoothed RTT and bandwidth to one peer, with when they were last measured."""
+
+    rtt_ms: float | None = None
+    mbps: float | None = None
+    measured_s: float | None = None
+    samples: int = 0
+    source: str = ""
+    gloo_mbps: float | None = None
+
+
+@dataclass(slots=True)
+class LinkTable:
+    """Per-peer link estimates, EWMA-smoothed (``alpha`` weights the newest sample)."""
+
+    alpha: float = 0.3
+    links: dict[str, LinkEstimate] = field(default_factory=dict)
+
+    def _ewma(self, old: float | None, new: float) -> float:
+        return new if old is None else (1 - self.alpha) * old + self.alpha * new
+
+    def observe(
+        self, peer: str, now_s: float, *, rtt_ms: float | None = None, mbps: float | None = None, source: str
+    ) -> None:
+        """Fold in one measurement (an active probe, or bytes/time of a GLOO exchange)."""
+        link = self.links.setdefault(peer, LinkEstimate())
+        if rtt_ms is not None:
+            link.rtt_ms = self._ewma(link.rtt_ms, rtt_ms)
+        if mbps is not None:
+            # A step change (a WiFi rate switch, a reshaped link) replaces the estimate at once.
+            stepped = link.mbps is not None and not 0.5 <= mbps / max(link.mbps, 1e-9) <= 2.0
+            link.mbps = mbps if stepped else self._ewma(link.mbps, mbps)
+        link.measured_s = now_s
+        link.samples += 1
+        link.source = source
+
+    def observe_gloo(self, peer: str, now_s: float, mbps: float) -> None:
+        """Bytes over time of a GLOO job: a lower bound on the link, kept apart from the probes'."""
+        link = self.links.setdefault(peer, LinkEstimate())
+        link.gloo_mbps = self._ewma(link.gloo_mbps, mbps)
+
+    def report(self, now_s: float) -> dict[str, dict[str, Any]]:
+        """JSON view for health: per peer, RTT, bandwidth and age in seconds."""
+        return {
+            peer: {
+                "rtt_ms": None if link.rtt_ms is None else round(link.rtt_ms, 3),
+                "mbps": None if link.mbps is None else round(link.mbps, 1),
+                "age_s": None if link.measured_s is None else round(now_s - link.measured_s, 1),
+                "gloo_mbps": None if link.gloo_mbps is None else round(link.gloo_mbps, 1),
+                "samples": link.samples,
+                "source": link.source,
+            }
+            for peer, link in sorted(self.links.items())
+        }
+
+
+async def probe_loop(peers: PeerTable, links: LinkTable, interval_s: float) -> None:
+    """Forever: probe every alive peer (see the module docstring)."""
+    failed: dict[tuple[str, int], float] = {}
+    while True:
+        now = time.monotonic()
+        for peer in peers.alive(now):
+            target = (peer.address, peer.probe_port)
+            if not peer.probe_port or now - failed.get(target, -PROBE_BACKOFF_S) < PROBE_BACKOFF_S:
+                continue
+            estimate = links.links.get(peer.node)
+            try:
+                rtt_ms, mbps = await probe(*target, payload_bytes=probe_bytes(estimate.mbps if estimate else None))
+            except (OSError, asyncio.TimeoutError) as exc:
+                failed[target] = time.monotonic()
+                log.info("probe_failed", peer=peer.node, error=str(exc)[:120] or type(exc).__name__)
+                continue
+            failed.pop(target, None)
+            links.observe(peer.node, time.monotonic(), rtt_ms=rtt_ms, mbps=mbps, source="probe")
+        await asyncio.sleep(interval_s)

@@ -1,0 +1,157 @@
+"""From a job message to a result on the broker, with nothing lost and nothing answered twice.
+
+For each job message the intake (1) drops retained copies, (2) tells duplicates by their
+journal key — a copy of a job still running is ignored, a copy of an answered one gets the
+stored result again — (3) journals a new job *before* the broker is acknowledged (the caller
+acks after :meth:`Intake.take` returns) and (4) runs it as a task of the node. The result is
+encoded off the event loop, journalled, and queued in the outbox, which a sender per
+connection publishes in order. At start, :meth:`Intake.recover` re-runs what a crash
+interrupted and re-sends what it had not sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import structlog
+
+from agent.jobs.journal import Entry, Journal, Recovery, State
+from agent.jobs.replies import TRANSIENT, Outbox, Reply, job_key
+from agent.jobs.service import JobService
+from transport.mqtt import MqttLink, Topics, TransportError
+from transport.schema import Limits, Result, WireError, decode
+
+log = structlog.get_logger("prism.intake")
+Spawn = Callable[[Coroutine[Any, Any, None], str], "asyncio.Task[None]"]
+
+
+def _job_id(payload: bytes) -> str | None:
+    """The id in a journalled job or result (jobs are journalled before they are parsed)."""
+    try:
+        raw = decode(payload, Limits(max_payload_bytes=max(len(payload), 1)))
+    except WireError:
+        return None
+    value = raw.get("id")
+    return value if isinstance(value, str) else None
+
+
+class Intake:
+    """Jobs in, results out (see the module docstring)."""
+
+    def __init__(self, service: JobService, journal: Journal, outbox: Outbox, topics: Topics, spawn: Spawn) -> None:
+        self.service = service
+        self.journal = journal
+        self.outbox = outbox
+        self.topics = topics
+        self.spawn = spawn
+        self._seq = 0
+        self.running = 0
+        self.idle = asyncio.Event()  # set while no job runs
+        self.idle.set()
+
+    async def take(self, payload: bytes, route: tuple[str | None, bytes | None], retained: bool) -> None:
+        """Handle one job message; when this returns the broker may be acknowledged."""
+        if retained:  # a retained job would re-run on every (re)subscribe
+            log.warning("retained_job_ignored")
+            return
+        key = job_key(payload)
+        state = self.journal.state(key)
+        if state is not None:  # redelivered (QoS 1 is at-least-once), or sent twice by its client
+            log.info("duplicate_job", state=state.name.lower())
+            if state is State.SENT:  # an answered one is in the outbox already
+                await self._resend(key, route)
+            return
+        entry = Entry(key, None, route[0], route[1], payload)
+        await self.journal.take(entry)
+        self._start(entry)
+
+    def _start(self, entry: Entry) -> None:
+        self._seq += 1
+        self.spawn(self._answer(entry), f"job-{self._seq}")
+
+    async def _answer(self, entry: Entry) -> None:
+        assert entry.payload is not None
+        self.running += 1
+        self.idle.clear()
+        try:
+            result = await self.service.handle(entry.payload)
+        finally:
+            self.running -= 1
+            if not self.running:
+                self.idle.set()
+        await self._reply(entry.key, entry.payload, (entry.topic, entry.correlation), result)
+
+    async def _reply(self, key: bytes, payload: bytes, route: tuple[str | None, bytes | None], result: Result) -> None:
+        topic = route[0] or (self.topics.result(result.id) if result.id else None)
+        if topic is None:
+            log.warning("unanswerable_payload", head=payload[:80].decode(errors="replace"))
+            await self.journal.sent(key, forget=True)
+            return
+        as_msgpack = not payload.lstrip().startswith(b"{")
+        try:
+            encoded = await asyncio.to_thread(result.encode, as_msgpack)
+        except Exception:
+            log.exception("result_unencodable", job=result.id)
+            encoded = Result.failure(result.id, "internal", "the result could not be encoded").encode(as_msgpack)
+        await self.journal.answer(key, encoded)
+        transient = result.error is not None and result.error.code in TRANSIENT
+        self.outbox.put(Reply(key, topic, encoded, route[1], result.id, transient))
+
+    async def _resend(self, key: bytes, route: tuple[str | None, bytes | None]) -> None:
+        stored = await self.journal.result(key)
+        if stored is None:
+            return  # sent long ago and pruned: the client has it
+        topic = route[0]
+        if topic is None:
+            job_id = _job_id(stored)
+            topic = self.topics.result(job_id) if job_id else None
+        if topic is not None:
+            self.outbox.put(Reply(key, topic, stored, route[1]))
+
+    async def recover(self, recovery: Recovery) -> None:
+        """Owe what a crash left: re-send stored results, re-run taken jobs, give up on poison."""
+        for entry in recovery.resend:
+            stored = await self.journal.result(entry.key)
+            topic = entry.topic or (self.topics.result(entry.job_id) if entry.job_id else None)
+            if stored is not None and topic is None:
+                job_id = _job_id(stored)
+                topic = self.topics.result(job_id) if job_id else None
+            if stored is not None and topic is not None:
+                self.outbox.put(Reply(entry.key, topic, stored, entry.correlation, entry.job_id))
+        for entry in recovery.given_up:
+            assert entry.payload is not None
+            result = Result.failure(
+                _job_id(entry.payload),
+                "internal",
+                f"the node stopped {entry.attempts} times while running this job; not running it again",
+                node=self.service.settings.node_id,
+            )
+            log.error("job_given_up", job=result.id, attempts=entry.attempts)
+            await self._reply(entry.key, entry.payload, (entry.topic, entry.correlation), result)
+        for entry in recovery.rerun:
+            log.info("job_recovered", job=_job_id(entry.payload or b""), attempts=entry.attempts)
+            self._start(entry)
+        if recovery.rerun or recovery.resend or recovery.given_up:
+            log.warning(
+                "recovered_after_crash",
+                rerun=len(recovery.rerun),
+                resend=len(recovery.resend),
+                given_up=len(recovery.given_up),
+            )
+
+    async def send(self, link: MqttLink) -> None:
+        """Publish queued results in order, forever; one stays queued until the broker has it."""
+        while True:
+            reply = await self.outbox.first()
+            payload = reply.payload if reply.payload is not None else await self.journal.result(reply.key)
+            if payload is not None:
+                try:
+                    await link.publish(reply.topic, payload, correlation=reply.correlation)
+                except TransportError as exc:
+                    if not isinstance(exc.__cause__, ValueError):
+                        raise  # the connection is gone: the next one sends it
+                    log.warning("reply_failed", job=reply.job, error=str(exc))
+            await self.journal.sent(reply.key, forget=reply.transient)
+            self.outbox.sent(reply)

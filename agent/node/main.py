@@ -1,0 +1,117 @@
+"""``prism-agent run``: load the models, find or host a broker, then run the node until signalled."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import random
+import resource
+import signal
+import socket
+import time
+
+import structlog
+
+from agent.cluster.admission import Admission, read_secret
+from agent.jobs.service import Served
+from agent.node.broker import HostedBroker, find_broker, port_free
+from agent.node.config import ConfigError, Settings, pick_device
+from agent.node.daemon import Node
+from agent.node.sdnotify import Notifier
+from engine.localcluster import free_port
+from engine.models import fingerprint, load, to_device
+
+log = structlog.get_logger("prism.main")
+
+
+def load_models(settings: Settings) -> dict[str, Served]:
+    """Load every configured model once (at start, before taking jobs)."""
+    served = {}
+    device = pick_device(settings.device)
+    for spec in settings.models:
+        start = time.monotonic()
+        model = to_device(load(spec.source), device)
+        served[spec.name] = Served(spec, model, fingerprint(model.adapter))
+        log.info(
+            "model_loaded", model=spec.name, source=spec.source, device=device, s=round(time.monotonic() - start, 2)
+        )
+    return served
+
+
+def local_address(settings: Settings) -> str:
+    """The IPv4 address we advertise and bind GLOO to: the chosen interface's, else the
+    one that routes to the broker (127.0.0.1 for a broker on loopback)."""
+    if settings.interface:
+        import ifaddr
+
+        for adapter in ifaddr.get_adapters():
+            if adapter.nice_name == settings.interface:
+                for ip in adapter.ips:
+                    if ip.is_IPv4:
+                        return str(ip.ip)
+        raise ConfigError(f"interface {settings.interface!r} has no IPv4 address")
+    if settings.broker is None:
+        return "127.0.0.1"  # single-box mode; --interface puts the node on a LAN
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect((settings.broker.host, settings.broker.port))  # UDP: sends nothing
+        return str(probe.getsockname()[0])
+
+
+def raise_descriptor_limit() -> int:
+    """Raise the soft limit on open files to the hard one (stray connections cost descriptors)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    return soft
+
+
+def watchdog_interval_s() -> float | None:
+    """Half systemd's watchdog period (``WATCHDOG_USEC``), if it set one for us."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec or not usec.isdigit() or (pid and pid != str(os.getpid())):
+        return None
+    return int(usec) / 2e6
+
+
+async def main_async(settings: Settings) -> None:
+    """Load models, find or host a broker, then serve until signalled."""
+    admission = Admission(read_secret(settings.secret_file), settings.cluster)  # fail fast on a bad secret
+    if not settings.models:
+        raise ConfigError("no model to serve: pass --model NAME=SOURCE (or [models] in the config file)")
+    files = raise_descriptor_limit()
+    models = await asyncio.to_thread(load_models, settings)
+    address = local_address(settings)
+    async with contextlib.AsyncExitStack() as stack:
+        if settings.broker is None:
+            broker = await find_broker(address)
+            if broker is None:  # a random pause, so two boxes starting together rarely both host one
+                await asyncio.sleep(random.uniform(0.0, 1.0))
+                broker = await find_broker(address, wait_s=0.5)
+            if broker is None:
+                port = 1883 if port_free(address, 1883) else free_port(address)
+                state = settings.journal_path().parent
+                hosted = HostedBroker(address, port, settings.node_id, workdir=state / f"broker-{settings.node_id}")
+                broker = (await stack.enter_async_context(hosted)).broker
+            else:
+                log.info("broker_found", broker=f"{broker.host}:{broker.port}", via="mdns")
+            settings = dataclasses.replace(settings, broker=broker)
+        if admission.open:
+            log.warning("running_open", hint="no cluster secret: any agent on this network can join; set secret_file")
+        node = Node(
+            settings,
+            models,
+            address=address,
+            admission=admission,
+            notifier=Notifier(os.environ.get("NOTIFY_SOCKET")),
+            watchdog_s=watchdog_interval_s(),
+        )
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, node.stop.set)
+        log.info("node_starting", node=settings.node_id, address=address, open_files=files, boot=node.boot)
+        await node.run()

@@ -1,0 +1,81 @@
+"""The probe server under hostile or broken clients, and probes sized to the link."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+
+import pytest
+
+from agent.cluster.probes import GREETING, MAX_PROBE_BYTES, MIN_PROBE_BYTES, ProbeServer, probe, probe_bytes
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def send_and_close(port: int, data: bytes) -> None:
+    _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    await writer.drain()
+    writer.close()  # FIN: the server sees end of stream
+
+
+async def test_half_a_bulk_header_then_eof_does_not_spin_the_loop() -> None:
+    async with ProbeServer("127.0.0.1", read_timeout_s=5) as server:
+        header = GREETING + b"b" + (1 << 20).to_bytes(4, "big")  # a bulk of 1 MiB announced, then nothing
+        for _ in range(20):
+            await send_and_close(server.port, header)
+        start = time.monotonic()
+        for _ in range(20):  # the loop stays responsive: each tick comes on time
+            await asyncio.sleep(0.01)
+        assert time.monotonic() - start < 0.5
+        rtt_ms, mbps = await probe("127.0.0.1", server.port, payload_bytes=1 << 20)
+        assert rtt_ms > 0 and mbps > 10
+        await asyncio.sleep(0.1)
+        assert server.open_connections == 0
+
+
+async def test_garbage_and_idle_connections_are_closed_and_capped() -> None:
+    async with ProbeServer("127.0.0.1", max_connections=8, read_timeout_s=0.5) as server:
+        baseline = open_fds()
+        for junk in (b"GET / HTTP/1.0\r\n\r\n", os.urandom(64), b"", GREETING + b"z"):
+            await send_and_close(server.port, junk)
+        idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(40)]
+        await asyncio.sleep(0.2)
+        assert server.open_connections <= 8  # the rest were closed at once
+        assert server.refused >= 32
+        await asyncio.sleep(0.8)  # past the read timeout: the idle ones are closed too
+        assert server.open_connections == 0
+        for sock in idle:
+            sock.close()
+        await asyncio.sleep(0.1)
+        assert open_fds() <= baseline + 2
+        await probe("127.0.0.1", server.port)  # and it still serves
+
+
+async def test_a_port_that_is_not_a_probe_server_gets_no_bulk() -> None:
+    got = bytearray()
+
+    async def other_service(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        got.extend(await reader.read(1 << 20))
+        writer.write(b"HTTP/1.0 400 Bad Request\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(other_service, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    with pytest.raises(ConnectionError):
+        await probe("127.0.0.1", port, payload_bytes=1 << 20)
+    server.close()
+    assert len(got) <= len(GREETING)  # the greeting, never the megabyte
+
+
+@pytest.mark.parametrize(
+    ("mbps", "size"),
+    [(None, 256 << 10), (1.0, MIN_PROBE_BYTES), (100.0, 3_125_000), (1000.0, MAX_PROBE_BYTES)],
+)
+def test_probes_are_sized_to_the_link(mbps: float | None, size: int) -> None:
+    assert probe_bytes(mbps) == size
