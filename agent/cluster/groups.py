@@ -281,12 +281,13 @@ class GroupManager:
         return result
 
     def _collective_floor(self, spec: JobSpec, served: Served, peers: list[Peer]) -> float:
-        """A collective's deadline floor: the setting, plus four times the largest full-exchange
-        message's time on the slowest link (unknown links: 10 Mbit/s)."""
+        """A collective's deadline floor: the setting, plus twice the time the largest exchange
+        (a rank's rows at full exchange, to every other rank) takes on the slowest link
+        (unknown links: 10 Mbit/s)."""
         rows = max(spec.plan.sizes) * spec.batch
-        largest = rows * served.model.adapter.hidden_size * _FP32 * (len(peers) + 1)
+        largest = rows * served.model.adapter.hidden_size * _FP32 * len(peers)
         mbps = min((self.link_mbps(p.node) or 10.0) for p in peers) if peers else 10.0
-        return self.timing.collective_s + 4 * largest * 8 / (mbps * 1e6)
+        return self.timing.collective_s + 2 * largest * 8 / (mbps * 1e6)
 
     @contextlib.asynccontextmanager
     async def _engines(self, group: Group, run_id: int) -> AsyncIterator[Slot]:
