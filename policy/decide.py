@@ -218,7 +218,7 @@ def _why_not(o: Option, floor: float) -> str:
     """Why ``o`` was passed over for accuracy."""
     if o.fidelity is None:
         return f"{o.name} ({o.ms:.0f} ms) has no profiled fidelity: re-profile the map to use it"
-    return f"{o.name} ({o.ms:.0f} ms) has fidelity {o.fidelity:.4f}, below the floor {floor:g}"
+    return f"{o.name} ({o.ms:.0f} ms) has fidelity {o.fidelity:.5f}, below the floor {floor:g}"
 
 
 def decide(
@@ -262,7 +262,7 @@ def decide(
         link = f" over {len(best.peers)} peer(s) at {min(known):.0f} Mbit/s" if known else " (link not measured yet)"
     reason = f"{req.mode}/{req.objective}: {best.name}{link} predicted {best.ms:.0f} ms"
     if best.mode == "prism":
-        reason += ", fidelity " + ("unknown" if best.fidelity is None else f"{best.fidelity:.4f}")
+        reason += ", fidelity " + ("unknown" if best.fidelity is None else f"{best.fidelity:.5f}")
     if len(set(best.shares)) > 1:
         reason += ", shares " + "/".join(f"{s:.2f}" for s in best.shares)
     if runner_up is not None:

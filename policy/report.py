@@ -13,7 +13,7 @@ BANDWIDTHS = (5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0)
 BATCHES = (1, 2, 4, 8, 16, 32)
 
 
-def _num(value: float | None, width: int, digits: int = 4) -> str:
+def _num(value: float | None, width: int, digits: int = 5) -> str:
     return f"{'-':>{width}}" if value is None else f"{value:>{width}.{digits}f}"
 
 

@@ -107,7 +107,7 @@ def test_loads_and_links(why: str, mbps: float | None, load1: float, queue: int,
 def test_the_reason_names_what_the_floor_ruled_out() -> None:
     got = run(Request("m", 4, 128), one_peer(MEDIUM))
     assert got.option == "codes@8"
-    assert "codes@16 (246 ms) has fidelity 0.9980, below the floor 0.999" in got.reason  # the fastest ruled out
+    assert "codes@16 (246 ms) has fidelity 0.99800, below the floor 0.999" in got.reason  # the fastest ruled out
     out = got.as_dict()
     assert out["method"] == "codes"
     assert out["fidelity"] == pytest.approx(0.9993)
