@@ -21,6 +21,9 @@ from policy.shares import split
 OBJECTIVES = ("latency", "energy")
 #: The accuracy floor when neither the job nor the model's settings name one (a cosine).
 DEFAULT_MIN_FIDELITY = 0.999
+#: A peer's speed relative to this node is held within these factors: a miscalibrated (or
+#: untruthful) figure shifts the shares, but never hands one rank nearly every token.
+SPEED_RATIO_RANGE = (0.125, 8.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,7 +170,8 @@ def _candidates(req: Request, perf: PerfMap, policy: Policy, ranks: int) -> list
 
 def _slowness(peer: PeerLink, own: float | None) -> float:
     """How much longer than this node (unloaded) ``peer`` takes over the same work."""
-    speed = peer.ms_per_token / own if own and peer.ms_per_token else 1.0
+    low, high = SPEED_RATIO_RANGE
+    speed = min(high, max(low, peer.ms_per_token / own)) if own and peer.ms_per_token else 1.0
     return load_factor(peer.load1, peer.cpus, peer.queue) * speed
 
 

@@ -129,6 +129,12 @@ def test_a_faster_peer_takes_more() -> None:
     assert ms < 216.0  # this node is the slow one now and sheds work to the peer
 
 
+def test_an_implausible_speed_is_held_to_eight_times() -> None:
+    _, claims_fast, _ = choose([PeerLink("p", 1000.0, ms_per_token=OWN / 1000)])
+    _, eight_times, _ = choose([PeerLink("p", 1000.0, ms_per_token=OWN / 8)])
+    assert claims_fast == eight_times == pytest.approx((1 / 9, 8 / 9))
+
+
 def test_decision_carries_the_shares() -> None:
     got = decide(Request("m", 4, 128), synthetic_map(), [PeerLink("p", 1000.0, ms_per_token=2 * OWN)], 0, 1, LOOSE)
     assert got is not None
