@@ -258,7 +258,8 @@ def decide(
     else:
         best = min(eligible, key=lambda o: (o.ms, o.energy_j, -(o.cr or 0.0), -(o.fidelity or 0.0)))
     runner_up = min((o for o in eligible if o is not best), key=lambda o: o.ms, default=None)
-    passed_over = min((o for o in options if o not in eligible and o.ms < best.ms), key=lambda o: o.ms, default=None)
+    kept = {id(o) for o in eligible}
+    passed_over = min((o for o in options if id(o) not in kept and o.ms < best.ms), key=lambda o: o.ms, default=None)
     link = ""
     if best.peers:
         mbps = [p.mbps for p in peers if p.node in best.peers]
