@@ -30,7 +30,9 @@ SPEED_RATIO_RANGE = (0.125, 8.0)
 class Request:
     """What the job asks for. ``mode`` is auto, local or distributed; ``cr``/``method``/``ranks``
     are the job's overrides (``cr_given`` with ``cr=None`` means full exchange was asked for);
-    ``min_fidelity`` is the job's own accuracy floor (a cosine), over the model's."""
+    ``min_fidelity`` is the job's own accuracy floor (a cosine), over the model's;
+    ``equal_shares`` keeps every rank's share equal whatever the speeds (e.g. for a job that
+    pins its peers, as the profiler's passes do, so cells stay comparable)."""
 
     model: str
     batch: int
@@ -42,6 +44,7 @@ class Request:
     objective: str = "latency"
     method: str | None = None
     min_fidelity: float | None = None
+    equal_shares: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,7 +197,7 @@ def _options(req: Request, perf: PerfMap, peers: list[PeerLink], local_factor: f
         mbps = min(p.mbps or policy.unknown_mbps for p in chosen)
         rtt = max(p.rtt_ms for p in chosen)
         slowness = [local_factor, *(_slowness(p, own) for p in chosen)]
-        weigh = own is not None and all(p.ms_per_token is not None for p in chosen)
+        weigh = not req.equal_shares and own is not None and all(p.ms_per_token is not None for p in chosen)
         for kind, cr in _candidates(req, perf, policy, ranks):
             est = predict(
                 perf, req.model, req.batch, req.seq, kind, cr, ranks, mbps=mbps, rtt_ms=rtt, idle_w=policy.idle_w

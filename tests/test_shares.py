@@ -122,6 +122,22 @@ def test_unknown_speed_falls_back_to_equal_shares() -> None:
     assert len(set(shares)) == 1
 
 
+def test_a_job_may_keep_equal_shares() -> None:
+    got = decide(
+        Request("m", 4, 128, equal_shares=True),
+        synthetic_map(),
+        [PeerLink("p", 1000.0, ms_per_token=2 * OWN)],
+        0.0,
+        1,
+        LOOSE,
+    )
+    assert got is not None
+    assert got.option == "local"  # at equal shares the half-speed peer makes the split slower than local
+    means8 = next(o for o in got.options if o.name == "means@8")
+    assert means8.shares == (0.5, 0.5)
+    assert means8.ms == pytest.approx(416.0, rel=0.01)
+
+
 def test_a_faster_peer_takes_more() -> None:
     option, shares, ms = choose([PeerLink("p", 1000.0, ms_per_token=OWN / 2)])
     assert option == "means@8"
