@@ -72,7 +72,8 @@ def crossover(grid: dict[tuple[int, float], Decision]) -> dict[float, int | None
 
 
 def plot(perf: PerfMap, model: str, seq: int, policy: Policy, out: Path) -> None:
-    """A PNG: the winning option over batch x bandwidth, the local/split crossover outlined."""
+    """A PNG: the winning option over batch x bandwidth (among those meeting the policy's
+    accuracy floor, named in the title), the local/split crossover outlined."""
     try:
         import matplotlib
 
@@ -104,7 +105,7 @@ def plot(perf: PerfMap, model: str, seq: int, policy: Policy, out: Path) -> None
     ax.set_ylim(-0.5, len(BANDWIDTHS) - 0.5)
     ax.set_xlabel("batch size")
     ax.set_ylabel("link bandwidth (Mbit/s)")
-    ax.set_title(f"{model}, seq {seq}: fastest option (predicted ms/sample)")
+    ax.set_title(f"{model}, seq {seq}: fastest option of fidelity >= {policy.floor(model):g} (predicted ms/sample)")
     handles = [Rectangle((0, 0), 1, 1, color=cmap(index[n])) for n in names]
     ax.legend([*handles, ax.lines[0]], [*names, "crossover"], loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
     fig.tight_layout()
