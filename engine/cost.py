@@ -7,8 +7,13 @@ the FFN expansion (intermediate size / D).
 Segment Means receive R_p = sum of the other ranks' segments. Method ``codes`` sends
 every row, so receivers compute K/V for all of them as in full exchange (R^T is folded
 into W_k/W_v, so rotated rows cost nothing extra there); a rank with receivers also
-rotates its own rows, n_p·D² per block. Quantising, packing and rebuilding layer 0 from
-the inputs are O(n·D) and left out.
+rotates its own rows, n_p·D² per block. Quantising and packing are O(n·D) and left out;
+so is rebuilding layer 0, which happens once per job, not per block: a receiver rotates
+every sender's layer-0 rows (R_p·D²) and, for ViT, embeds their patches (about as much
+again), some 2·R_p·D²/L per block, about 1 % of a block at L = 12.
+
+:func:`rank_macs` is what the policy weighs shares with: each rank's block MACs for any
+plan, equal or weighted, so the rank that sets the pace can be found.
 """
 
 from __future__ import annotations
@@ -40,15 +45,21 @@ def received_rows(plan: PartitionPlan, comp: Compression, causal: bool) -> list[
     return [sum(sent[q] for q in range(plan.ranks) if q != p and (q < p or not causal)) for p in range(plan.ranks)]
 
 
-def macs_reduction(plan: PartitionPlan, comp: Compression, d: int, f: float, causal: bool = False) -> float:
-    """Per-device compute saved vs one device, averaged over ranks (the papers' figure)."""
-    local = block_macs_local(plan.n_tokens, d, f)
+def rank_macs(plan: PartitionPlan, comp: Compression, d: int, f: float, causal: bool = False) -> list[float]:
+    """Block MACs of every rank of ``plan`` (rank order), codes' rotation included where a
+    rank has receivers (under a causal plan the last rank has none)."""
     rows = received_rows(plan, comp, causal)
     last = plan.ranks - 1
-    per_rank = [
+    return [
         block_macs_rank(plan.sizes[p], rows[p], d, f, rotates=comp.uses_codes and not (causal and p == last))
         for p in range(plan.ranks)
     ]
+
+
+def macs_reduction(plan: PartitionPlan, comp: Compression, d: int, f: float, causal: bool = False) -> float:
+    """Per-device compute saved vs one device, averaged over ranks (the papers' figure)."""
+    local = block_macs_local(plan.n_tokens, d, f)
+    per_rank = rank_macs(plan, comp, d, f, causal)
     return 1.0 - sum(per_rank) / len(per_rank) / local
 
 

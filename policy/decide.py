@@ -1,9 +1,12 @@
 """``decide(request, map, links, loads) -> Decision``: pure, no I/O, no clock (DESIGN.md §4).
 
-Every option is predicted from the map: local, full exchange and PRISM at each profiled CR
-up to the model's accuracy floor, over the best 1..k peers. Compute is scaled by load
-(a node whose run queue exceeds its cores time-shares them; a peer with queued jobs makes
-us wait), the objective picks the winner, and the decision says why in one line.
+Every option is predicted from the map: local, full exchange, and each exchange method
+(Segment Means, codes) at each profiled CR, over the best 1..k peers. Compute is scaled by
+load and speed (a node whose run queue exceeds its cores time-shares them; a peer with
+queued jobs makes us wait; a slower peer gets fewer tokens, see policy.shares), and each
+option's fidelity is predicted from the profiled one. The objective picks the winner among
+the options whose fidelity meets the accuracy floor (local and full exchange are exact),
+and the decision says why in one line.
 """
 
 from __future__ import annotations
@@ -11,16 +14,25 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from policy.perfmap import PerfMap
-from policy.predict import Estimate, correction_key, predict
+from policy.perfmap import METHODS, PerfMap, option_name
+from policy.predict import correction_key, ms_per_token, predict, predict_fidelity
+from policy.shares import split
 
 OBJECTIVES = ("latency", "energy")
+#: The accuracy floor when neither the job nor the model's settings name one (a cosine).
+DEFAULT_MIN_FIDELITY = 0.999
+#: A peer's speed relative to this node is held within these factors: a miscalibrated (or
+#: untruthful) figure shifts the shares, but never hands one rank nearly every token.
+SPEED_RATIO_RANGE = (0.125, 8.0)
 
 
 @dataclass(frozen=True, slots=True)
 class Request:
-    """What the job asks for. ``mode`` is auto, local or distributed; ``cr``/``ranks`` are the
-    job's overrides (``cr_given`` with ``cr=None`` means full exchange was asked for)."""
+    """What the job asks for. ``mode`` is auto, local or distributed; ``cr``/``method``/``ranks``
+    are the job's overrides (``cr_given`` with ``cr=None`` means full exchange was asked for);
+    ``min_fidelity`` is the job's own accuracy floor (a cosine), over the model's;
+    ``equal_shares`` keeps every rank's share equal whatever the speeds (e.g. for a job that
+    pins its peers, as the profiler's passes do, so cells stay comparable)."""
 
     model: str
     batch: int
@@ -30,11 +42,15 @@ class Request:
     cr_given: bool = False
     ranks: int | None = None
     objective: str = "latency"
+    method: str | None = None
+    min_fidelity: float | None = None
+    equal_shares: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class PeerLink:
-    """A peer that could help: its link (None: not measured yet) and its load."""
+    """A peer that could help: its link (None: not measured yet), its load, and its speed for
+    the job's model (``ms_per_token``, what it publishes from its own map; None: unknown)."""
 
     node: str
     mbps: float | None
@@ -42,26 +58,37 @@ class PeerLink:
     load1: float = 0.0
     cpus: int = 1
     queue: int = 0
+    ms_per_token: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Policy:
-    """Settings of the choice: accuracy floor per model, defaults for unknown links, idle power."""
+    """Settings of the choice: the accuracy floor per model (a cosine against the local
+    model's output), defaults for unknown links, idle power, the most ranks to use.
 
-    max_cr: dict[str, float] = field(default_factory=dict)
-    default_max_cr: float = 10.0
+    ``max_cr`` / ``default_max_cr`` are the old accuracy setting, kept as a hard cap on the
+    CR until every caller passes ``min_fidelity``; None: no cap."""
+
+    min_fidelity: dict[str, float] = field(default_factory=dict)
+    default_min_fidelity: float = DEFAULT_MIN_FIDELITY
     unknown_mbps: float = 20.0
     idle_w: float = 0.0
     max_ranks: int = 4
+    max_cr: dict[str, float] = field(default_factory=dict)
+    default_max_cr: float | None = None
 
-    def cr_ceiling(self, model: str) -> float:
-        """The largest CR allowed for ``model`` (its accuracy floor)."""
+    def floor(self, model: str) -> float:
+        """The least fidelity ``model``'s jobs accept unless they name their own."""
+        return self.min_fidelity.get(model, self.default_min_fidelity)
+
+    def cr_ceiling(self, model: str) -> float | None:
+        """The old CR cap for ``model`` (None: none)."""
         return self.max_cr.get(model, self.default_max_cr)
 
 
 @dataclass(frozen=True, slots=True)
 class Option:
-    """One way to run the job and what it is predicted to cost."""
+    """One way to run the job and what it is predicted to cost and to be worth."""
 
     mode: str  # local | full | prism
     cr: float | None
@@ -69,18 +96,26 @@ class Option:
     ms: float
     energy_j: float
     mbps: float | None = None  # the link it was predicted for
+    method: str | None = None  # means | codes for prism
+    fidelity: float | None = None  # predicted cosine vs local (None: not profiled)
+    shares: tuple[float, ...] = ()  # tokens per rank, rank order (0: this node)
+
+    @property
+    def kind(self) -> str:
+        """``local``, ``full``, ``means`` or ``codes``."""
+        return (self.method or "means") if self.mode == "prism" else self.mode
 
     @property
     def name(self) -> str:
-        """``local``, ``full`` or ``prism@CR``, with ``xP`` for more than 2 ranks."""
-        base = self.mode if self.mode != "prism" else f"prism@{self.cr:g}"
-        return base if len(self.peers) <= 1 else f"{base}x{len(self.peers) + 1}"
+        """``local``, ``full``, ``means@CR`` or ``codes@CR``, with ``xP`` for more than 2 ranks."""
+        return option_name(self.kind, self.cr, len(self.peers) + 1)
 
 
 @dataclass(frozen=True, slots=True)
 class Decision:
     """The choice, its predicted figures and a short reason. ``predicted_ms`` is None when the
-    job forced an option the map cannot predict."""
+    job forced an option the map cannot predict. ``shares`` are the fraction of tokens per
+    rank (rank order, this node first) for ``plan_job(weights=...)``; empty for local."""
 
     mode: str  # local | distributed (what the service runs)
     cr: float | None
@@ -91,18 +126,28 @@ class Decision:
     option: str
     key: str | None = None
     options: tuple[Option, ...] = ()
+    method: str | None = None
+    fidelity: float | None = None
+    shares: tuple[float, ...] = ()
+    min_fidelity: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """What goes into results and logs."""
+        shown = sorted(self.options, key=lambda o: o.ms)[:6]
         return {
             "mode": self.mode,
             "option": self.option,
             "cr": self.cr,
+            "method": self.method,
             "peers": list(self.peers),
+            "shares": [round(s, 4) for s in self.shares],
             "predicted_ms": None if self.predicted_ms is None else round(self.predicted_ms, 2),
             "predicted_j": None if self.predicted_j is None else round(self.predicted_j, 4),
+            "fidelity": None if self.fidelity is None else round(self.fidelity, 5),
+            "min_fidelity": self.min_fidelity,
             "reason": self.reason,
-            "options": {o.name: round(o.ms, 2) for o in sorted(self.options, key=lambda o: o.ms)[:6]},
+            "options": {o.name: round(o.ms, 2) for o in shown},
+            "options_fidelity": {o.name: None if o.fidelity is None else round(o.fidelity, 5) for o in shown},
         }
 
 
@@ -112,43 +157,75 @@ def load_factor(load1: float, cpus: int, queue: int = 0) -> float:
 
 
 def _candidates(req: Request, perf: PerfMap, policy: Policy, ranks: int) -> list[tuple[str, float | None]]:
-    """(mode, cr) options for ``ranks`` devices: full exchange and every profiled CR in bounds."""
+    """(kind, cr) options for ``ranks`` devices, narrowed by what the job forced."""
+    if req.cr_given and req.cr is None:
+        return [("full", None)]
+    methods = [req.method] if req.method else list(METHODS)
     if req.cr_given:
-        return [("full", None)] if req.cr is None else [("prism", req.cr)]
-    crs = {c.cr for c in perf.for_model(req.model) if c.mode == "prism" and c.ranks == ranks and c.cr is not None}
+        return [(m, req.cr) for m in methods]
     ceiling = policy.cr_ceiling(req.model)
-    return [("full", None), *(("prism", cr) for cr in sorted(crs) if cr <= ceiling)]
+    out: list[tuple[str, float | None]] = [] if req.method else [("full", None)]
+    for m in methods:
+        crs = {c.cr for c in perf.for_model(req.model) if c.kind == m and c.ranks == ranks and c.cr is not None}
+        out += [(m, cr) for cr in sorted(crs) if ceiling is None or cr <= ceiling]
+    return out
+
+
+def _slowness(peer: PeerLink, own: float | None) -> float:
+    """How much longer than this node (unloaded) ``peer`` takes over the same work."""
+    low, high = SPEED_RATIO_RANGE
+    speed = min(high, max(low, peer.ms_per_token / own)) if own and peer.ms_per_token else 1.0
+    return load_factor(peer.load1, peer.cpus, peer.queue) * speed
 
 
 def _options(req: Request, perf: PerfMap, peers: list[PeerLink], local_factor: float, policy: Policy) -> list[Option]:
     options = []
     local = predict(perf, req.model, req.batch, req.seq, "local", None, 1)
     if local is not None and req.mode != "distributed":
-        options.append(Option("local", None, (), local.ms * local_factor, local.energy_j))
+        options.append(Option("local", None, (), local.ms * local_factor, local.energy_j, fidelity=1.0))
     if req.mode == "local" or not peers:
         return options
-    # The best peers first: fastest link, then least loaded.
-    ranked = sorted(peers, key=lambda p: (-(p.mbps or policy.unknown_mbps), load_factor(p.load1, p.cpus, p.queue)))
+    own = ms_per_token(perf, req.model)
+    # The best peers first: fastest link, then the least slowed by load and speed.
+    ranked = sorted(peers, key=lambda p: (-(p.mbps or policy.unknown_mbps), _slowness(p, own)))
     sizes = [req.ranks] if req.ranks else range(2, min(policy.max_ranks, len(peers) + 1) + 1)
+    shape = perf.shape(req.model)
     for ranks in sizes:
         if ranks - 1 > len(ranked):
             continue
         chosen = ranked[: ranks - 1]
         mbps = min(p.mbps or policy.unknown_mbps for p in chosen)
         rtt = max(p.rtt_ms for p in chosen)
-        factor = max([local_factor, *(load_factor(p.load1, p.cpus, p.queue) for p in chosen)])
-        for mode, cr in _candidates(req, perf, policy, ranks):
+        slowness = [local_factor, *(_slowness(p, own) for p in chosen)]
+        weigh = not req.equal_shares and own is not None and all(p.ms_per_token is not None for p in chosen)
+        for kind, cr in _candidates(req, perf, policy, ranks):
             est = predict(
-                perf, req.model, req.batch, req.seq, mode, cr, ranks, mbps=mbps, rtt_ms=rtt, idle_w=policy.idle_w
+                perf, req.model, req.batch, req.seq, kind, cr, ranks, mbps=mbps, rtt_ms=rtt, idle_w=policy.idle_w
             )
-            if est is not None:
-                peers_used = tuple(p.node for p in chosen)
-                options.append(Option(mode, cr, peers_used, _loaded(est, factor), est.energy_j, mbps))
+            if est is None:
+                continue
+            how = split(est.compute_ms, req.seq, slowness, kind, cr, shape, weigh=weigh)
+            options.append(
+                Option(
+                    "full" if kind == "full" else "prism",
+                    cr,
+                    tuple(p.node for p in chosen),
+                    est.ms + how.extra_ms,
+                    est.energy_j,
+                    mbps,
+                    None if kind == "full" else kind,
+                    predict_fidelity(perf, req.model, req.batch, req.seq, kind, cr, ranks),
+                    how.shares,
+                )
+            )
     return options
 
 
-def _loaded(est: Estimate, factor: float) -> float:
-    return est.ms + est.compute_ms * (factor - 1)
+def _why_not(o: Option, floor: float) -> str:
+    """Why ``o`` was passed over for accuracy."""
+    if o.fidelity is None:
+        return f"{o.name} ({o.ms:.0f} ms) has no profiled fidelity: re-profile the map to use it"
+    return f"{o.name} ({o.ms:.0f} ms) has fidelity {o.fidelity:.5f}, below the floor {floor:g}"
 
 
 def decide(
@@ -159,25 +236,48 @@ def decide(
     cpus: int = 1,
     policy: Policy | None = None,
 ) -> Decision | None:
-    """The best option for ``req``; None when the map knows nothing of this model/option set."""
+    """The best option for ``req`` whose fidelity meets the floor; None when the map knows
+    nothing of this model/option set.
+
+    A job that insists on splitting (mode distributed) and narrowed the choice (its CR or
+    method) so far that no option meets the floor gets the most faithful one left, and the
+    reason says so."""
     policy = policy or Policy()
+    floor = req.min_fidelity if req.min_fidelity is not None else policy.floor(req.model)
     options = _options(req, perf, peers, load_factor(local_load, cpus), policy)
     if not options:
         return None
+    eligible = [o for o in options if o.fidelity is not None and o.fidelity >= floor]
+    note = ""
+    if not eligible:
+        if req.mode != "distributed":
+            return None
+        best_fid = max(o.fidelity if o.fidelity is not None else -1.0 for o in options)
+        eligible = [o for o in options if (o.fidelity if o.fidelity is not None else -1.0) == best_fid]
+        note = f"; no option meets the accuracy floor {floor:g}: the most faithful one allowed"
     # On a tie the higher CR wins: fewer bytes on the wire leave more room when the link dips.
     if req.objective == "energy":
-        best = min(options, key=lambda o: (o.energy_j, o.ms, -(o.cr or 0.0)))
+        best = min(eligible, key=lambda o: (o.energy_j, o.ms, -(o.cr or 0.0), -(o.fidelity or 0.0)))
     else:
-        best = min(options, key=lambda o: (o.ms, o.energy_j, -(o.cr or 0.0)))
-    runner_up = min((o for o in options if o is not best), key=lambda o: o.ms, default=None)
+        best = min(eligible, key=lambda o: (o.ms, o.energy_j, -(o.cr or 0.0), -(o.fidelity or 0.0)))
+    runner_up = min((o for o in eligible if o is not best), key=lambda o: o.ms, default=None)
+    kept = {id(o) for o in eligible}
+    passed_over = min((o for o in options if id(o) not in kept and o.ms < best.ms), key=lambda o: o.ms, default=None)
     link = ""
     if best.peers:
         mbps = [p.mbps for p in peers if p.node in best.peers]
         known = [m for m in mbps if m is not None]
         link = f" over {len(best.peers)} peer(s) at {min(known):.0f} Mbit/s" if known else " (link not measured yet)"
     reason = f"{req.mode}/{req.objective}: {best.name}{link} predicted {best.ms:.0f} ms"
+    if best.mode == "prism":
+        reason += ", fidelity " + ("unknown" if best.fidelity is None else f"{best.fidelity:.5f}")
+    if len(set(best.shares)) > 1:
+        reason += ", shares " + "/".join(f"{s:.2f}" for s in best.shares)
     if runner_up is not None:
         reason += f" vs {runner_up.name} {runner_up.ms:.0f} ms"
+    reason += note
+    if passed_over is not None:
+        reason += "; " + _why_not(passed_over, floor)
     if not peers and req.mode != "local":
         reason += "; no peer serves this model with the same weights"
     ranks = len(best.peers) + 1
@@ -189,6 +289,10 @@ def decide(
         predicted_j=best.energy_j,
         reason=reason,
         option=best.name,
-        key=correction_key(req.model, best.mode, ranks, best.mbps),
+        key=correction_key(req.model, best.kind, ranks, best.mbps),
         options=tuple(options),
+        method=best.method,
+        fidelity=best.fidelity,
+        shares=best.shares,
+        min_fidelity=floor,
     )

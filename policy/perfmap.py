@@ -1,10 +1,15 @@
 """The performance map (DESIGN.md §4): what each way of running a job cost, as measured.
 
-One :class:`Cell` per (model, batch, seq, mode, CR, ranks, link bandwidth): latency median
-and p90, the compute / communication / staging / overhead breakdown, the bytes on the busiest
-uplink, the number of collectives, and energy per sample. The file is versioned JSON and
-names the hardware and the model weights it was measured on; :func:`load_map` says when
-either differs from the loader's, so a map is never trusted silently.
+One :class:`Cell` per (model, batch, seq, mode, method, CR, ranks, link bandwidth): latency
+median and p90, the compute / communication / staging / overhead breakdown, the bytes on the
+busiest uplink, the number of collectives, energy per sample, and how close the option's
+output came to the local model's (fidelity). The file is versioned JSON and names the
+hardware and the model weights it was measured on; :func:`load_map` says when either differs
+from the loader's, so a map is never trusted silently.
+
+Version 2 added the exchange method and fidelity of each cell and the models' shapes.
+Version 1 files still load: their compressed cells are Segment Means (``means``) and carry
+no fidelity, which the policy never assumes meets an accuracy floor.
 """
 
 from __future__ import annotations
@@ -18,10 +23,23 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import PrismError
+from engine.segments import Method
 from engine.weights import same_weights
 
-MAP_VERSION = 1
+MAP_VERSION = 2
+#: Versions this agent reads (older ones are upgraded on load and written back as the current).
+READABLE_VERSIONS = (1, 2)
 MODES = ("local", "full", "prism")
+#: What a compressed ("prism") cell sent: engine.segments.Method values.
+METHODS = tuple(m.value for m in Method)
+#: Every way to run a job, as the policy names them: local, full exchange, or a method at a CR.
+KINDS = ("local", "full", *METHODS)
+
+
+def option_name(kind: str, cr: float | None, ranks: int) -> str:
+    """``local``, ``full`` or ``means@8`` / ``codes@8``, with ``xP`` for more than 2 ranks."""
+    name = kind if kind in ("local", "full") else f"{kind}@{cr:g}"
+    return name if ranks <= 2 or kind == "local" else f"{name}x{ranks}"
 
 
 class MapError(PrismError):
@@ -30,10 +48,25 @@ class MapError(PrismError):
     code = "map_error"
 
 
+@dataclass(frozen=True, slots=True)
+class ModelShape:
+    """What the compute model needs of a model to weigh shares (engine.cost): hidden size,
+    FFN expansion and whether attention is causal. Maps without one get these defaults."""
+
+    hidden: int = 768
+    ffn: float = 4.0
+    causal: bool = False
+
+
 @dataclass(slots=True)
 class Cell:
     """One measured configuration. ``mbps`` is the link it was measured over (None: loopback,
-    never the bottleneck); ``wire_bytes`` and ``rounds`` let the link model move it to others."""
+    never the bottleneck); ``wire_bytes`` and ``rounds`` let the link model move it to others.
+
+    ``method`` is ``means`` or ``codes`` for compressed (``prism``) cells, None otherwise.
+    ``cosine`` / ``cosine_min`` are the mean and least per-sample cosine of the main output
+    against the local model's on the same inputs, ``top1`` the argmax agreement (models
+    with logits); None where not measured."""
 
     model: str
     batch: int
@@ -52,12 +85,26 @@ class Cell:
     rounds: int = 0
     energy_j: float = 0.0
     mbps: float | None = None
+    method: str | None = None
+    cosine: float | None = None
+    cosine_min: float | None = None
+    top1: float | None = None
+
+    @property
+    def kind(self) -> str:
+        """``local``, ``full``, ``means`` or ``codes``."""
+        return (self.method or Method.MEANS.value) if self.mode == "prism" else self.mode
 
     @property
     def option(self) -> str:
-        """``local``, ``full`` or ``prism@CR`` (with ranks when > 2)."""
-        name = self.mode if self.mode != "prism" else f"prism@{self.cr:g}"
-        return name if self.ranks <= 2 or self.mode == "local" else f"{name}x{self.ranks}"
+        """``local``, ``full``, ``means@CR`` or ``codes@CR`` (with ranks when > 2)."""
+        return option_name(self.kind, self.cr, self.ranks)
+
+    @property
+    def fidelity(self) -> float | None:
+        """The cosine the policy holds against its floor: 1.0 for local and full exchange
+        (exact), the measured mean cosine otherwise (None: never measured)."""
+        return 1.0 if self.mode in ("local", "full") else self.cosine
 
 
 @dataclass(slots=True)
@@ -72,41 +119,66 @@ class PerfMap:
     corrections: dict[str, float] = field(default_factory=dict)
     #: Link model fitted from cells measured at several bandwidths (see policy.predict).
     link_efficiency: float = 1.0
+    #: Per model, what weighing shares needs to know of it (absent: ModelShape defaults).
+    shapes: dict[str, ModelShape] = field(default_factory=dict)
     version: int = MAP_VERSION
 
     def for_model(self, model: str) -> list[Cell]:
         """This model's cells."""
         return [c for c in self.cells if c.model == model]
 
+    def shape(self, model: str) -> ModelShape:
+        """``model``'s shape, or the defaults when the map does not know it."""
+        return self.shapes.get(model, ModelShape())
+
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready."""
+        """JSON-ready (always the current version)."""
         out = asdict(self)
         out["cells"] = [asdict(c) for c in self.cells]
+        out["version"] = MAP_VERSION
         return out
 
     @classmethod
     def from_dict(cls, data: Any) -> PerfMap:
-        """Inverse of :meth:`to_dict`; raises :class:`MapError` on anything unexpected."""
+        """Inverse of :meth:`to_dict`, reading older versions too (see the module docstring);
+        raises :class:`MapError` on anything unexpected."""
         if not isinstance(data, dict):
             raise MapError("a performance map is a JSON object")
-        if data.get("version") != MAP_VERSION:
-            raise MapError(f"performance map version {data.get('version')!r}; this agent reads {MAP_VERSION}")
+        version = data.get("version")
+        if version not in READABLE_VERSIONS:
+            known = ", ".join(str(v) for v in READABLE_VERSIONS)
+            raise MapError(f"performance map version {version!r}; this agent reads versions {known}")
         names = {f.name for f in fields(Cell)}
         try:
             cells = [Cell(**{k: v for k, v in c.items() if k in names}) for c in data["cells"]]
+            corrections = {str(k): float(v) for k, v in data.get("corrections", {}).items()}
+            if version == 1:  # before methods: every compressed cell and correction was Segment Means
+                for c in cells:
+                    c.method = Method.MEANS.value if c.mode == "prism" else None
+                corrections = {k.replace("/prism/", "/means/"): v for k, v in corrections.items()}
             for c in cells:
-                if c.mode not in MODES or c.batch < 1 or c.ranks < 1 or not c.median_ms > 0:
-                    raise MapError(f"bad cell: {c}")
+                _check_cell(c)
             return cls(
                 hardware=dict(data["hardware"]),
                 models={str(k): float(v) for k, v in data["models"].items()},
                 energy_source=str(data["energy_source"]),
                 cells=cells,
-                corrections={str(k): float(v) for k, v in data.get("corrections", {}).items()},
+                corrections=corrections,
                 link_efficiency=float(data.get("link_efficiency", 1.0)),
+                shapes={str(k): ModelShape(**v) for k, v in data.get("shapes", {}).items()},
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise MapError(f"malformed performance map: {exc}") from None
+
+
+def _check_cell(c: Cell) -> None:
+    """Raise :class:`MapError` for a cell no profiler writes."""
+    compressed = c.mode == "prism"
+    ok = c.mode in MODES and c.batch >= 1 and c.ranks >= 1 and c.median_ms > 0
+    ok = ok and ((c.method in METHODS and c.cr is not None) if compressed else c.method is None)
+    ok = ok and all(v is None or -1.0 - 1e-6 <= v <= 1.0 + 1e-6 for v in (c.cosine, c.cosine_min, c.top1))
+    if not ok:
+        raise MapError(f"bad cell: {c}")
 
 
 def hardware_fingerprint(threads: int, device: str = "cpu") -> dict[str, Any]:

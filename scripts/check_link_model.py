@@ -35,7 +35,7 @@ def main() -> int:
     base.corrections = {}
     rows, errors = [], []
     for c in sorted(real.for_model(real_name), key=lambda c: (c.batch, c.mode, c.cr or 0)):
-        est = predict(base, name, c.batch, c.seq, c.mode, c.cr, c.ranks, mbps=c.mbps)
+        est = predict(base, name, c.batch, c.seq, c.kind, c.cr, c.ranks, mbps=c.mbps)
         if est is None:
             continue
         error = est.ms / c.median_ms - 1

@@ -37,21 +37,34 @@ def profiled(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def by_option(data: dict[str, Any]) -> dict[tuple[int, str, str | None, float | None], dict[str, Any]]:
+    return {(c["batch"], c["mode"], c["method"], c["cr"]): c for c in data["cells"]}
+
+
+OPTIONS = (("local", None, None), ("full", None, None), ("prism", "means", 4.0), ("prism", "codes", 4.0))
+
+
 def test_profile_writes_a_versioned_map_with_every_cell(profiled: Path) -> None:
     data = json.loads(profiled.read_text())
-    assert data["version"] == 1
+    assert data["version"] == 2
     assert data["hardware"]["threads"] == 1
     assert data["energy_source"] == "cpu-model"  # no sensor here, and the map says so
     assert set(data["models"]) == {"tiny-bert"}
-    cells = {(c["batch"], c["mode"], c["cr"]): c for c in data["cells"]}
-    assert set(cells) == {(b, m, cr) for b in (1, 8) for m, cr in (("local", None), ("full", None), ("prism", 4.0))}
-    for c in cells.values():
+    cells = by_option(data)
+    assert set(cells) == {(b, *o) for b in (1, 8) for o in OPTIONS}  # both methods by default
+    for (_, mode, _, _), c in cells.items():
         assert 0 < c["median_ms"] <= c["p90_ms"]
         assert c["samples"] == 2
         assert c["energy_j"] >= 0
-    full, prism = cells[(8, "full", None)], cells[(8, "prism", 4.0)]
+        assert c["cosine"] is not None  # every option scored against the local pass
+        if mode == "prism":
+            assert 0 < c["cosine"] <= 1.0
+        else:
+            assert c["cosine"] == 1.0  # exact
+    full, means, codes = cells[(8, "full", None, None)], cells[(8, *OPTIONS[2])], cells[(8, *OPTIONS[3])]
     assert full["rounds"] >= 2 + 2  # two layers plus inputs and outputs
-    assert 0 < prism["wire_bytes"] < full["wire_bytes"]  # Segment Means sends less
+    assert 0 < means["wire_bytes"] < full["wire_bytes"]  # Segment Means sends less
+    assert 0 < codes["wire_bytes"] < full["wire_bytes"]  # so do codes
     assert full["comm_ms"] > 0
 
 
@@ -59,7 +72,8 @@ def test_map_show_and_decide(profiled: Path, tmp_path: Path) -> None:
     png = tmp_path / "map.png"
     shown = cli("map", "show", str(profiled), "--plot", str(png))
     assert shown.returncode == 0, shown.stderr
-    assert "prism@4" in shown.stdout
+    assert "means@4" in shown.stdout
+    assert "codes@4" in shown.stdout
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     decided = cli("map", "decide", str(profiled), "--batch", "8", "--bandwidth", "1000", "--json")
     assert decided.returncode == 0, decided.stderr
@@ -67,7 +81,8 @@ def test_map_show_and_decide(profiled: Path, tmp_path: Path) -> None:
     assert out["mode"] in ("local", "distributed")
     assert out["predicted_ms"] > 0
     assert out["reason"]
-    assert {"local", "full", "prism@4"} <= set(out["options"])
+    assert {"local", "full", "means@4", "codes@4"} <= set(out["options"])
+    assert out["fidelity"] >= out["min_fidelity"] == 0.999
     bad = cli("map", "decide", str(profiled), "--batch", "8", "--bandwidth", "-3")
     assert bad.returncode == 1
     assert bad.stderr.count("\n") == 1
@@ -117,7 +132,7 @@ def test_auto_follows_the_map_and_explains_itself(agents: tuple[int, Path, subpr
         assert r["ok"], r
         assert r["mode"] == "distributed", r["decision"]
         assert r["peers"] == ["a2"]
-        assert r["decision"]["option"] in ("full", "prism@4")
+        assert r["decision"]["option"] in ("full", "means@4", "codes@4")
         assert r["decision"]["predicted_ms"] > 0
         assert "predicted" in r["decision"]["reason"]
     local = on_a2["l1"]
@@ -143,9 +158,12 @@ def test_profile_through_the_agents_over_their_real_link(
     loopback = json.loads(profiled.read_text())
     assert data["models"] == {"bert": loopback["models"]["tiny-bert"]}  # a2 serves tiny-bert as "bert"
     assert data["hardware"]["cpu"] == loopback["hardware"]["cpu"]  # a2's hardware, from its health
-    cells = {(c["batch"], c["mode"], c["cr"]): c for c in data["cells"]}
-    assert set(cells) == {(b, m, cr) for b in (1, 4) for m, cr in (("local", None), ("full", None), ("prism", 4.0))}
-    for (_, mode, _), c in cells.items():
+    cells = by_option(data)
+    # codes run only on agents that say which method they ran; older ones are skipped, and said so
+    assert {(b, *o) for b in (1, 4) for o in OPTIONS[:3]} <= set(cells) <= {(b, *o) for b in (1, 4) for o in OPTIONS}
+    if len(cells) < 8:
+        assert "does not say which method it ran" in got.stderr
+    for (_, mode, _, _), c in cells.items():
         assert c["samples"] == 2
         assert c["seq"] == 128  # the agent says how many tokens it ran
         assert 0 < c["median_ms"] <= c["p90_ms"]
@@ -155,7 +173,8 @@ def test_profile_through_the_agents_over_their_real_link(
             assert c["ranks"] == 2
             assert c["mbps"] > 0
             assert c["rounds"] >= 4
-    assert 0 < cells[(4, "prism", 4.0)]["wire_bytes"] < cells[(4, "full", None)]["wire_bytes"]
+            assert c["cosine"] is not None  # scored against the local pass's output
+    assert 0 < cells[(4, *OPTIONS[2])]["wire_bytes"] < cells[(4, "full", None, None)]["wire_bytes"]
     decided = cli("map", "decide", str(out), "--batch", "4", "--bandwidth", "100", "--json")
     assert decided.returncode == 0, decided.stderr
     assert json.loads(decided.stdout)["predicted_ms"] > 0

@@ -5,6 +5,11 @@ Without peers it runs the ranks as local processes joined by a real GLOO group o
 model then carries the cells to real links. Warm-up passes are not timed. Energy comes from
 the box's meter (which covers every rank, all being on this box) or, without a sensor, from
 the CPU-time model over every rank's process plus ``idle_w`` per rank while it waits.
+
+The options are local, full exchange and each method (Segment Means, codes) at each CR;
+a codes CR too tight for the model (1-bit codes of every row do not fit) is skipped and
+said so. Every option runs on the same inputs as the local pass (real text where the model
+has a tokenizer), and its fidelity against the local pass goes into its cell.
 """
 
 from __future__ import annotations
@@ -21,21 +26,27 @@ from typing import TextIO
 import torch
 
 from agent.node.energy import CpuModelMeter, Meter, find_meter
-from engine.adapters import Task, Tensors
+from agent.profiling.accuracy import Score, exact, score
+from engine.adapters import Adapter, Task, Tensors
+from engine.errors import BadRequest
 from engine.inputs import make_inputs
 from engine.localcluster import ClusterConfig, LocalCluster
 from engine.models import LoadedModel, fingerprint, load
 from engine.program import plan_job
-from engine.segments import Compression
+from engine.segments import Compression, Method
 from engine.sim import run_local
 from engine.trace import RunResult
-from policy.perfmap import Cell, PerfMap, hardware_fingerprint
+from policy.perfmap import METHODS, Cell, ModelShape, PerfMap, hardware_fingerprint, option_name
 from policy.predict import fit_link_efficiency
+
+#: One option of the grid: (mode, method, cr) with mode local, full or prism.
+GridOption = tuple[str, str | None, float | None]
 
 
 @dataclass(frozen=True, slots=True)
 class Grid:
-    """What to measure: batches x options, ``repeat`` timed passes each after ``warmup``."""
+    """What to measure: batches x options, ``repeat`` timed passes each after ``warmup``.
+    Each method in ``methods`` runs at every CR of ``crs`` (None there: full exchange)."""
 
     model: str
     ranks: int = 2
@@ -45,11 +56,27 @@ class Grid:
     repeat: int = 6
     warmup: int = 1
     idle_w: float = 0.0
+    methods: tuple[str, ...] = METHODS
+
+    def __post_init__(self) -> None:
+        for m in self.methods:
+            Method.parse(m)  # BadRequest names the known ones
+        if len(set(self.methods)) != len(self.methods):
+            raise BadRequest(f"methods named twice: {', '.join(self.methods)}")
+
+    @property
+    def options(self) -> list[GridOption]:
+        """(mode, method, cr) per option: local, full exchange, then each method at each CR."""
+        out: list[GridOption] = [("local", None, None)]
+        if None in self.crs:
+            out.append(("full", None, None))
+        out += [("prism", m, cr) for m in self.methods for cr in self.crs if cr is not None]
+        return out
 
     @property
     def cells(self) -> int:
-        """Options measured per batch size: local plus one per CR."""
-        return len(self.batches) * (1 + len(self.crs))
+        """Cells measured in all: every option at every batch size."""
+        return len(self.batches) * len(self.options)
 
     @property
     def passes(self) -> int:
@@ -66,6 +93,12 @@ class Progress:
     done: int = 0
     start: float = field(default_factory=time.monotonic)
     _shown: int = -1
+
+    def skip(self, passes: int, why: str) -> None:
+        """Passes that will not run (an option the model cannot take), and why."""
+        self.total = max(self.done, self.total - passes)
+        self.out.write(f"profile: skipped {why}\n")
+        self.out.flush()
 
     def step(self, label: str) -> None:
         self.done += 1
@@ -97,6 +130,7 @@ class _Energy:
 
     def __init__(self, meter: Meter, pids: list[int], idle_w: float) -> None:
         self.meter, self.pids, self.idle_w = meter, pids, idle_w
+        self.last: RunResult | None = None  # the last pass's result (its outputs are scored)
 
     @property
     def source(self) -> str:
@@ -109,6 +143,7 @@ class _Energy:
         start = time.perf_counter()
         result = fn()
         seconds = time.perf_counter() - start
+        self.last = result
         joules = self.meter.stop(token).joules
         if isinstance(self.meter, CpuModelMeter):
             cpu = sum(_cpu_s(p) - b for p, b in zip(self.pids, others, strict=True))
@@ -147,8 +182,12 @@ def make_cell(
     ranks: int,
     passes: list[Pass],
     mbps: float | None = None,
+    *,
+    method: str | None = None,
+    fidelity: Score | None = None,
 ) -> Cell:
-    """A map cell from timed passes: median and p90, and the median pass's breakdown."""
+    """A map cell from timed passes: median and p90, the median pass's breakdown, and the
+    option's ``fidelity`` against the local pass."""
     passes = sorted(passes, key=lambda r: r.seconds)
     secs = [r.seconds for r in passes]
     mid = passes[len(passes) // 2]
@@ -170,6 +209,10 @@ def make_cell(
         rounds=mid.rounds,
         energy_j=statistics.median(r.joules for r in passes) / batch,
         mbps=mbps,
+        method=method if mode == "prism" else None,
+        cosine=None if fidelity is None else fidelity.cosine,
+        cosine_min=None if fidelity is None else fidelity.cosine_min,
+        top1=None if fidelity is None else fidelity.top1,
     )
 
 
@@ -187,13 +230,29 @@ def _passes(fn: Callable[[], Pass], grid: Grid, progress: Progress, label: str) 
 
 
 def _runner(
-    model: LoadedModel, task: Task, inputs: Tensors, cluster: LocalCluster | None, ranks: int, cr: float | None
+    model: LoadedModel,
+    task: Task,
+    inputs: Tensors,
+    cluster: LocalCluster | None,
+    ranks: int,
+    cr: float | None,
+    method: str | None,
 ) -> Callable[[], RunResult]:
-    """One pass: local when there is no cluster, else split over ``ranks`` GLOO processes."""
+    """One pass: local when there is no cluster, else split over ``ranks`` GLOO processes.
+    Raises BadRequest for an option the model cannot take (a codes CR too tight for it)."""
     if cluster is None:
         return lambda: run_local(model.adapter, task, inputs)
-    spec = plan_job(model.adapter, model.name, task, inputs, ranks=ranks, comp=Compression(cr=cr))
+    comp = Compression(cr=cr, method=Method.parse(method or Method.MEANS.value))
+    spec = plan_job(model.adapter, model.name, task, inputs, ranks=ranks, comp=comp)
     return lambda: cluster.run(model, spec, inputs)
+
+
+def model_shape(adapter: Adapter) -> ModelShape:
+    """What the policy's share weighing needs of the model: width, FFN expansion, causal."""
+    config = adapter.config
+    d = adapter.hidden_size
+    inner = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * d
+    return ModelShape(hidden=d, ffn=float(inner) / d, causal=adapter.causal)
 
 
 def profile_loopback(grid: Grid, progress: Progress | None = None) -> PerfMap:
@@ -209,6 +268,7 @@ def profile_loopback(grid: Grid, progress: Progress | None = None) -> PerfMap:
         models={grid.model: fingerprint(model.adapter)},
         energy_source=energy_label(meter.source, grid.idle_w),
     )
+    perf.shapes[grid.model] = model_shape(model.adapter)
     with LocalCluster(ClusterConfig(ranks=grid.ranks, threads=1)) as cluster:
         cluster.prepare(model)
         energy = _Energy(meter, cluster.worker_pids, grid.idle_w)
@@ -216,11 +276,21 @@ def profile_loopback(grid: Grid, progress: Progress | None = None) -> PerfMap:
         for batch in grid.batches:
             inputs = make_inputs(model, batch, grid.seq, 0)
             seq = model.adapter.shapes(inputs).n_tokens
-            for mode, cr in [("local", None), *(("full" if c is None else "prism", c) for c in grid.crs)]:
-                label = f"batch {batch} {mode}" + ("" if cr is None else f"@{cr:g}")
+            reference: Tensors = {}
+            for mode, method, cr in grid.options:
                 ranks = 1 if mode == "local" else grid.ranks
-                run = _runner(model, task, inputs, cluster if ranks > 1 else None, ranks, cr)
+                label = f"batch {batch} {option_name(method or mode, cr, ranks)}"
+                try:
+                    run = _runner(model, task, inputs, cluster if ranks > 1 else None, ranks, cr, method)
+                except BadRequest as exc:
+                    progress.skip(grid.repeat, f"{label}: {exc}")
+                    continue
                 runs = list(_passes(lambda run=run, ranks=ranks: energy.measure(run, ranks), grid, progress, label))  # type: ignore[misc]
-                perf.cells.append(make_cell(grid.model, batch, seq, mode, cr, ranks, runs))
+                assert energy.last is not None
+                if mode == "local":
+                    reference = energy.last.outputs
+                fidelity = exact(task) if mode != "prism" else score(task, reference, energy.last.outputs)
+                cell = make_cell(grid.model, batch, seq, mode, cr, ranks, runs, method=method, fidelity=fidelity)
+                perf.cells.append(cell)
     perf.link_efficiency = fit_link_efficiency(perf)
     return perf

@@ -1,13 +1,18 @@
 """``prism-agent profile --peers``: the performance map measured over real links, through agents.
 
 The profiler asks the node that will use the map (``--node``) to run one job per timed pass,
-each forcing one option (local, full exchange, PRISM at a CR) over the named peers, and
+each forcing one option (local, full exchange, a method at a CR) over the named peers, and
 records what that agent measured itself: engine time with its compute / communication /
 staging / overhead split, the bytes on the wire, the collectives, and the CPU seconds of
 every rank (energy: the CPU-time model, labelled so). Each cell carries the link the node's
 own probes saw to its slowest peer while it was measured, so the link model can move it to
 other links. Nothing is loaded here: the agents hold the model, and the map names the
 node's hardware and weights, as a loopback profile does.
+
+Every option's outputs come back with its results; they are scored against the local
+pass's on the same inputs (agent.profiling.accuracy) into the cell's fidelity. A codes CR
+the model cannot take is skipped and said so, and so is codes altogether when the node's
+agent does not say which method it ran (one from before methods runs Segment Means).
 """
 
 from __future__ import annotations
@@ -24,10 +29,11 @@ from typing import Any
 
 from agent.node.config import Broker
 from agent.node.energy import CpuModelMeter
+from agent.profiling.accuracy import Score, score_output
 from agent.profiling.loopback import Grid, Pass, Progress, energy_label, make_cell
 from engine.errors import BadRequest, PrismError
 from engine.weights import same_weights
-from policy.perfmap import PerfMap
+from policy.perfmap import ModelShape, PerfMap, option_name
 from policy.predict import fit_link_efficiency
 from transport.mqtt import MqttLink
 
@@ -107,11 +113,21 @@ def job_inputs(family: str, batch: int, seq: int | None) -> dict[str, Any]:
     }
 
 
-def option_fields(mode: str, cr: float | None, peers: tuple[str, ...]) -> dict[str, Any]:
+def option_fields(mode: str, cr: float | None, peers: tuple[str, ...], method: str | None = None) -> dict[str, Any]:
     """The job fields that force one option."""
     if mode == "local":
         return {"mode": "local"}
-    return {"mode": "distributed", "cr": "full" if cr is None else cr, "peers": list(peers)}
+    fields = {"mode": "distributed", "cr": "full" if cr is None else cr, "peers": list(peers)}
+    return fields if method is None or cr is None else {**fields, "method": method}
+
+
+class Skip(Exception):
+    """This option cannot be measured on this node (``str()`` says why); ``every_batch``:
+    nor at any other batch size (the node does not run the method at all)."""
+
+    def __init__(self, why: str, *, every_batch: bool = False) -> None:
+        super().__init__(why)
+        self.every_batch = every_batch
 
 
 class _Session:
@@ -194,6 +210,7 @@ async def profile_peers(
         models={grid.model: target.fingerprint},
         energy_source=energy_label("cpu-model", grid.idle_w),
     )
+    perf.shapes[grid.model] = ModelShape(causal=target.family == "gpt2")  # the width is not in the health
     ranks = len(target.peers) + 1
     client = f"prism-profile-{uuid.uuid4().hex[:8]}"
     async with MqttLink(broker.host, broker.port, client_id=client, **dict(auth or {})) as link:
@@ -201,29 +218,68 @@ async def profile_peers(
         try:
             await link.subscribe(session.reply, session.health_topic)
             await _wait_links(session, target.peers)
+            skipped: set[str] = set()
             for batch in grid.batches:
                 inputs = job_inputs(target.family, batch, grid.seq)
-                for mode, cr in [("local", None), *(("full" if c is None else "prism", c) for c in grid.crs)]:
-                    label = f"batch {batch} {mode}" + ("" if cr is None else f"@{cr:g}")
-                    fields = option_fields(mode, cr, target.peers)
-                    passes, seq = [], 0
-                    for i in range(grid.warmup + grid.repeat):
-                        job = {"id": f"profile-{uuid.uuid4().hex[:10]}", "model": grid.model, "inputs": inputs}
-                        result = await session.ask({**job, **fields}, timeout_s)
-                        _check(result, mode, label, target.node)
-                        seq = int(result.get("decision", {}).get("tokens") or 0)
-                        if i >= grid.warmup:
-                            passes.append(_pass(result, 1 if mode == "local" else ranks, grid.idle_w))
-                            progress.step(label)
-                    mbps = None if mode == "local" else session.link_mbps(target.peers)
+                reference: dict[str, Any] = {}
+                for mode, method, cr in grid.options:
                     cell_ranks = 1 if mode == "local" else ranks
-                    perf.cells.append(make_cell(grid.model, batch, seq, mode, cr, cell_ranks, passes, mbps))
+                    label = f"batch {batch} {option_name(method or mode, cr, cell_ranks)}"
+                    if method in skipped:
+                        progress.skip(grid.repeat, f"{label}: {method} is not run by '{target.node}'")
+                        continue
+                    fields = {"model": grid.model, "inputs": inputs, **option_fields(mode, cr, target.peers, method)}
+                    try:
+                        passes, seq, output = await _passes(
+                            session, grid, fields, (mode, method), label, progress, timeout_s
+                        )
+                    except Skip as exc:
+                        progress.skip(grid.repeat, f"{label}: {exc}")
+                        if exc.every_batch:
+                            skipped.add(str(method))
+                        continue
+                    if mode == "local":
+                        reference = output
+                    fidelity = _fidelity(mode, reference, output)
+                    mbps = None if mode == "local" else session.link_mbps(target.peers)
+                    perf.cells.append(
+                        make_cell(
+                            grid.model, batch, seq, mode, cr, cell_ranks, passes, mbps, method=method, fidelity=fidelity
+                        )
+                    )
         finally:
             session.pumping.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await session.pumping
     perf.link_efficiency = fit_link_efficiency(perf)
     return perf
+
+
+async def _passes(
+    session: _Session,
+    grid: Grid,
+    fields: dict[str, Any],
+    option: tuple[str, str | None],
+    label: str,
+    progress: Progress,
+    timeout_s: float,
+) -> tuple[list[Pass], int, dict[str, Any]]:
+    """One option's timed passes (after the warm-up), the tokens it ran and its last output.
+    The first pass tells whether the node can run the option at all (:class:`Skip`)."""
+    mode, method = option
+    ranks = 1 if mode == "local" else len(fields.get("peers", [])) + 1
+    passes: list[Pass] = []
+    output: dict[str, Any] = {}
+    seq = 0
+    for i in range(grid.warmup + grid.repeat):
+        result = await session.ask({"id": f"profile-{uuid.uuid4().hex[:10]}", **fields}, timeout_s)
+        _check(result, mode, method, label, session.node)
+        seq = int(result.get("decision", {}).get("tokens") or 0)
+        output = result.get("output") or {}
+        if i >= grid.warmup:
+            passes.append(_pass(result, ranks, grid.idle_w))
+            progress.step(label)
+    return passes, seq, output
 
 
 async def _wait_links(session: _Session, peers: tuple[str, ...], timeout_s: float = 60.0) -> None:
@@ -242,10 +298,31 @@ async def _wait_links(session: _Session, peers: tuple[str, ...], timeout_s: floa
             raise ProfileError(f"lost the broker while waiting for '{session.node}' to measure its links")
 
 
-def _check(result: dict[str, Any], mode: str, label: str, node: str) -> None:
+def _fidelity(mode: str, reference: dict[str, Any], output: dict[str, Any]) -> Score:
+    """Local and full exchange are exact; a compressed option is scored against local."""
+    if mode != "prism":
+        exact = score_output(reference, reference)
+        return Score(exact.cosine, exact.cosine, exact.top1)
+    return score_output(reference, output)
+
+
+def _check(result: dict[str, Any], mode: str, method: str | None, label: str, node: str) -> None:
+    """Raise ProfileError unless ``result`` ran the option asked for; :class:`Skip` when the
+    node cannot run it at all (a codes CR too tight for the model, codes on an old agent)."""
+    error = result.get("error") or {}
+    why = str((result.get("decision") or {}).get("fallback_reason") or error.get("message") or "")
+    if method == "codes" and "too tight" in why:
+        raise Skip(why)
     if not result.get("ok"):
-        error = result.get("error") or {}
         raise ProfileError(f"{label}: '{node}' answered {error.get('code')}: {error.get('message')}")
     if result.get("fallback") or (mode != "local") != (result.get("mode") == "distributed"):
-        why = (result.get("decision") or {}).get("fallback_reason", "")
         raise ProfileError(f"{label}: '{node}' ran it {result.get('mode')} instead ({why or 'no reason given'})")
+    if mode == "prism":
+        ran = result.get("method")
+        if ran is None and method != "means":
+            raise Skip(
+                f"'{node}' does not say which method it ran (an agent from before methods runs means only)",
+                every_batch=True,
+            )
+        if ran is not None and ran != method:
+            raise ProfileError(f"{label}: '{node}' ran method {ran} instead")
