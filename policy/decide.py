@@ -64,26 +64,17 @@ class PeerLink:
 @dataclass(frozen=True, slots=True)
 class Policy:
     """Settings of the choice: the accuracy floor per model (a cosine against the local
-    model's output), defaults for unknown links, idle power, the most ranks to use.
-
-    ``max_cr`` / ``default_max_cr`` are the old accuracy setting, kept as a hard cap on the
-    CR until every caller passes ``min_fidelity``; None: no cap."""
+    model's output), defaults for unknown links, idle power, the most ranks to use."""
 
     min_fidelity: dict[str, float] = field(default_factory=dict)
     default_min_fidelity: float = DEFAULT_MIN_FIDELITY
     unknown_mbps: float = 20.0
     idle_w: float = 0.0
     max_ranks: int = 4
-    max_cr: dict[str, float] = field(default_factory=dict)
-    default_max_cr: float | None = None
 
     def floor(self, model: str) -> float:
         """The least fidelity ``model``'s jobs accept unless they name their own."""
         return self.min_fidelity.get(model, self.default_min_fidelity)
-
-    def cr_ceiling(self, model: str) -> float | None:
-        """The old CR cap for ``model`` (None: none)."""
-        return self.max_cr.get(model, self.default_max_cr)
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,11 +154,10 @@ def _candidates(req: Request, perf: PerfMap, policy: Policy, ranks: int) -> list
     methods = [req.method] if req.method else list(METHODS)
     if req.cr_given:
         return [(m, req.cr) for m in methods]
-    ceiling = policy.cr_ceiling(req.model)
     out: list[tuple[str, float | None]] = [] if req.method else [("full", None)]
     for m in methods:
         crs = {c.cr for c in perf.for_model(req.model) if c.kind == m and c.ranks == ranks and c.cr is not None}
-        out += [(m, cr) for cr in sorted(crs) if ceiling is None or cr <= ceiling]
+        out += [(m, cr) for cr in sorted(crs)]
     return out
 
 

@@ -65,9 +65,11 @@ async def test_a_job_in_flight_at_two_crashes_is_given_up(tmp_path: Path) -> Non
     for attempt in range(1, MAX_ATTEMPTS + 1):
         owed = await Journal(path).open()
         if attempt < MAX_ATTEMPTS:
-            assert len(owed.rerun) == 1 and not owed.given_up
+            assert len(owed.rerun) == 1
+            assert not owed.given_up
         else:
-            assert not owed.rerun and [e.attempts for e in owed.given_up] == [MAX_ATTEMPTS]
+            assert not owed.rerun
+            assert [e.attempts for e in owed.given_up] == [MAX_ATTEMPTS]
 
 
 async def test_sent_results_are_pruned_to_the_budget_but_keys_stay(tmp_path: Path) -> None:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.cluster.probes import ProbeServer, probe
 from agent.cluster.links import LinkTable
+from agent.cluster.probes import ProbeServer, probe
 from agent.node.monitors import read_load
 
 

@@ -41,7 +41,8 @@ async def test_a_deadline_that_passes_while_the_job_waits_is_answered_at_once(mo
         start = asyncio.get_running_loop().time()
         result = await asyncio.wait_for(svc.handle(job(1, deadline_ms=200)), timeout=5)
         waited = asyncio.get_running_loop().time() - start
-    assert result.error is not None and result.error.code == "deadline_exceeded"
+    assert result.error is not None
+    assert result.error.code == "deadline_exceeded"
     assert 0.15 < waited < 1.0
 
 
@@ -55,7 +56,8 @@ async def test_a_crash_inside_a_job_is_an_internal_error_not_a_dead_service(
 
     monkeypatch.setattr("agent.jobs.service.run_local", boom)
     broken = await svc.handle(job(1))
-    assert broken.error is not None and broken.error.code == "internal"
+    assert broken.error is not None
+    assert broken.error.code == "internal"
     monkeypatch.undo()
     assert (await svc.handle(job(2))).ok
 

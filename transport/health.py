@@ -8,7 +8,7 @@ those signed fields are trusted by peers when a cluster secret is set.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -64,6 +64,7 @@ class Health(_Doc):
     links: dict[str, LinkView] = Field(default_factory=dict)
     probe_port: int = Field(default=0, ge=0, le=65535)
     loops: dict[str, int] = Field(default_factory=dict)  # background loop -> restarts after a crash
+    speed: dict[str, Annotated[float, Field(gt=0)]] = Field(default_factory=dict)  # model -> ms per token
     admission: dict[str, str] = Field(default_factory=dict)
 
     def encode(self) -> bytes:

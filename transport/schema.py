@@ -76,6 +76,8 @@ class Job:
     peers: tuple[str, ...] | None = None  # split over exactly these nodes (then ranks = peers + 1)
     objective: Objective | None = None  # None: the node's setting
     deadline_ms: float | None = None
+    method: str | None = None  # "means" | "codes": how a split compresses (None: auto's choice)
+    min_fidelity: float | None = None  # the job's accuracy floor for auto (a cosine vs local)
 
     @property
     def batch(self) -> int:
@@ -209,6 +211,8 @@ def parse_job(payload: bytes, limits: Limits) -> Job:
         peers=peers,
         objective=_enum(Objective, data.get("objective"), "objective", job_id, None),
         deadline_ms=_deadline(data.get("deadline_ms"), job_id),
+        method=_method(data.get("method"), job_id),
+        min_fidelity=_fidelity(data.get("min_fidelity"), job_id),
     )
 
 
@@ -280,6 +284,26 @@ def _deadline(value: Any, job_id: str) -> float | None:
     return number
 
 
+METHODS = ("means", "codes")
+
+
+def _method(value: Any, job_id: str) -> str | None:
+    if value is None:
+        return None
+    if value not in METHODS:
+        raise _fail(f"field 'method' must be one of {', '.join(METHODS)}, got {_shown(value)}", job_id)
+    return str(value)
+
+
+def _fidelity(value: Any, job_id: str) -> float | None:
+    if value is None:
+        return None
+    number = _number(value)
+    if number is None or not 0 <= number <= 1:
+        raise _fail(f"field 'min_fidelity' must be a number from 0 to 1 (a cosine), got {_shown(value)}", job_id)
+    return number
+
+
 @dataclass(frozen=True, slots=True)
 class ErrorInfo:
     """Why a job failed: a stable code and one readable line."""
@@ -298,6 +322,7 @@ class Result:
     output: dict[str, Any] | None = None
     mode: str | None = None
     cr: float | None = None
+    method: str | None = None
     peers: tuple[str, ...] = ()
     latency_ms: dict[str, float] = field(default_factory=dict)
     decision: dict[str, Any] | None = None
@@ -320,6 +345,7 @@ class Result:
             "output": self.output,
             "mode": self.mode,
             "cr": "full" if self.mode == "distributed" and self.cr is None else self.cr,
+            "method": self.method,
             "peers": list(self.peers),
             "latency_ms": self.latency_ms,
             "decision": self.decision,

@@ -40,6 +40,7 @@ def add_cli(sub: Any) -> None:
     pro.add_argument("--ranks", type=int, default=None, help="devices to split over (default 2, or peers + 1)")
     pro.add_argument("--batches", default="1,2,4,8,16", help="comma-separated batch sizes")
     pro.add_argument("--crs", default="full,2,4,8,16", help="comma-separated CRs; 'full' is full exchange")
+    pro.add_argument("--methods", default="means,codes", help="exchange methods to profile at each CR")
     pro.add_argument("--seq", type=int, default=None, help="sequence length (text models)")
     pro.add_argument("--repeat", type=int, default=None, help="timed passes per cell (default: ~200 passes in all)")
     pro.add_argument("--idle-watts", dest="idle_w", type=float, default=0.0, help="per-device idle power (cpu-model)")
@@ -72,7 +73,15 @@ def add_cli(sub: Any) -> None:
     dec.add_argument("--rtt", type=float, default=0.0, help="round-trip time to the peer, ms")
     dec.add_argument("--load", type=float, default=0.0, help="load average per core on both nodes")
     dec.add_argument("--objective", choices=["latency", "energy"], default="latency")
-    dec.add_argument("--max-cr", dest="max_cr", type=float, default=None, help="accuracy floor: the largest CR allowed")
+    dec.add_argument(
+        "--min-fidelity",
+        dest="min_fidelity",
+        type=float,
+        default=None,
+        help="accuracy floor: the least cosine vs local an option may have (default 0.999)",
+    )
+    dec.add_argument("--method", choices=["means", "codes"], default=None, help="only this exchange method")
+    dec.add_argument("--peer-speed", dest="peer_speed", type=float, default=None, help="the peer's ms per token")
     dec.add_argument("--json", action="store_true")
 
 
@@ -107,11 +116,12 @@ def _profile(ns: argparse.Namespace) -> int:
     _positive(ns.seq, "seq")
     batches = tuple(int(b) for b in _floats(ns.batches, "batches") if b is not None)
     crs = _floats(ns.crs, "crs", full=True)
-    per_cell = max(3, round(200 / (len(batches) * (1 + len(crs)))))
-    repeat = ns.repeat or per_cell
+    methods = tuple(m.strip() for m in ns.methods.split(",") if m.strip())
+    cells = Grid(ns.model, 2, batches, crs, methods=methods).cells
+    repeat = ns.repeat or max(3, round(200 / cells))
     _positive(repeat, "repeat")
     if ns.peers is None:
-        grid = Grid(ns.model, ns.ranks or 2, batches, crs, ns.seq, repeat, idle_w=ns.idle_w)
+        grid = Grid(ns.model, ns.ranks or 2, batches, crs, ns.seq, repeat, idle_w=ns.idle_w, methods=methods)
         perf = profile_loopback(grid)
     else:
         grid, perf = _profile_peers(ns, batches, crs, repeat)
@@ -142,7 +152,8 @@ def _profile_peers(
         raise BadRequest(
             f"--ranks {ns.ranks} does not match --peers: {len(target.peers)} peer(s) make {len(target.peers) + 1} ranks"
         )
-    grid = Grid(ns.model, len(target.peers) + 1, batches, crs, ns.seq, repeat, idle_w=ns.idle_w)
+    methods = tuple(m.strip() for m in ns.methods.split(",") if m.strip())
+    grid = Grid(ns.model, len(target.peers) + 1, batches, crs, ns.seq, repeat, idle_w=ns.idle_w, methods=methods)
     print(f"profiling '{ns.model}' on {node} with {', '.join(target.peers)}", file=sys.stderr)
     return grid, asyncio.run(profile_peers(broker, ns.cluster, grid, target, auth=auth, timeout_s=ns.timeout))
 
@@ -171,9 +182,21 @@ def _decide(ns: argparse.Namespace, perf: Any, model: str, seq: int) -> int:
 
     _positive(ns.batch, "batch")
     _positive(ns.bandwidth, "bandwidth")
-    policy = Policy(default_max_cr=ns.max_cr) if ns.max_cr else Policy()
+    if ns.min_fidelity is not None and not 0 <= ns.min_fidelity <= 1:
+        raise BadRequest(f"--min-fidelity must be from 0 to 1 (a cosine), got {ns.min_fidelity}")
+    policy = Policy() if ns.min_fidelity is None else Policy(default_min_fidelity=ns.min_fidelity)
     got = decide_at(
-        perf, model, ns.batch, seq, ns.bandwidth, policy, objective=ns.objective, load=ns.load, rtt_ms=ns.rtt
+        perf,
+        model,
+        ns.batch,
+        seq,
+        ns.bandwidth,
+        policy,
+        objective=ns.objective,
+        load=ns.load,
+        rtt_ms=ns.rtt,
+        method=ns.method,
+        peer_ms_per_token=ns.peer_speed,
     )
     out = got.as_dict()
     if ns.json:

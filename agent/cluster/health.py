@@ -76,6 +76,7 @@ class Observer:
                 cpus=doc.load.cpus,
                 queue=doc.load.queue,
                 probe_port=int(signed["probe_port"]),
+                speed=dict(doc.speed),
             )
         except (WireError, ValueError, KeyError, TypeError, AttributeError) as exc:
             log.info("health_ignored", node=node, error=str(exc)[:120])
@@ -103,6 +104,7 @@ def build_health(
     probe_port: int,
     loops: Mapping[str, int],
     identity: dict[str, str],
+    speed: Mapping[str, float],
 ) -> Health:
     """This node's health document."""
     return Health(
@@ -122,5 +124,6 @@ def build_health(
         links={peer: LinkView(**view) for peer, view in links.items()},
         probe_port=probe_port,
         loops=dict(loops),
+        speed=dict(speed),
         admission=identity,
     )

@@ -26,6 +26,7 @@ class Peer:
     cpus: int = 1
     queue: int = 0
     probe_port: int = 0
+    speed: dict[str, float] = field(default_factory=dict)  # model -> local ms per token (its map)
 
 
 class PeerTable:
@@ -43,7 +44,7 @@ class PeerTable:
             return False
         old = self._peers.get(peer.node)
         if old is not None and not peer.models:
-            peer = replace(peer, models=old.models)  # an mDNS refresh carries no fingerprints
+            peer = replace(peer, models=old.models, speed=old.speed)  # an mDNS refresh carries neither
         self._peers[peer.node] = replace(peer, last_seen_s=now_s, online=True)
         return True
 

@@ -21,7 +21,7 @@ from agent.node.config import Settings, pick_device
 from engine.weights import same_weights
 from policy.decide import Decision, PeerLink, Policy, Request, decide
 from policy.perfmap import MapError, PerfMap, hardware_fingerprint, load_map, mismatches, save_map
-from policy.predict import refine
+from policy.predict import ms_per_token, refine
 from transport.schema import Job, Mode
 
 log = structlog.get_logger("prism.policy")
@@ -35,6 +35,7 @@ class AutoPolicy:
         self, settings: Settings, fingerprints: Mapping[str, float], perf: PerfMap | None, path: Path | None
     ) -> None:
         self.settings = settings
+        self.fingerprints = dict(fingerprints)
         self.perf = perf
         self.path = path
         self.dirty = False
@@ -55,7 +56,10 @@ class AutoPolicy:
                 elif name in perf.models or sources.get(name) in perf.models:
                     self.untrusted[name] = f"model '{name}' was profiled with other weights (interim rule)"
                     log.warning("map_untrusted", model=name, hint="re-run prism-agent profile for this model")
-        self.policy = Policy(idle_w=settings.idle_watts)
+        floors = {self.alias.get(m.name, m.name): m.min_fidelity for m in settings.models if m.min_fidelity}
+        self.policy = Policy(
+            min_fidelity=floors, default_min_fidelity=settings.min_fidelity, idle_w=settings.idle_watts
+        )
 
     @classmethod
     def load(cls, settings: Settings, fingerprints: Mapping[str, float]) -> AutoPolicy:
@@ -81,6 +85,28 @@ class AutoPolicy:
         """The map's name for a served model (matched by weights), or None."""
         return self.alias.get(model)
 
+    def speeds(self) -> dict[str, float]:
+        """This node's local milliseconds per token for each served model its map knows (health's
+        ``speed``: coordinators weight their shares by it)."""
+        if self.perf is None:
+            return {}
+        out = {}
+        for name, alias in self.alias.items():
+            ms = ms_per_token(self.perf, alias)
+            if ms is not None and ms > 0:
+                out[name] = ms
+        return out
+
+    def _peer_speed(self, peer: Peer, model: str) -> float | None:
+        """``peer``'s published speed for the served model ``model`` (its own name for the same weights)."""
+        mine = self.fingerprints.get(model)
+        if mine is None:
+            return None
+        for name, theirs in peer.models.items():
+            if same_weights(mine, theirs) and name in peer.speed:
+                return peer.speed[name]
+        return None
+
     def decide(
         self,
         request: Request,
@@ -93,7 +119,6 @@ class AutoPolicy:
         name = self.alias.get(request.model)
         if self.perf is None or name is None:
             return None
-        request = dataclasses.replace(request, model=name)
         views = [
             PeerLink(
                 p.node,
@@ -102,9 +127,11 @@ class AutoPolicy:
                 p.load1,
                 p.cpus,
                 p.queue,
+                self._peer_speed(p, request.model),
             )
             for p in peers
         ]
+        request = dataclasses.replace(request, model=name)
         got = decide(request, self.perf, views, load1, cpus, self.policy)
         if got is not None and self.foreign_hardware:
             got = dataclasses.replace(got, reason=got.reason + "; map measured on other hardware")
@@ -135,9 +162,12 @@ class AutoPolicy:
 
 
 #: Interim rule for ``auto`` when there is no usable performance map: distribute from this
-#: batch size up when a peer is available (the Jetson paper's crossover was batch 8).
+#: batch size up when a peer is available (the Jetson paper's crossover was batch 8), with
+#: low-bit codes of every row at 1/8 of full exchange's bytes: near the local answer (a
+#: mean cosine of 0.9998 on MiniLM, docs/fidelity.md), where Segment Means lose 0.04-0.08.
 AUTO_MIN_BATCH = 8
 DEFAULT_CR = 8.0
+DEFAULT_METHOD = "codes"
 
 
 def choose(job: Job, batch: int, peers: int) -> tuple[str, str]:
@@ -156,8 +186,11 @@ def choose(job: Job, batch: int, peers: int) -> tuple[str, str]:
 
 
 def interim(job: Job, batch: int, peers: list[Peer], why: str) -> Decision:
+    """The decision without a usable map (see ``AUTO_MIN_BATCH``): pure, table-tested."""
     mode, reason = choose(job, batch, len(peers))
     cr = (job.cr if job.cr_given else DEFAULT_CR) if mode == "distributed" else None
+    method = (job.method or DEFAULT_METHOD) if cr is not None else None
     chosen = tuple(p.node for p in peers[: max(1, (job.ranks or 2) - 1)]) if mode == "distributed" else ()
-    option = "local" if mode == "local" else ("full" if cr is None else f"prism@{cr:g}")
-    return Decision(mode, cr, chosen, None, None, f"{reason}; {why}" if why else reason, option)
+    option = "local" if mode == "local" else ("full" if cr is None else f"{method}@{cr:g}")
+    why_all = f"{reason}; {why}" if why else reason
+    return Decision(mode, cr, chosen, None, None, why_all, option, method=method)

@@ -32,7 +32,7 @@ from engine.adapters import Task, Tensors
 from engine.errors import BadRequest, PrismError
 from engine.models import LoadedModel
 from engine.program import JobSpec, plan_job
-from engine.segments import Compression
+from engine.segments import Compression, Method
 from engine.sim import run_local
 from engine.trace import RunResult
 from policy.decide import Decision, Request
@@ -130,7 +130,19 @@ class JobService:
         hard = job.mode is Mode.LOCAL or job.ranks == 1
         objective = job.objective.value if job.objective is not None else self.settings.objective
         if not hard:
-            request = Request(job.model, batch, seq, job.mode.value, job.cr, job.cr_given, job.ranks, objective)
+            request = Request(
+                job.model,
+                batch,
+                seq,
+                job.mode.value,
+                job.cr,
+                job.cr_given,
+                job.ranks,
+                objective,
+                method=job.method,
+                min_fidelity=job.min_fidelity,
+                equal_shares=job.peers is not None,  # pinned peers (the profiler's passes) stay comparable
+            )
             links = self.distributor.link_report() if self.distributor else {}
             load = read_load()
             got = self.auto.decide(request, peers, links, float(load["load1"] or 0.0), int(load["cpus"] or 1))
@@ -186,14 +198,17 @@ class JobService:
         queued_s = time.monotonic() - start
         engine_start = time.monotonic()
         metering = self.meter.start()
-        result, used, cr, fallback = None, [], None, False
+        result, used, cr, method, fallback = None, [], None, None, False
         if chosen.mode == "distributed" and self.distributor is not None:
-            used = [p for p in peers if p.node in chosen.peers] or peers[: max(1, (job.ranks or 2) - 1)]
-            cr = chosen.cr
+            able = {p.node: p for p in peers}
+            used = [able[n] for n in chosen.peers if n in able] or peers[: max(1, (job.ranks or 2) - 1)]
+            cr, method = chosen.cr, (chosen.method or "means") if chosen.cr is not None else None
+            shares = list(chosen.shares) if len(chosen.shares) == len(used) + 1 else None
+            weights = shares if shares and len(set(shares)) > 1 else None
             try:
-                spec = plan_job(
-                    served.model.adapter, job.model, task, tensors, ranks=len(used) + 1, comp=Compression(cr=cr)
-                )
+                comp = Compression(cr=cr, method=Method.parse(method or "means"))
+                adapter = served.model.adapter
+                spec = plan_job(adapter, job.model, task, tensors, ranks=len(used) + 1, comp=comp, weights=weights)
                 result = await _until(deadline, self.distributor.run_distributed(served, spec, tensors, used))
             except DeadlineExceeded:
                 raise
@@ -202,7 +217,7 @@ class JobService:
                     log.exception("distributed_crashed", job=job.id)
                 log.warning("distributed_fallback", job=job.id, error=str(exc)[:200])
                 decision["fallback_reason"] = str(exc)[:300] or type(exc).__name__
-                result, used, cr, fallback = None, [], None, True
+                result, used, cr, method, fallback = None, [], None, None, True
         elif job.mode is Mode.DISTRIBUTED:
             fallback = True
         if result is None:
@@ -217,7 +232,9 @@ class JobService:
         energy = self.meter.stop(metering)
         if not fallback and chosen.predicted_ms is not None:
             self.auto.observe(chosen, engine_s * 1e3)
-        return self._result(job, task, result, decision, used, cr, fallback, start, queued_s, engine_s, energy, batch)
+        return self._result(
+            job, task, result, decision, used, (cr, method), fallback, start, queued_s, engine_s, energy, batch
+        )
 
     def _result(
         self,
@@ -226,7 +243,7 @@ class JobService:
         result: RunResult,
         decision: dict[str, Any],
         used: list[Peer],
-        cr: float | None,
+        compression: tuple[float | None, str | None],
         fallback: bool,
         start: float,
         queued_s: float,
@@ -235,6 +252,7 @@ class JobService:
         batch: int,
     ) -> Result:
         mode = "distributed" if used else "local"
+        cr, method = compression
         self.stats["ok"] += 1
         total_s = time.monotonic() - start
         t = result.traces[0]
@@ -256,6 +274,7 @@ class JobService:
             output=to_output(task, result.outputs),
             mode=mode,
             cr=cr,
+            method=method,
             peers=tuple(p.node for p in used),
             latency_ms={
                 "total": total_s * 1e3,

@@ -343,6 +343,7 @@ class Node:
             links=self.links.report(now),
             probe_port=self.probe_port,
             loops=dict(RESTARTS),
+            speed=self.service.auto.speeds(),
             identity=signed_identity(
                 self.admission, self.settings.node_id, self.address, fingerprints, self.probe_port
             ),
