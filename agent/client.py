@@ -103,6 +103,7 @@ class _Stream:
     in_flight: int
     on_result: Callable[[dict[str, Any]], None] | None = None
     order: list[str] = field(default_factory=list)
+    keep: bool = True
     sent: int = 0
     unacked: dict[str, None] = field(default_factory=dict)  # published, PUBACK not seen (ordered)
     waiting: set[str] = field(default_factory=set)  # acknowledged by the broker, no result yet
@@ -118,7 +119,7 @@ class _Stream:
         if job_id in self.results:
             self.duplicates += 1  # at-least-once: the first result wins
             return
-        self.results[job_id] = result
+        self.results[job_id] = result if self.keep else {"id": job_id}
         self.unacked.pop(job_id, None)
         self.waiting.discard(job_id)
         self.changed.set()
@@ -137,6 +138,8 @@ async def stream(
     auth: Auth | None = None,
     session_expiry_s: int = 600,
     on_result: Callable[[dict[str, Any]], None] | None = None,
+    stats: dict[str, int] | None = None,
+    keep_results: bool = True,
 ) -> list[dict[str, Any]]:
     """Run ``jobs`` (unique ids) with at most ``in_flight`` unanswered; one result per job, in order.
 
@@ -145,14 +148,22 @@ async def stream(
     we reconnect (with backoff), and jobs whose PUBLISH was not acknowledged are published
     again. Delivery is at-least-once: a job may run twice, the first result for an id wins.
     Raises ``asyncio.TimeoutError`` when not every result came within ``timeout_s``.
+    ``stats`` (when given) gets ``duplicates``: results that came more than once. With
+    ``keep_results`` off, only ``on_result`` sees each result (memory stays flat for huge runs)
+    and the list holds ``{"id": ...}`` stubs.
     """
     ids = [str(job["id"]) for job in jobs]
     if len(set(ids)) != len(ids):
         raise BadRequest("job ids must be unique within a stream")
     if in_flight < 1:
         raise BadRequest("in_flight must be >= 1")
-    state = _Stream({str(job["id"]): json.dumps(job).encode() for job in jobs}, in_flight, on_result, ids)
-    await asyncio.wait_for(_connections(broker, cluster, state, node, auth, session_expiry_s), timeout_s)
+    state = _Stream({str(job["id"]): json.dumps(job).encode() for job in jobs}, in_flight, on_result, ids, keep_results)
+    try:
+        await asyncio.wait_for(_connections(broker, cluster, state, node, auth, session_expiry_s), timeout_s)
+    finally:
+        if stats is not None:
+            stats["duplicates"] = state.duplicates
+            stats["answered"] = len(state.results)
     if state.duplicates:
         log.info("stream_duplicates", results=state.duplicates)
     return [state.results[i] for i in ids]

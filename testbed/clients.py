@@ -162,8 +162,54 @@ async def stream(
     }
 
 
+async def jobs(
+    host: str, port: int, cluster: str, node: str | None, todo: list[dict[str, Any]], in_flight: int, timeout_s: float
+) -> dict[str, Any]:
+    """Run ``todo`` through ``agent.client.stream`` (one persistent
+    session that rides out broker restarts) to ``node`` or, with no node, the shared topic."""
+    import asyncio
+
+    from agent.client import stream as client_stream
+    from agent.node.config import Broker
+
+    stats: dict[str, int] = {}
+    got: dict[str, dict[str, Any]] = {}
+    start = time.monotonic()
+
+    def took(result: dict[str, Any]) -> None:
+        decision = result.get("decision") or {}
+        got[str(result.get("id"))] = {
+            "ok": result.get("ok"),
+            "code": (result.get("error") or {}).get("code"),
+            "mode": result.get("mode"),
+            "method": result.get("method"),
+            "fallback": result.get("fallback"),
+            "fallback_reason": decision.get("fallback_reason"),
+            "node": result.get("node"),
+            "peers": result.get("peers"),
+            "s": time.monotonic() - start,
+        }
+
+    error = None
+    try:
+        await client_stream(
+            Broker(host, port),
+            cluster,
+            todo,
+            node=node,
+            in_flight=in_flight,
+            timeout_s=timeout_s,
+            on_result=took,
+            stats=stats,
+            keep_results=False,
+        )
+    except asyncio.TimeoutError:
+        error = "timeout"
+    return {"sent": len(todo), "results": got, "duplicates": stats.get("duplicates", 0), "error": error}
+
+
 def _client_main(argv: Sequence[str]) -> int:
-    """``python -m testbed.clients blast|stream``: the in-namespace clients (JSON summary on stdout)."""
+    """``python -m testbed.clients blast|stream|jobs``: the in-namespace clients (JSON summary on stdout)."""
     import asyncio
 
     p = argparse.ArgumentParser(prog="python -m testbed.clients")
@@ -184,8 +230,23 @@ def _client_main(argv: Sequence[str]) -> int:
     s.add_argument("--duration", type=float, required=True)
     s.add_argument("--grace", type=float, default=60.0)
     s.add_argument("--batch", type=int, default=4)
+    j = sub.add_parser("jobs")
+    j.add_argument("--host", required=True)
+    j.add_argument("--port", type=int, default=BROKER_PORT)
+    j.add_argument("--cluster", required=True)
+    j.add_argument("--node", default=None, help="default: the shared jobs topic")
+    j.add_argument("--jobs", type=Path, required=True, help="JSON list of jobs")
+    j.add_argument("--in-flight", dest="in_flight", type=int, default=8)
+    j.add_argument("--timeout", type=float, default=300.0)
     ns = p.parse_args(argv)
-    if ns.cmd == "blast":
+    import structlog
+
+    # Logs (the client's reconnects, say) go to stderr: stdout is the summary alone.
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=sys.stderr))
+    if ns.cmd == "jobs":
+        todo = json.loads(ns.jobs.read_text())
+        out = asyncio.run(jobs(ns.host, ns.port, ns.cluster, ns.node, todo, ns.in_flight, ns.timeout))
+    elif ns.cmd == "blast":
         import msgpack
 
         items = msgpack.unpackb(ns.payloads.read_bytes(), raw=False)

@@ -63,7 +63,7 @@ def watch(bed: Testbed) -> Iterator[Watch]:
 def big_job(job_id: str, **extra: Any) -> dict[str, Any]:
     """~1 s on a 4 Mbit/s link at full exchange (cr 1), ~0.1 s locally."""
     ids = [[(7 * r + j) % 900 + 100 for j in range(256)] for r in range(8)]
-    return {"id": job_id, "model": "bert", "mode": "distributed", "cr": 1, "inputs": {"token_ids": ids}, **extra}
+    return {"id": job_id, "model": "bert", "mode": "distributed", "cr": "full", "inputs": {"token_ids": ids}, **extra}
 
 
 def send(bed: Testbed, job: dict[str, Any]) -> float:

@@ -189,7 +189,8 @@ def interim(job: Job, batch: int, peers: list[Peer], why: str) -> Decision:
     """The decision without a usable map (see ``AUTO_MIN_BATCH``): pure, table-tested."""
     mode, reason = choose(job, batch, len(peers))
     cr = (job.cr if job.cr_given else DEFAULT_CR) if mode == "distributed" else None
-    method = (job.method or DEFAULT_METHOD) if cr is not None else None
+    # A CR without a method keeps its old meaning (Segment Means); no CR at all gets the default.
+    method = (job.method or ("means" if job.cr_given else DEFAULT_METHOD)) if cr is not None else None
     chosen = tuple(p.node for p in peers[: max(1, (job.ranks or 2) - 1)]) if mode == "distributed" else ()
     option = "local" if mode == "local" else ("full" if cr is None else f"{method}@{cr:g}")
     why_all = f"{reason}; {why}" if why else reason

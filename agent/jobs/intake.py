@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import structlog
@@ -47,6 +48,7 @@ class Intake:
         self.topics = topics
         self.spawn = spawn
         self._seq = 0
+        self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode")
         self.running = 0
         self.idle = asyncio.Event()  # set while no job runs
         self.idle.set()
@@ -91,7 +93,7 @@ class Intake:
             return
         as_msgpack = not payload.lstrip().startswith(b"{")
         try:
-            encoded = await asyncio.to_thread(result.encode, as_msgpack)
+            encoded = await asyncio.get_running_loop().run_in_executor(self._encoder, result.encode, as_msgpack)
         except Exception:
             log.exception("result_unencodable", job=result.id)
             encoded = Result.failure(result.id, "internal", "the result could not be encoded").encode(as_msgpack)

@@ -196,6 +196,13 @@ class JobService:
                     f"{max(0.0, left_ms):.0f} ms of the deadline are left"
                 )
         queued_s = time.monotonic() - start
+        log.info(
+            "job_started",
+            job=job.id,
+            option=chosen.option,
+            peers=list(chosen.peers),
+            queued_ms=round(queued_s * 1e3, 1),
+        )
         engine_start = time.monotonic()
         metering = self.meter.start()
         result, used, cr, method, fallback = None, [], None, None, False
