@@ -21,6 +21,13 @@ class RankTrace:
     ``io_*`` counts inputs scattered and outputs reduced (the same in every mode).
     ``rounds`` counts collectives (each costs at least one link latency);
     ``overhead_s`` is wall time not spent computing, communicating or staging.
+
+    Under overlap ``comm_s`` is only the time this rank spent blocked on the group
+    (launching collectives and waiting for them), never time it computed while an
+    exchange was in flight; that time is ``overlap_s`` (wall time with at least one
+    exchange in flight, less the time spent in the group meanwhile: an upper bound on the
+    communication hidden, as an exchange may finish before its wait). ``hidden_rounds``
+    counts exchanges already complete when this rank came to wait for them.
     """
 
     rank: int = 0
@@ -34,6 +41,8 @@ class RankTrace:
     staging_s: float = 0.0
     wall_s: float = 0.0
     cpu_s: float = 0.0  # this rank's process CPU time during the job (for energy models)
+    overlap_s: float = 0.0
+    hidden_rounds: int = 0
 
     @property
     def overhead_s(self) -> float:
