@@ -192,3 +192,20 @@ def test_wire_dtype_is_checked_and_travels_in_the_spec(models: Models) -> None:
     assert (before.comp.wire_dtype, before.overlap, before.chunks) == (None, False, 1)
     with pytest.raises(BadRequest, match="chunks"):
         spec_from_dict({**data, "chunks": 5})
+
+
+# -- the commands -------------------------------------------------------------------------------
+@pytest.mark.gloo
+def test_bench_engine_says_how_it_ran_and_counts_half_the_bytes(capsys: pytest.CaptureFixture[str]) -> None:
+    from agent.cli.main import main
+
+    argv = ["bench", "engine", "--model", "tiny-vit", "--ranks", "2", "--cr", "8", "--batch", "2", "--repeat", "1"]
+    assert main([*argv, "--json"]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert main([*argv, "--json", "--wire-dtype", "fp16", "--no-overlap"]) == 0
+    half = json.loads(capsys.readouterr().out)
+    assert (plain["overlap"], plain["chunks"], plain["wire_dtype"]) == (True, 2, "model")
+    assert (half["overlap"], half["chunks"], half["wire_dtype"]) == (False, 1, "fp16")
+    assert half["bytes_prism"] * 2 == plain["bytes_prism"]
+    assert half["prism_breakdown"]["overlap_ms"] == 0.0
+    assert plain["prism_breakdown"]["overlap_ms"] > 0.0
