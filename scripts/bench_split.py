@@ -58,9 +58,10 @@ def options(args: argparse.Namespace) -> list[dict[str, Any]]:
         if mode != "codes" and args.wire_dtype:
             req["wire_dtype"] = args.wire_dtype
         label = mode if mode == "full" else f"{mode}@{req['cr']:g}"
-        out += [{**req, "name": f"{label} {'on' if on else 'off'}", "overlap": on} for on in (True, False)]
+        on = {"overlap": True, "chunks": args.chunks} if args.chunks else {"overlap": True}
+        out += [{**req, "name": f"{label} on", **on}, {**req, "name": f"{label} off", "overlap": False}]
         if args.weights:
-            out.append({**req, "name": f"{label} on w={args.weights}", "overlap": True, "weights": args.weight_list})
+            out.append({**req, "name": f"{label} on w={args.weights}", **on, "weights": args.weight_list})
     return out
 
 
@@ -237,6 +238,7 @@ def main() -> None:
     p.add_argument("--codes-cr", type=float, default=9.9, help="codes byte budget (1/CR of full)")
     p.add_argument("--wire-dtype", choices=["fp16", "bf16"], default=None, help="segment rows (full, means)")
     p.add_argument("--runs", type=int, default=16, help="timed rounds per cell")
+    p.add_argument("--chunks", type=int, default=None, help="batch pieces with overlap (default: the engine's)")
     p.add_argument("--weights", default=None, help="add weighted plans, e.g. 2,1")
     p.add_argument("--half-speed", action="store_true", help="cap host 1's rank at half a CPU")
     p.add_argument("--bound-cell", default="50,8", help="link,batch of the bound table")
