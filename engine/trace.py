@@ -49,6 +49,13 @@ class RankTrace:
         """Wall time not accounted to compute, communication or staging."""
         return max(0.0, self.wall_s - self.compute_s - self.comm_s - self.staging_s)
 
+    @property
+    def link_s(self) -> float:
+        """An upper bound on the time this rank's traffic was on the wire: blocked in the
+        group, or computing with an exchange in flight (bytes / link_s bounds the link's rate
+        from below, with or without overlap; bytes / comm_s does not under overlap)."""
+        return self.comm_s + self.overlap_s
+
     @contextmanager
     def timing(self, what: str) -> Iterator[None]:
         """Add the block's duration to ``{what}_s``."""
