@@ -101,9 +101,8 @@ def test_a_rank_gets_a_quarter_of_the_bytes_for_its_patches(models: Models) -> N
     )
     assert raw_bytes == 2 * 32 * 3 * 4 * 4  # rank 1's 32 patches of 3 x 4 x 4 pixels, per sample
     assert float_bytes == 4 * raw_bytes
-    coded = plan_job(
-        adapter, "tiny-vit", Task.CLASSIFY, {"pixel_values": raw}, ranks=2, comp=Compression(8, method="codes")
-    )  # type: ignore[arg-type]
+    codes = Compression(cr=8, method=Method.CODES)
+    coded = plan_job(adapter, "tiny-vit", Task.CLASSIFY, {"pixel_values": raw}, ranks=2, comp=codes)
     shared, _ = split_inputs(adapter, coded, {"pixel_values": raw})
     assert shared["pixel_values"].dtype is torch.uint8  # codes: the whole image, still raw
 
