@@ -320,8 +320,9 @@ def report(results: dict[str, dict[str, Any]]) -> list[str]:
     for r in results.values():
         lines += [f"  - {e}" for e in r.get("error", [])]
     env = results.get("env", {})
-    if env.get("status") == "ok":
-        lines += ["", f"torch {env['torch']}, transformers {env['transformers']}, GPU {env.get('gpu', 'none')}"]
+    if "torch" in env:
+        gpu = env.get("gpu", "none (torch sees no CUDA device)")
+        lines += ["", f"torch {env['torch']}, transformers {env['transformers']}, GPU {gpu}, {env['cpus']} CPUs"]
     columns = {
         "exact": ["model", "mode", "logits_diff", "hidden_diff", "overlap_bit_exact", "uint8_vs_float_diff", "ok"],
         "gloo": ["model", "mode", "vs_sim_diff", "bytes_match", "overlap_bit_exact", "staging_ms", "overlap_ms", "ok"],
