@@ -14,8 +14,7 @@ compute, not as the staging copy that would otherwise wait for them.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import torch
@@ -23,7 +22,7 @@ import torch
 from engine.adapters import Adapter, Tensors
 from engine.program import JobSpec, Prepared, RankProgram, split_inputs
 from engine.schedule import steps
-from engine.trace import RankTrace, RunResult
+from engine.trace import RankTrace, RunResult, computing
 
 
 class Comm(Protocol):
@@ -53,15 +52,6 @@ class Comm(Protocol):
     def reduce_sum(self, tensors: Tensors, root: int = 0) -> Tensors: ...
 
     def gather_traces(self, trace: RankTrace) -> list[RankTrace]: ...
-
-
-@contextmanager
-def computing(trace: RankTrace, device: torch.device) -> Iterator[None]:
-    """Book the block as compute; on CUDA wait for its kernels first."""
-    with trace.timing("compute"):
-        yield
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
 
 
 def _layers(comm: Comm, prog: RankProgram, trace: RankTrace, whole: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 from engine.adapters import Adapter, Task, Tensors
 from engine.program import JobSpec, RankProgram, split_inputs
 from engine.schedule import steps
-from engine.trace import RankTrace, RunResult
+from engine.trace import RankTrace, RunResult, computing
 
 
 def run_local(adapter: Adapter, task: Task, inputs: Tensors) -> RunResult:
@@ -17,7 +17,7 @@ def run_local(adapter: Adapter, task: Task, inputs: Tensors) -> RunResult:
     adapter.check_task(task)
     trace = RankTrace()
     start, cpu_start = time.perf_counter(), time.process_time()
-    with torch.inference_mode(), trace.timing("compute"):
+    with torch.inference_mode(), computing(trace, adapter.device):
         outputs = adapter.reference(task, inputs)
     trace.wall_s = time.perf_counter() - start
     trace.cpu_s = time.process_time() - cpu_start
@@ -44,7 +44,7 @@ def run_simulated(adapter: Adapter, spec: JobSpec, inputs: Tensors) -> RunResult
         progs = [RankProgram(adapter, spec, r, shared, local[r]) for r in range(ranks)]
         hs: list[list[torch.Tensor]] = []  # [rank][chunk] (b, n, D)
         for prog, trace in zip(progs, traces, strict=True):
-            with trace.timing("compute"):
+            with computing(trace, adapter.device):
                 whole = prog.embed()
             hs.append([whole[s] for s in prog.chunks])
         # [rank][chunk]: the chunk's attention input and payload from its latest send
@@ -53,7 +53,7 @@ def run_simulated(adapter: Adapter, spec: JobSpec, inputs: Tensors) -> RunResult
             i, c = step.layer, step.chunk
             if step.send:
                 for prog, trace in zip(progs, traces, strict=True):
-                    with trace.timing("compute"):
+                    with computing(trace, adapter.device):
                         sent[prog.rank][c] = prog.send(i, hs[prog.rank][c], c)
                 if progs[0].exchanges(i):
                     _count_bytes(progs, traces, [sent[r][c] for r in range(ranks)])
@@ -61,11 +61,11 @@ def run_simulated(adapter: Adapter, spec: JobSpec, inputs: Tensors) -> RunResult
             for prog, trace in zip(progs, traces, strict=True):
                 x, _ = _got(sent[prog.rank][c])
                 remote = [_got(sent[q][c])[1] for q in prog.senders] if prog.exchanges(i) else []
-                with trace.timing("compute"):
+                with computing(trace, adapter.device):
                     hs[prog.rank][c] = prog.finish(i, hs[prog.rank][c], x, remote, c)
         parts = []
         for prog, trace in zip(progs, traces, strict=True):
-            with trace.timing("compute"):
+            with computing(trace, adapter.device):
                 chunks = hs[prog.rank]
                 parts.append(prog.partials(torch.cat(chunks) if len(chunks) > 1 else chunks[0]))
         summed = sum_partials(parts)

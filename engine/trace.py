@@ -85,6 +85,16 @@ class RankTrace:
         return out
 
 
+@contextmanager
+def computing(trace: RankTrace, device: torch.device) -> Iterator[None]:
+    """Book the block as compute; on CUDA wait for its kernels first (else their time would
+    land on whatever synchronizes next, such as a staging copy)."""
+    with trace.timing("compute"):
+        yield
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+
 @dataclass(slots=True)
 class RunResult:
     """Outputs of a job (on the coordinator) and every rank's trace."""
