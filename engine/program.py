@@ -101,7 +101,7 @@ class RankProgram:
         self.rank = rank
         self.span = spec.plan.span(rank)
         device = adapter.device
-        # Inputs arrive in their wire forms, possibly on the CPU: int64 ids, on the model's device.
+        # Inputs arrive in their wire forms, maybe on the CPU: ids back to int64, all on the device.
         self.shared = {k: v.to(device) for k, v in widen_tokens(shared).items()}
         self.local = {k: v.to(device) for k, v in widen_tokens(local).items()}
         shared = self.shared
