@@ -16,6 +16,7 @@ import torch
 
 from engine.codec import rotation
 from engine.errors import BadRequest
+from engine.wire import compact_tokens
 
 Tensors = dict[str, torch.Tensor]
 
@@ -92,12 +93,13 @@ class Adapter:
     def split_inputs(
         self, inputs: Tensors, spans: list[range], *, every_row: bool = False
     ) -> tuple[Tensors, list[Tensors]]:
-        """(what every rank gets, what each rank gets) — token inputs are small, so shared.
+        """(what every rank gets, what each rank gets) — token inputs are small, so shared,
+        in their compact wire dtypes (:func:`engine.wire.compact_tokens`; ranks widen them back).
 
         ``every_row``: every rank must be able to embed every row (the ``codes`` method
         rebuilds layer 0 of the other ranks' rows instead of receiving it).
         """
-        return dict(inputs), [{} for _ in spans]
+        return compact_tokens(inputs, int(self.config.vocab_size)), [{} for _ in spans]
 
     # -- the block, row-local ---------------------------------------------------------
     def embed(self, shared: Tensors, local: Tensors, span: range) -> torch.Tensor:
@@ -177,8 +179,8 @@ class Adapter:
 
 def heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
     """(B, n, h*d) -> (B, h, n, d)."""
-    b, n, _ = x.shape
-    return x.view(b, n, -1, head_dim).transpose(1, 2)
+    b, n, width = x.shape
+    return x.view(b, n, width // head_dim, head_dim).transpose(1, 2)
 
 
 def kv_affine(key: Any, value: Any) -> tuple[torch.Tensor, torch.Tensor]:

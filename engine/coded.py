@@ -11,6 +11,11 @@ it with R^T folded into the weights (:meth:`engine.adapters.Adapter.rotated_kv`)
 Rows of a sender's payload are ordered position-major (row j of every sample before row
 j + 1), so the one extra bit the leftover bytes buy goes to the leading positions of
 every sample alike. Padding rows are sent like real ones (the budget counts them).
+
+A job whose batch runs in chunks of samples (to overlap exchanges with compute) sends one
+payload per chunk, cut from the whole batch's payload so that every row keeps the width
+it has there (:func:`chunk_bits`): the codes, scales and reconstructions are the same as
+unchunked, bit for bit, and so is the number of bytes when D is a multiple of 8.
 """
 
 from __future__ import annotations
@@ -46,6 +51,21 @@ def payload_bits(plan: PartitionPlan, comp: Compression, batch: int, sender: int
         ) from None
 
 
+def chunk_bits(bits: Bits, batch: int, chunk: slice) -> Bits:
+    """The widths of the rows of the samples in ``chunk``, as the whole batch's ``bits`` has them.
+
+    The whole payload's rows are position-major (row j * batch + s), and its first k rows
+    are one bit wider: all of positions j < k // batch, and samples s < k % batch of
+    position k // batch. In a chunk's own position-major order those rows come first too.
+    """
+    n = bits.rows // batch  # positions
+    start, stop = chunk.indices(batch)[:2]
+    size = stop - start
+    full, rest = divmod(bits.k, batch)
+    k = size * full + min(max(rest - start, 0), size)
+    return Bits(size * n, bits.d, bits.b, k)
+
+
 def check_budget(plan: PartitionPlan, comp: Compression, batch: int, d: int, n_layers: int) -> None:
     """Raise ``BadRequest`` unless every rank's budget fits (call before any rank runs)."""
     if comp.uses_codes and n_layers > 1:
@@ -76,48 +96,60 @@ class CodedRows:
         senders: list[int],
         receivers: list[int],
         shared: Tensors,
+        chunks: list[slice] | None = None,
     ) -> None:
         self.adapter = adapter
         self.batch = batch
         self.rank = rank
         self.senders = senders
         self.receivers = receivers
+        self.chunks = chunks or [slice(0, batch)]
         d, n_layers = adapter.hidden_size, adapter.n_layers
         self.rot = rotation(d, device=adapter.device)  # (D, D) fp32
         ranks = [*senders, rank] if receivers else senders
-        self.bits = {q: payload_bits(plan, comp, batch, q, d, n_layers) for q in ranks} if n_layers > 1 else {}
-        self.own: torch.Tensor | None = None  # (B, n, D) fp32: what the receivers hold of my rows
+        whole = {q: payload_bits(plan, comp, batch, q, d, n_layers) for q in ranks} if n_layers > 1 else {}
+        self.bits = {q: [chunk_bits(b, batch, c) for c in self.chunks] for q, b in whole.items()}
+        # (B, n, D) fp32: what the receivers hold of my rows; chunk c's samples are written
+        # at layer 0 and updated in place, one chunk at a time.
+        self.own = torch.zeros(batch, plan.sizes[rank], d, device=adapter.device)
         # Layer 0 of every sender's rows, rebuilt here from the inputs (same call as the sender's).
         self.held = {q: self._rotate(adapter.attn_input(0, adapter.embed(shared, {}, plan.span(q)))) for q in senders}
 
     def _rotate(self, x: torch.Tensor) -> torch.Tensor:
         return x.float() @ self.rot
 
-    def payload_bytes(self, sender: int, i: int) -> int:
-        """Size of ``sender``'s layer-i payload (0 for layer 0)."""
-        return 0 if i == 0 else self.bits[sender].nbytes
+    def payload_bytes(self, sender: int, i: int, c: int = 0) -> int:
+        """Size of ``sender``'s layer-i payload for chunk c (0 for layer 0)."""
+        return 0 if i == 0 else self.bits[sender][c].nbytes
 
-    def encode(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        """This rank's layer-i payload (uint8) from its attention input x (B, n, D)."""
+    def encode(self, i: int, x: torch.Tensor, c: int = 0) -> torch.Tensor:
+        """This rank's layer-i payload (uint8) from chunk c's attention input x (b, n, D)."""
         empty = torch.empty(0, dtype=torch.uint8, device=x.device)
         if not self.receivers:
             return empty  # causal last rank: nobody reads these rows
         y = self._rotate(x)
+        s = self.chunks[c]
         if i == 0:
-            self.own = y  # the receivers rebuild it themselves
+            self.own[s] = y  # the receivers rebuild it themselves
             return empty
-        assert self.own is not None, "layers run in order from 0"
-        payload, recon = encode(_rows(y - self.own), self.bits[self.rank])
-        self.own = self.own + _unrows(recon, self.batch)
+        own = self.own[s]
+        payload, recon = encode(_rows(y - own), self.bits[self.rank][c])
+        self.own[s] = own + _unrows(recon, y.shape[0])
         return payload
 
-    def remote_kv(self, i: int, payloads: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """K and V (B, heads, n_q, d) of every sender's rows at layer i, after applying its payload."""
+    def remote_kv(
+        self, i: int, payloads: list[torch.Tensor], c: int = 0
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """K and V (b, heads, n_q, d) of every sender's rows of chunk c at layer i, after
+        applying its payload."""
         keys, values = [], []
+        s = self.chunks[c]
         for n, q in enumerate(self.senders):
+            held = self.held[q][s]
             if i > 0:
-                self.held[q] = self.held[q] + _unrows(decode(payloads[n], self.bits[q]), self.batch)
-            k, v = self.adapter.rotated_kv(i, self.held[q])
+                held = held + _unrows(decode(payloads[n], self.bits[q][c]), held.shape[0])
+                self.held[q][s] = held
+            k, v = self.adapter.rotated_kv(i, held)
             keys.append(k)
             values.append(v)
         return keys, values

@@ -22,7 +22,7 @@ import torch
 
 from engine.coded import payload_bits
 from engine.plan import PartitionPlan
-from engine.segments import Compression, layout
+from engine.segments import WIRE_DTYPES, Compression, layout
 
 
 def block_macs_local(n: int, d: int, f: float) -> float:
@@ -80,8 +80,11 @@ def exchange_bytes(
     plan: PartitionPlan, comp: Compression, mask: torch.Tensor, d: int, n_layers: int, causal: bool, elem_bytes: int
 ) -> int:
     """Exchange bytes a run of the job will measure (``RunResult.exchange_bytes``), from the
-    plan alone: segment rows in the model's dtype, or the codes' payloads. ``mask`` (B, N)
-    marks real tokens (it matters for ``keep_last``)."""
+    plan alone: segment rows in the model's dtype (``elem_bytes``) or the wire dtype the
+    compression names, or the codes' payloads. ``mask`` (B, N) marks real tokens (it
+    matters for ``keep_last``)."""
+    if comp.wire_dtype is not None:
+        elem_bytes = WIRE_DTYPES[comp.wire_dtype].itemsize
     total = 0
     for q in range(plan.ranks):
         receivers = _receivers(plan, q, causal)

@@ -1,22 +1,28 @@
 """The GLOO runner: one process per rank, rows moving through a real process group.
 
 Inputs reach ranks through the group (rank 0 broadcasts what all need and sends each
-rank its own slice), every layer exchanges segment rows with one all-to-all, and the
-output partials are summed onto rank 0. The math is :class:`engine.program.RankProgram`,
-the same as the in-process runner's.
+rank its own slice), every layer exchanges segment rows with one all-to-all per chunk,
+and the output partials are summed onto rank 0. The math is
+:class:`engine.program.RankProgram` and the order :func:`engine.schedule.steps`, the same
+as the in-process runner's. Under overlap the all-to-alls are asynchronous: launched
+after a chunk's send, waited for only before that chunk's finish.
+
+On a CUDA device each compute block ends with a synchronize, so kernels are booked as
+compute, not as the staging copy that would otherwise wait for them.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
 from engine.adapters import Adapter, Tensors
-from engine.program import JobSpec, RankProgram, split_inputs
-from engine.trace import RankTrace, RunResult
+from engine.program import JobSpec, Prepared, RankProgram, split_inputs
+from engine.schedule import steps
+from engine.trace import RankTrace, RunResult, computing
 
 
 class Comm(Protocol):
@@ -31,6 +37,12 @@ class Comm(Protocol):
         self, send: torch.Tensor, receivers: list[int], senders: list[int], recv_shapes: Sequence[tuple[int, ...]]
     ) -> list[torch.Tensor]: ...
 
+    def start_exchange(
+        self, send: torch.Tensor, receivers: list[int], senders: list[int], recv_shapes: Sequence[tuple[int, ...]]
+    ) -> Any: ...
+
+    def finish_exchange(self, pending: Any) -> list[torch.Tensor]: ...
+
     def broadcast_tensors(self, tensors: Tensors | None, root: int = 0) -> Tensors: ...
 
     def send_tensors(self, tensors: Tensors, dst: int) -> None: ...
@@ -42,16 +54,48 @@ class Comm(Protocol):
     def gather_traces(self, trace: RankTrace) -> list[RankTrace]: ...
 
 
+def _layers(comm: Comm, prog: RankProgram, trace: RankTrace, whole: torch.Tensor) -> torch.Tensor:
+    """Every layer of every chunk in schedule order, from the embeddings ``whole`` (B, n, D)
+    to the final rows (B, n, D)."""
+    device, overlap = prog.adapter.device, prog.spec.overlap
+    hs = [whole[s] for s in prog.chunks]  # (b, n, D) per chunk
+    xs = [whole] * len(hs)  # each chunk's attention input, set by its send
+    pending: list[Any] = [None] * len(hs)  # per chunk: an exchange in flight, or (no overlap) its rows
+    for step in steps(prog.adapter.n_layers, len(hs), overlap):
+        i, c = step.layer, step.chunk
+        if step.send:
+            with computing(trace, device):
+                xs[c], z = prog.send(i, hs[c], c)
+            if prog.exchanges(i):
+                shapes = [prog.recv_shape(i, q, c) for q in prog.senders]
+                if overlap:
+                    pending[c] = comm.start_exchange(z, prog.receivers, prog.senders, shapes)
+                else:
+                    pending[c] = comm.exchange(z, prog.receivers, prog.senders, shapes)
+            continue
+        prepared: Prepared | None = None
+        if overlap:  # the local rows' Q/K/V while the remote rows are still on their way
+            with computing(trace, device):
+                prepared = prog.prepare(i, xs[c])
+        remote: list[torch.Tensor] = []
+        if prog.exchanges(i):
+            remote = comm.finish_exchange(pending[c]) if overlap else pending[c]
+        pending[c] = None
+        with computing(trace, device):
+            hs[c] = prog.finish(i, hs[c], xs[c], remote, c, prepared)
+    return torch.cat(hs) if len(hs) > 1 else hs[0]
+
+
 def run_rank(comm: Comm, adapter: Adapter, spec: JobSpec, inputs: Tensors | None = None) -> RunResult | None:
     """Run this process's rank of ``spec``. Rank 0 passes ``inputs`` and gets the result."""
     trace = RankTrace(rank=comm.rank)
     comm.trace = trace
-    comm.device = adapter.device  # received tensors land where the model lives
+    comm.device = device = adapter.device  # received tensors land where the model lives
     start, cpu_start = time.perf_counter(), time.process_time()
     with torch.inference_mode():
         if comm.rank == 0:
             assert inputs is not None, "rank 0 coordinates and must hold the inputs"
-            with trace.timing("compute"):
+            with computing(trace, device):
                 shared, local = split_inputs(adapter, spec, inputs)
             comm.broadcast_tensors(shared)
             for r in range(1, spec.plan.ranks):
@@ -61,24 +105,16 @@ def run_rank(comm: Comm, adapter: Adapter, spec: JobSpec, inputs: Tensors | None
             shared = comm.broadcast_tensors(None)
             mine = comm.recv_tensors(0)
 
-        with trace.timing("compute"):
+        with computing(trace, device):
             prog = RankProgram(adapter, spec, comm.rank, shared, mine)
-            h = prog.embed()
-        for i in range(adapter.n_layers):
-            with trace.timing("compute"):
-                x, z = prog.send(i, h)
-            remote: list[torch.Tensor] = []
-            if prog.exchanges(i):
-                shapes = [prog.recv_shape(i, q) for q in prog.senders]
-                remote = comm.exchange(z, prog.receivers, prog.senders, shapes)
-            with trace.timing("compute"):
-                h = prog.finish(i, h, x, remote)
-        with trace.timing("compute"):
+            whole = prog.embed()
+        h = _layers(comm, prog, trace, whole)
+        with computing(trace, device):
             parts = prog.partials(h)
         summed = comm.reduce_sum(parts)
         outputs: Tensors = {}
         if comm.rank == 0:
-            with trace.timing("compute"):
+            with computing(trace, device):
                 outputs = adapter.finalize(spec.task, summed)
                 if spec.gather_hidden:
                     outputs["hidden"] = summed["hidden"]

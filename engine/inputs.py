@@ -15,12 +15,16 @@ def default_seq(model: LoadedModel) -> int:
     return 128 if model.adapter.family == "bert" else 64
 
 
-def random_image(model: LoadedModel, batch: int, seed: int = 0) -> Tensors:
-    """Normalised random pixels of the model's image size."""
+def random_image(model: LoadedModel, batch: int, seed: int = 0, raw: bool = False) -> Tensors:
+    """Random pixels of the model's image size: normalised floats, or (``raw``) uint8
+    0..255, the form images cross the group in (the adapter normalises them)."""
     adapter = model.adapter
     h, w = adapter.image_hw  # type: ignore[attr-defined]
+    shape = (batch, adapter.config.num_channels, h, w)
     gen = torch.Generator().manual_seed(seed)
-    return {"pixel_values": torch.randn(batch, adapter.config.num_channels, h, w, generator=gen)}
+    if raw:
+        return {"pixel_values": torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8)}
+    return {"pixel_values": torch.randn(*shape, generator=gen)}
 
 
 def tokens(model: LoadedModel, batch: int, seq: int | None, seed: int = 0) -> Tensors:
@@ -53,12 +57,14 @@ def tokens(model: LoadedModel, batch: int, seq: int | None, seed: int = 0) -> Te
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
-def make_inputs(model: LoadedModel, batch: int, seq: int | None = None, seed: int = 0) -> Tensors:
-    """Inputs of the right kind for ``model``."""
+def make_inputs(
+    model: LoadedModel, batch: int, seq: int | None = None, seed: int = 0, raw_pixels: bool = False
+) -> Tensors:
+    """Inputs of the right kind for ``model`` (images as uint8 with ``raw_pixels``)."""
     if batch < 1:
         raise BadRequest(f"batch must be >= 1, got {batch}")
     if model.adapter.family == "vit":
         if seq is not None:
             raise BadRequest("--seq does not apply to ViT (its token count is set by the image size)")
-        return random_image(model, batch, seed)
+        return random_image(model, batch, seed, raw_pixels)
     return tokens(model, batch, seq, seed)

@@ -1,9 +1,11 @@
 """A GLOO cluster on one box: this process is rank 0, workers are child processes.
 
-Used by ``bench engine``, the tests and the profiler to run the real multi-process
-GLOO path on loopback. Workers import `transformers` once and serve many jobs; groups
-of every size 2..P are formed once (ranks 0..k-1), so jobs on fewer ranks reuse them.
-Control (which model, which job) goes over a pipe; tensors go over GLOO.
+Used by ``bench engine``, the tests, the profiler and ``scripts/gpu_check.py`` to run
+the real multi-process GLOO path on loopback, on the CPU or with every rank's model on
+a CUDA device (tensors then cross GLOO staged through pinned CPU memory). Workers
+import `transformers` once and serve many jobs; groups of every size 2..P are formed
+once (ranks 0..k-1), so jobs on fewer ranks reuse them. Control (which model, which
+job) goes over a pipe; tensors go over GLOO.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 from engine.adapters import Tensors
 from engine.distributed import run_rank
 from engine.errors import BadRequest, GroupError, PrismError
-from engine.models import LoadedModel, fingerprint, load
+from engine.models import LoadedModel, fingerprint, load, to_device
 from engine.program import JobSpec
 from engine.trace import RunResult
 from engine.weights import same_weights
@@ -45,6 +47,7 @@ class ClusterConfig:
     interface: str = "lo"
     threads: int = 1
     timeout_s: float = 120.0
+    device: str = "cpu"  # where workers put their models (``cuda``: rank 0 passes a model there too)
 
 
 def _groups(cfg: ClusterConfig, port: int, rank: int) -> dict[int, GlooComm]:
@@ -77,7 +80,7 @@ def _worker(cfg: ClusterConfig, port: int, rank: int, conn: Connection) -> None:
         try:
             if op == "load":
                 if arg not in models:
-                    models[arg] = load(arg)
+                    models[arg] = to_device(load(arg), cfg.device)
                 conn.send((seq, "ok", fingerprint(models[arg].adapter)))
             elif op == "run":
                 run_rank(comms[arg.plan.ranks], models[arg.model].adapter, arg)

@@ -7,6 +7,7 @@ plans or prices a job should not pay for it.
 from __future__ import annotations
 
 import importlib.util
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -141,7 +142,27 @@ def load_dir(source: str, name: str | None = None) -> LoadedModel:
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load weights of '{source}': {exc}") from exc
     tokenizer = _tokenizer(tf, source, family) if family != "vit" else None
+    if family == "vit":
+        _image_stats(model.config, Path(source))
     return LoadedModel(name or source, _adapter(family, model), tokenizer)
+
+
+def _image_stats(config: Any, source: Path) -> None:
+    """Copy a model directory's image-processor mean/std into its config, where the ViT
+    adapter looks for them when it normalises raw uint8 pixels."""
+    path = source / "preprocessor_config.json"
+    if not path.is_file():
+        return
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read {path}: {exc}") from exc
+    if not data.get("do_normalize", True):
+        config.image_mean, config.image_std = 0.0, 1.0
+        return
+    for key in ("image_mean", "image_std"):
+        if key in data:
+            setattr(config, key, data[key])
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")

@@ -1,8 +1,16 @@
 """The rank-local PRISM program: what one rank computes, step by step.
 
-Both runners execute exactly this code; they differ only in how segment rows move
-between ranks (a loop in one process, or a GLOO all-to-all), so they give the same
-numbers for the same plan (DESIGN.md §3.7).
+Both runners execute exactly this code, in the same order (:mod:`engine.schedule`); they
+differ only in how segment rows move between ranks (a loop in one process, or a GLOO
+all-to-all), so they give the same numbers for the same plan (DESIGN.md §3.7).
+
+A job's batch runs in ``chunks`` of samples; under ``overlap`` chunk c's exchange is in
+flight while this rank computes other chunks. A chunk's math depends on its own samples
+only (row-local ops, per-sample attention and layouts; ``codes`` keeps every row's width,
+:func:`engine.coded.chunk_bits`), so with the same chunks a run with overlap gives the
+same outputs as one without, bit for bit. Cutting a batch into chunks is like running
+smaller batches: the BLAS may pick other kernels for fewer rows, which can move the last
+bit of some outputs (not seen for D = 768 on MKL; seen at 1e-7 for D = 64).
 """
 
 from __future__ import annotations
@@ -18,11 +26,24 @@ from engine.coded import CodedRows, check_budget
 from engine.errors import BadRequest
 from engine.plan import PartitionPlan
 from engine.segments import Compression, Method, SegmentLayout, layout
+from engine.wire import widen_tokens
+
+#: Most chunks a batch is cut into by default under overlap: each exchange then hides
+#: behind three quarters of a layer's compute, and chunks of >= 2 samples keep GEMMs large.
+MAX_CHUNKS = 4
+
+#: What :meth:`RankProgram.prepare` computes before the remote rows arrive: Q, K, V of the
+#: local rows, each (B, heads, n, d).
+Prepared = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 @dataclass(frozen=True, slots=True)
 class JobSpec:
-    """Everything every rank must agree on to run one job (travels as control data)."""
+    """Everything every rank must agree on to run one job (travels as control data).
+
+    The batch runs in ``chunks`` pieces of samples; ``overlap``: their exchanges run
+    asynchronously, hidden behind the other chunks' compute (see :mod:`engine.schedule`).
+    """
 
     model: str
     task: Task
@@ -30,11 +51,28 @@ class JobSpec:
     comp: Compression
     batch: int
     gather_hidden: bool = False
+    overlap: bool = False
+    chunks: int = 1
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.chunks <= max(1, self.batch):
+            raise BadRequest(f"chunks must be 1..{self.batch} (the batch), got {self.chunks}")
 
     @property
     def shapes(self) -> Shapes:
         """Batch and token count of the job."""
         return Shapes(self.batch, self.plan.n_tokens)
+
+    @property
+    def chunk_slices(self) -> list[slice]:
+        """Samples of each chunk: near-equal, larger chunks first (``torch.tensor_split``)."""
+        base, extra = divmod(self.batch, self.chunks)
+        out, start = [], 0
+        for c in range(self.chunks):
+            size = base + (1 if c < extra else 0)
+            out.append(slice(start, start + size))
+            start += size
+        return out
 
     @property
     def every_row_inputs(self) -> bool:
@@ -49,11 +87,12 @@ def split_inputs(adapter: Adapter, spec: JobSpec, inputs: Tensors) -> tuple[Tens
 
 
 class RankProgram:
-    """One rank's share of a job: embed its rows, then per layer send / finish.
+    """One rank's share of a job: embed its rows, then per layer and chunk send / prepare /
+    finish (chunk c is the samples ``spec.chunk_slices[c]``; h, x are that chunk's rows).
 
-    What travels per layer is :meth:`send`'s second value: segment means (B, L, D) in the
-    model's dtype, or under method ``codes`` a uint8 payload of coded rows
-    (:mod:`engine.coded`; none at layer 0). Every rank knows every payload's shape.
+    What travels per layer is :meth:`send`'s second value: segment means (b, L, D) in the
+    wire dtype (``Compression.wire``), or under method ``codes`` a uint8 payload of coded
+    rows (:mod:`engine.coded`; none at layer 0). Every rank knows every payload's shape.
     """
 
     def __init__(self, adapter: Adapter, spec: JobSpec, rank: int, shared: Tensors, local: Tensors) -> None:
@@ -61,11 +100,15 @@ class RankProgram:
         self.spec = spec
         self.rank = rank
         self.span = spec.plan.span(rank)
-        self.shared = shared
-        self.local = local
+        device = adapter.device
+        # Inputs arrive in their wire forms, maybe on the CPU: ids back to int64, all on the device.
+        self.shared = {k: v.to(device) for k, v in widen_tokens(shared).items()}
+        self.local = {k: v.to(device) for k, v in widen_tokens(local).items()}
+        shared = self.shared
+        self.chunks = spec.chunk_slices
+        self.wire = spec.comp.wire(adapter.dtype)
         # Layouts and biases are small and built once per job on the CPU, then moved.
         mask = adapter.token_mask(shared, spec.shapes).cpu()  # (B, N) bool
-        device = adapter.device
         self.layouts: list[SegmentLayout] = [
             layout(spec.plan, q, mask, spec.comp).to(device) for q in range(spec.plan.ranks)
         ]
@@ -80,10 +123,12 @@ class RankProgram:
             causal=adapter.causal,
             dtype=adapter.dtype,
         ).to(device)
+        self._mine = [self.my_layout.samples(s) for s in self.chunks]
+        self._bias = [self.bias[s] for s in self.chunks]
         self.coded: CodedRows | None = None
         if spec.comp.uses_codes:
             self.coded = CodedRows(
-                adapter, spec.plan, spec.comp, spec.batch, rank, self.senders, self.receivers, shared
+                adapter, spec.plan, spec.comp, spec.batch, rank, self.senders, self.receivers, shared, self.chunks
             )
 
     @property
@@ -99,37 +144,54 @@ class RankProgram:
         """Whether layer i moves anything between ranks (``codes`` rebuilds layer 0 instead)."""
         return self.coded is None or i > 0
 
-    def recv_shape(self, i: int, sender: int) -> tuple[int, ...]:
-        """Shape of what this rank receives from ``sender`` at layer i."""
+    def recv_shape(self, i: int, sender: int, c: int = 0) -> tuple[int, ...]:
+        """Shape of what this rank receives from ``sender`` at layer i for chunk c."""
         if self.coded is not None:
-            return (self.coded.payload_bytes(sender, i),)
-        return (self.spec.batch, self.rows_from(sender), self.adapter.hidden_size)
+            return (self.coded.payload_bytes(sender, i, c),)
+        s = self.chunks[c]
+        return (s.stop - s.start, self.rows_from(sender), self.adapter.hidden_size)
 
     def embed(self) -> torch.Tensor:
-        """Embeddings of this rank's rows, (B, n, D)."""
+        """Embeddings of this rank's rows, (B, n, D) (the whole batch: chunks are views of it)."""
         return self.adapter.embed(self.shared, self.local, self.span)
 
-    def send(self, i: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer i's attention input x (B, n, D) and what to send of it (see the class)."""
+    def send(self, i: int, h: torch.Tensor, c: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer i's attention input x (b, n, D) of chunk c and what to send of it (see the class)."""
         x = self.adapter.attn_input(i, h)
         if self.coded is not None:
-            return x, self.coded.encode(i, x)
-        return x, self.my_layout.means(x)
+            return x, self.coded.encode(i, x, c)
+        return x, self._mine[c].means(x).to(self.wire)
 
-    def finish(self, i: int, h: torch.Tensor, x: torch.Tensor, remote: list[torch.Tensor]) -> torch.Tensor:
-        """Layer i given what was received from ``self.senders`` (in that order)."""
+    def prepare(self, i: int, x: torch.Tensor) -> Prepared:
+        """Q, K and V of the local rows of layer i: what needs nothing from other ranks."""
+        return self.adapter.project(i, x, x)
+
+    def finish(
+        self,
+        i: int,
+        h: torch.Tensor,
+        x: torch.Tensor,
+        remote: list[torch.Tensor],
+        c: int = 0,
+        prepared: Prepared | None = None,
+    ) -> torch.Tensor:
+        """Layer i of chunk c given what was received from ``self.senders`` (in that order)
+        and, when it ran already, :meth:`prepare`'s result."""
+        q, k, v = prepared if prepared is not None else self.prepare(i, x)
         if self.coded is not None:
-            q, k, v = self.adapter.project(i, x, x)  # local rows
-            keys, values = self.coded.remote_kv(i, remote)  # (B, h, n_q, d) per sender
-            k, v = torch.cat([k, *keys], dim=2), torch.cat([v, *values], dim=2)
+            keys, values = self.coded.remote_kv(i, remote, c)  # (b, h, n_q, d) per sender
+        elif remote:
+            rows = torch.cat([r.to(self.adapter.dtype) for r in remote], dim=1)  # (b, sum L_q, D)
+            _, k_remote, v_remote = self.adapter.project(i, rows[:, :0], rows)
+            keys, values = [k_remote], [v_remote]
         else:
-            unique = torch.cat([x, *remote], dim=1) if remote else x  # (B, n + sum L_q, D)
-            q, k, v = self.adapter.project(i, x, unique)
-        ctx = attend(q, k, v, self.bias, self.adapter.scaling(i))  # (B, h, n, d)
+            keys, values = [], []
+        k, v = torch.cat([k, *keys], dim=2), torch.cat([v, *values], dim=2)  # keys: [local ; senders]
+        ctx = attend(q, k, v, self._bias[c], self.adapter.scaling(i))  # (b, h, n, d)
         return self.adapter.finish(i, h, ctx)
 
     def partials(self, h: torch.Tensor) -> Tensors:
-        """This rank's sum-reducible share of the output."""
+        """This rank's sum-reducible share of the output, from the whole batch's final rows."""
         h = self.adapter.final_norm(h)
         out = self.adapter.partials(self.spec.task, h, self.shared, self.span, self.spec.shapes)
         if self.spec.gather_hidden:
@@ -147,15 +209,24 @@ def plan_job(
     comp: Compression,
     weights: list[float] | None = None,
     gather_hidden: bool = False,
+    overlap: bool = True,
+    chunks: int | None = None,
 ) -> JobSpec:
-    """Check a job against the model and build the spec every rank will run."""
+    """Check a job against the model and build the spec every rank will run.
+
+    ``overlap`` (default on) runs exchanges asynchronously, the batch in ``chunks`` pieces
+    (default ``min(batch, MAX_CHUNKS)`` with overlap, 1 without; at batch 1 only the local
+    rows' Q/K/V overlap the exchange).
+    """
     adapter.check_task(task)
     shapes = adapter.shapes(inputs)
     plan = PartitionPlan.weighted(shapes.n_tokens, weights) if weights else PartitionPlan.equal(shapes.n_tokens, ranks)
     if plan.ranks != ranks:
         raise BadRequest(f"{len(weights or [])} rank weights given for {ranks} ranks")
     check_budget(plan, comp, shapes.batch, adapter.hidden_size, adapter.n_layers)
-    return JobSpec(model, task, plan, comp, shapes.batch, gather_hidden)
+    if chunks is None:
+        chunks = min(shapes.batch, MAX_CHUNKS) if overlap else 1
+    return JobSpec(model, task, plan, comp, shapes.batch, gather_hidden, overlap, chunks)
 
 
 def spec_to_dict(spec: JobSpec) -> dict[str, Any]:
@@ -170,20 +241,26 @@ def spec_to_dict(spec: JobSpec) -> dict[str, Any]:
         "keep_last": comp.keep_last,
         "count_bias": comp.count_bias,
         "method": comp.method.value,
+        "wire_dtype": comp.wire_dtype,
         "batch": spec.batch,
         "gather_hidden": spec.gather_hidden,
+        "overlap": spec.overlap,
+        "chunks": spec.chunks,
     }
 
 
 def spec_from_dict(data: dict[str, Any]) -> JobSpec:
-    """Inverse of :func:`spec_to_dict`; malformed data is a BadRequest."""
+    """Inverse of :func:`spec_to_dict`; malformed data is a BadRequest. Fields added later
+    default to what a spec without them meant (means, model dtype, no overlap)."""
     try:
+        wire = data.get("wire_dtype")
         comp = Compression(
             cr=None if data["cr"] is None else float(data["cr"]),
             keep_first=bool(data["keep_first"]),
             keep_last=bool(data["keep_last"]),
             count_bias=bool(data["count_bias"]),
             method=Method.parse(str(data.get("method", Method.MEANS.value))),
+            wire_dtype=None if wire is None else str(wire),
         )
         sizes = tuple(int(s) for s in data["sizes"])
         return JobSpec(
@@ -193,6 +270,8 @@ def spec_from_dict(data: dict[str, Any]) -> JobSpec:
             comp,
             int(data["batch"]),
             bool(data.get("gather_hidden", False)),
+            bool(data.get("overlap", False)),
+            int(data.get("chunks", 1)),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise BadRequest(f"malformed job spec: {exc}") from exc

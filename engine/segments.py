@@ -24,6 +24,9 @@ import torch
 from engine.errors import BadRequest
 from engine.plan import PartitionPlan
 
+#: Dtypes segment rows may take on the wire (``Compression.wire_dtype``).
+WIRE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
 
 class Method(str, enum.Enum):
     """What ranks send when they compress: segment means, or every row in few bits."""
@@ -57,7 +60,10 @@ class Compression:
       bytes (over the layers); every row travels in few bits. ``keep_first``,
       ``keep_last`` and ``count_bias`` do not apply.
 
-    A string ``method`` is accepted and parsed (``Compression(cr=8, method="codes")``).
+    ``wire_dtype`` (``fp16``, ``bf16`` or ``fp32``; ``None``: the model's dtype) is what
+    segment rows (means, or full exchange's rows) are cast to on the wire; receivers cast
+    them back and compute in the model's dtype. It does not apply to ``codes`` (already
+    bytes). A string ``method`` is accepted and parsed (``Compression(cr=8, method="codes")``).
     """
 
     cr: float | None = None
@@ -65,12 +71,23 @@ class Compression:
     keep_last: bool = False
     count_bias: bool = True
     method: Method = Method.MEANS
+    wire_dtype: str | None = None
 
     def __post_init__(self) -> None:
         if self.cr is not None and (not math.isfinite(self.cr) or self.cr < 1):
             raise BadRequest(f"compression rate must be a number >= 1 (or 'full'), got {self.cr}")
         if not isinstance(self.method, Method):
             object.__setattr__(self, "method", Method.parse(self.method))
+        if self.wire_dtype is not None:
+            if self.wire_dtype not in WIRE_DTYPES:
+                names = ", ".join(WIRE_DTYPES)
+                raise BadRequest(f"unknown wire dtype {self.wire_dtype!r} (known: {names})")
+            if self.uses_codes:
+                raise BadRequest("a wire dtype does not apply to method 'codes' (its payload is already bytes)")
+
+    def wire(self, model_dtype: torch.dtype) -> torch.dtype:
+        """The dtype segment rows travel in for a model computing in ``model_dtype``."""
+        return model_dtype if self.wire_dtype is None else WIRE_DTYPES[self.wire_dtype]
 
     @property
     def is_full(self) -> bool:
@@ -84,9 +101,10 @@ class Compression:
 
     def label(self) -> str:
         """Short human name: ``full``, ``cr=8`` (Segment Means) or ``codes cr=8``."""
-        if self.cr is None:
-            return "full"
-        return f"codes cr={self.cr:g}" if self.uses_codes else f"cr={self.cr:g}"
+        name = "full"
+        if self.cr is not None:
+            name = f"codes cr={self.cr:g}" if self.uses_codes else f"cr={self.cr:g}"
+        return name if self.wire_dtype is None else f"{name} {self.wire_dtype}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +122,11 @@ class SegmentLayout:
         """The same layout on ``device``."""
         assign = None if self.assign is None else self.assign.to(device)
         return SegmentLayout(assign=assign, counts=self.counts.to(device))
+
+    def samples(self, chunk: slice) -> SegmentLayout:
+        """The layout of the samples in ``chunk`` (a slice of the batch)."""
+        assign = None if self.assign is None else self.assign[chunk]
+        return SegmentLayout(assign=assign, counts=self.counts[chunk])
 
     @property
     def n_segments(self) -> int:

@@ -21,6 +21,13 @@ class RankTrace:
     ``io_*`` counts inputs scattered and outputs reduced (the same in every mode).
     ``rounds`` counts collectives (each costs at least one link latency);
     ``overhead_s`` is wall time not spent computing, communicating or staging.
+
+    Under overlap ``comm_s`` is only the time this rank spent blocked on the group
+    (launching collectives and waiting for them), never time it computed while an
+    exchange was in flight; that time is ``overlap_s`` (wall time with at least one
+    exchange in flight, less the time spent in the group meanwhile: an upper bound on the
+    communication hidden, as an exchange may finish before its wait). ``hidden_rounds``
+    counts exchanges already complete when this rank came to wait for them.
     """
 
     rank: int = 0
@@ -34,11 +41,20 @@ class RankTrace:
     staging_s: float = 0.0
     wall_s: float = 0.0
     cpu_s: float = 0.0  # this rank's process CPU time during the job (for energy models)
+    overlap_s: float = 0.0
+    hidden_rounds: int = 0
 
     @property
     def overhead_s(self) -> float:
         """Wall time not accounted to compute, communication or staging."""
         return max(0.0, self.wall_s - self.compute_s - self.comm_s - self.staging_s)
+
+    @property
+    def link_s(self) -> float:
+        """An upper bound on the time this rank's traffic was on the wire: blocked in the
+        group, or computing with an exchange in flight (bytes / link_s bounds the link's rate
+        from below, with or without overlap; bytes / comm_s does not under overlap)."""
+        return self.comm_s + self.overlap_s
 
     @contextmanager
     def timing(self, what: str) -> Iterator[None]:
@@ -67,6 +83,16 @@ class RankTrace:
         out: dict[str, float] = {f.name: getattr(self, f.name) for f in fields(self)}
         out["overhead_s"] = self.overhead_s
         return out
+
+
+@contextmanager
+def computing(trace: RankTrace, device: torch.device) -> Iterator[None]:
+    """Book the block as compute; on CUDA wait for its kernels first (else their time would
+    land on whatever synchronizes next, such as a staging copy)."""
+    with trace.timing("compute"):
+        yield
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
 
 @dataclass(slots=True)

@@ -1,4 +1,12 @@
-"""ViT adapter (pre-LN; `transformers` 5 ``ViTModel`` with ``.layers``)."""
+"""ViT adapter (pre-LN; `transformers` 5 ``ViTModel`` with ``.layers``).
+
+Images arrive either normalised (floating point) or as raw uint8 pixels, 0..255, a quarter
+of the bytes on the wire. Raw pixels are normalised on the rank that embeds them, as
+``(p / 255 - mean) / std`` per channel, with the model's own image-processor mean and std
+when its config carries them (``image_mean``/``image_std``, copied from a model directory's
+``preprocessor_config.json`` by :func:`engine.models.load_dir`), else ViT's defaults 0.5 /
+0.5 — the same arithmetic the daemon uses for float images, so both give the same numbers.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +16,10 @@ import torch
 
 from engine.adapters import Adapter, Shapes, Task, Tensors, first_row, heads, kv_affine, merge_heads
 from engine.errors import BadRequest, ModelError
+
+#: ViTImageProcessor's defaults (IMAGENET_STANDARD_MEAN / _STD).
+DEFAULT_MEAN = 0.5
+DEFAULT_STD = 0.5
 
 
 class ViTAdapter(Adapter):
@@ -27,6 +39,26 @@ class ViTAdapter(Adapter):
         self.channels = int(self.config.num_channels)
         if self.image_hw[0] % self.patch or self.image_hw[1] % self.patch:
             raise ModelError(f"ViT image size {self.image_hw} is not a whole number of {self.patch}-pixel patches")
+        self.image_mean = self._per_channel("image_mean", DEFAULT_MEAN)
+        self.image_std = self._per_channel("image_std", DEFAULT_STD)
+
+    def _per_channel(self, key: str, default: float) -> torch.Tensor:
+        """(C, 1, 1) fp32: the config's value for ``key`` (one per channel, or one for all)."""
+        value = getattr(self.config, key, None)
+        values = [default] * self.channels if value is None else [float(v) for v in torch.tensor(value).flatten()]
+        if len(values) == 1:
+            values *= self.channels
+        if len(values) != self.channels or (key == "image_std" and min(values) <= 0):
+            raise ModelError(f"config {key} {value!r} does not fit {self.channels} channels")
+        return torch.tensor(values, dtype=torch.float32, device=self.device).view(-1, 1, 1)
+
+    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Model-ready pixels: raw uint8 ``(p / 255 - mean) / std``; floats as given. Any shape
+        ending in (C, H, W) or (C, p, p); the result is in the model's dtype."""
+        if pixels.dtype == torch.uint8:
+            x = pixels.to(self.device, torch.float32) / 255.0
+            return ((x - self.image_mean) / self.image_std).to(self.dtype)
+        return pixels.to(self.dtype)
 
     def default_task(self) -> Task:
         """Classification when the model has a head, else CLS features."""
@@ -39,6 +71,8 @@ class ViTAdapter(Adapter):
 
     def shapes(self, inputs: Tensors) -> Shapes:
         pixels = inputs["pixel_values"]
+        if pixels.dtype != torch.uint8 and not pixels.is_floating_point():
+            raise BadRequest(f"pixel_values must be uint8 (raw, 0..255) or floating point, got {pixels.dtype}")
         if pixels.dim() != 4 or tuple(pixels.shape[1:]) != (self.channels, *self.image_hw):
             want = (self.channels, *self.image_hw)
             raise BadRequest(f"pixel_values must be (B, {want[0]}, {want[1]}, {want[2]}), got {tuple(pixels.shape)}")
@@ -57,7 +91,8 @@ class ViTAdapter(Adapter):
     def split_inputs(
         self, inputs: Tensors, spans: list[range], *, every_row: bool = False
     ) -> tuple[Tensors, list[Tensors]]:
-        """Each rank gets only the pixels of its own patches, or (``every_row``) the whole image."""
+        """Each rank gets only the pixels of its own patches, or (``every_row``) the whole image;
+        raw uint8 pixels travel as they are and are normalised where they are embedded."""
         px = inputs["pixel_values"]
         if every_row:
             return {"pixel_values": px}, [{} for _ in spans]
@@ -66,6 +101,7 @@ class ViTAdapter(Adapter):
     def embed(self, shared: Tensors, local: Tensors, span: range) -> torch.Tensor:
         emb = self.backbone.embeddings
         patches = local["patches"] if "patches" in local else self._patches(shared["pixel_values"], span)
+        patches = self.normalise(patches)
         b, m = patches.shape[:2]  # (B, m, C, p, p)
         rows = emb.patch_embeddings.projection(patches.flatten(0, 1)).view(b, m, self.hidden_size)  # (B, m, D)
         if span.start == 0:
@@ -109,5 +145,5 @@ class ViTAdapter(Adapter):
         return {"features": summed["cls"]}
 
     def reference(self, task: Task, inputs: Tensors) -> Tensors:
-        hidden = self.backbone(pixel_values=inputs["pixel_values"]).last_hidden_state
+        hidden = self.backbone(pixel_values=self.normalise(inputs["pixel_values"])).last_hidden_state
         return {**self.finalize(task, {"cls": hidden[:, 0]}), "hidden": hidden}

@@ -3,6 +3,11 @@
 Groups are standalone ``ProcessGroupGloo`` objects (no global default group), so one
 process can hold several and tear one down without touching the others. On CUDA
 devices every tensor is staged through pinned CPU memory, timed as staging.
+
+The per-layer exchange can run asynchronously: :meth:`GlooComm.start_exchange` launches
+the all-to-all and returns at once, :meth:`GlooComm.finish_exchange` waits for it. GLOO
+runs launched collectives in launch order on its own threads, so several may be in
+flight while the caller computes.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import math
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -68,6 +74,18 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+@dataclass(frozen=True, slots=True)
+class PendingExchange:
+    """An all-to-all in flight: its work handle and the buffers it reads and writes."""
+
+    work: Any
+    sent: torch.Tensor  # kept alive until the wait: GLOO reads it meanwhile
+    out: torch.Tensor
+    out_splits: list[int]
+    senders: list[int]
+    recv_shapes: list[tuple[int, ...]]
+
+
 class GlooComm:
     """Collectives the engine needs, with bytes and seconds booked into ``trace``.
 
@@ -81,11 +99,16 @@ class GlooComm:
         self.size = group.size()
         self.device = device or torch.device("cpu")
         self.trace = RankTrace(rank=self.rank)
+        self._in_flight = 0  # exchanges launched and not yet waited for, in self._flight_trace's run
+        self._flight_trace = self.trace
+        self._flight_since = 0.0
+        self._busy_at_flight = 0.0  # comm_s + staging_s when the current flight began
 
     # -- plumbing ---------------------------------------------------------------------
     @contextmanager
-    def _collective(self, what: str) -> Iterator[None]:
-        self.trace.rounds += 1
+    def _collective(self, what: str, launch: bool = True) -> Iterator[None]:
+        """Time in the group (a launch, a wait, or both) as comm; ``launch`` counts a round."""
+        self.trace.rounds += int(launch)
         start = time.perf_counter()
         try:
             yield
@@ -105,6 +128,10 @@ class GlooComm:
         self.trace.staging_s += time.perf_counter() - start
         return host
 
+    def _host_empty(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        """A CPU receive buffer; pinned when it is bound for a CUDA device."""
+        return torch.empty(tuple(shape), dtype=dtype, pin_memory=self.device.type == "cuda")
+
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cpu":
             return t
@@ -122,36 +149,85 @@ class GlooComm:
         senders: list[int],
         recv_shapes: Sequence[tuple[int, ...]],
     ) -> list[torch.Tensor]:
-        """Send ``send`` to every rank in ``receivers``; get one tensor from each sender."""
+        """Send ``send`` to every rank in ``receivers``; get one tensor from each sender
+        (every sender sends the same dtype). Blocks until the rows are here."""
+        with self._collective("exchange"):
+            pending = self._launch(send, receivers, senders, recv_shapes)
+            pending.work.wait()
+        return self._received(pending)
+
+    def start_exchange(
+        self,
+        send: torch.Tensor,
+        receivers: list[int],
+        senders: list[int],
+        recv_shapes: Sequence[tuple[int, ...]],
+    ) -> PendingExchange:
+        """Launch :meth:`exchange`'s all-to-all and return without waiting for it."""
+        with self._collective("exchange"):
+            pending = self._launch(send, receivers, senders, recv_shapes)
+        if self._in_flight == 0 or self._flight_trace is not self.trace:  # a new run after a failed one
+            self._in_flight, self._flight_trace = 0, self.trace
+            self._flight_since = time.perf_counter()
+            self._busy_at_flight = self.trace.comm_s + self.trace.staging_s
+        self._in_flight += 1
+        return pending
+
+    def finish_exchange(self, pending: PendingExchange) -> list[torch.Tensor]:
+        """Wait for an exchange :meth:`start_exchange` launched; what each sender sent.
+
+        Exchanges must be finished in the order they were started.
+        """
+        if bool(pending.work.is_completed()):
+            self.trace.hidden_rounds += 1
+        with self._collective("exchange", launch=False):
+            pending.work.wait()
+        self._in_flight -= 1
+        if self._in_flight == 0:
+            busy = self.trace.comm_s + self.trace.staging_s - self._busy_at_flight
+            self.trace.overlap_s += max(0.0, time.perf_counter() - self._flight_since - busy)
+        return self._received(pending)
+
+    def _launch(
+        self, send: torch.Tensor, receivers: list[int], senders: list[int], recv_shapes: Sequence[tuple[int, ...]]
+    ) -> PendingExchange:
         host = self._to_cpu(send).flatten()
         in_splits = [host.numel() if q in receivers else 0 for q in range(self.size)]
         out_splits = [0] * self.size
         for q, shape in zip(senders, recv_shapes, strict=True):
             out_splits[q] = math.prod(shape)
         inp = host.repeat(len(receivers)) if receivers else host[:0]
-        out = torch.empty(sum(out_splits), dtype=host.dtype)
-        with self._collective("exchange"):
-            self.group.alltoall_base(out, inp, out_splits, in_splits, dist.AllToAllOptions()).wait()
+        out = self._host_empty((sum(out_splits),), host.dtype)
+        work = self.group.alltoall_base(out, inp, out_splits, in_splits, dist.AllToAllOptions())
         self.trace.exchange_bytes_sent += _nbytes(inp)
-        self.trace.exchange_bytes_recv += _nbytes(out)
-        pieces = torch.split(out, out_splits)
-        return [self._to_device(pieces[q].view(shape)) for q, shape in zip(senders, recv_shapes, strict=True)]
+        return PendingExchange(work, inp, out, out_splits, list(senders), [tuple(s) for s in recv_shapes])
+
+    def _received(self, pending: PendingExchange) -> list[torch.Tensor]:
+        self.trace.exchange_bytes_recv += _nbytes(pending.out)
+        pieces = torch.split(pending.out, pending.out_splits)
+        shapes = zip(pending.senders, pending.recv_shapes, strict=True)
+        return [self._to_device(pieces[q].view(shape)) for q, shape in shapes]
 
     # -- inputs, outputs, control -----------------------------------------------------
     def _header(self, tensors: Tensors) -> torch.Tensor:
         meta = [[k, str(v.dtype).removeprefix("torch."), list(v.shape)] for k, v in tensors.items()]
         return torch.frombuffer(bytearray(json.dumps(meta).encode()), dtype=torch.uint8)
 
-    @staticmethod
-    def _empty_from(header: torch.Tensor) -> Tensors:
+    def _empty_from(self, header: torch.Tensor) -> Tensors:
         meta = json.loads(bytes(header.tolist()).decode())
-        return {k: torch.empty(shape, dtype=getattr(torch, dtype)) for k, dtype, shape in meta}
+        return {k: self._host_empty(shape, getattr(torch, dtype)) for k, dtype, shape in meta}
+
+    @staticmethod
+    def _raw(t: torch.Tensor) -> torch.Tensor:
+        """The bytes of a contiguous tensor, sharing its memory: GLOO moves any dtype this way
+        (its broadcast refuses some, e.g. int16 token ids)."""
+        return t.reshape(-1).view(torch.uint8)
 
     def _bcast(self, t: torch.Tensor, root: int) -> None:
         opts = dist.BroadcastOptions()
         opts.rootRank = root
         with self._collective("broadcast"):
-            self.group.broadcast([t], opts).wait()
+            self.group.broadcast([self._raw(t)], opts).wait()
         if self.rank == root:
             self.trace.io_bytes_sent += _nbytes(t) * (self.size - 1)
         else:
@@ -178,10 +254,10 @@ class GlooComm:
     def _p2p(self, t: torch.Tensor, peer: int, sending: bool) -> None:
         with self._collective("send" if sending else "recv"):
             if sending:
-                self.group.send([t], peer, 0).wait()
+                self.group.send([self._raw(t)], peer, 0).wait()
                 self.trace.io_bytes_sent += _nbytes(t)
             else:
-                self.group.recv([t], peer, 0).wait()
+                self.group.recv([self._raw(t)], peer, 0).wait()
                 self.trace.io_bytes_recv += _nbytes(t)
 
     def send_tensors(self, tensors: Tensors, dst: int) -> None:

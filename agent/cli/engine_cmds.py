@@ -32,6 +32,8 @@ class JobArgs:
     seq: int | None
     task: str | None = None
     seed: int = 0
+    overlap: bool = True
+    chunks: int | None = None
 
 
 def prepare(args: JobArgs) -> tuple[LoadedModel, Task, Tensors, JobSpec]:
@@ -39,8 +41,22 @@ def prepare(args: JobArgs) -> tuple[LoadedModel, Task, Tensors, JobSpec]:
     model = load(args.model)
     task = Task(args.task) if args.task else model.adapter.default_task()
     inputs = make_inputs(model, args.batch, args.seq, args.seed)
-    spec = plan_job(model.adapter, model.name, task, inputs, ranks=args.ranks, comp=args.comp)
+    spec = plan_job(
+        model.adapter,
+        model.name,
+        task,
+        inputs,
+        ranks=args.ranks,
+        comp=args.comp,
+        overlap=args.overlap,
+        chunks=args.chunks,
+    )
     return model, task, inputs, spec
+
+
+def _how(spec: JobSpec) -> dict[str, Any]:
+    """How a job ran: overlap, chunks and the dtype segment rows crossed in."""
+    return {"overlap": spec.overlap, "chunks": spec.chunks, "wire_dtype": spec.comp.wire_dtype or "model"}
 
 
 def fidelity(args: JobArgs, runner: str) -> dict[str, Any]:
@@ -60,6 +76,7 @@ def fidelity(args: JobArgs, runner: str) -> dict[str, Any]:
         "batch": spec.batch,
         "seq": spec.plan.n_tokens,
         "runner": runner,
+        **_how(spec),
         **compare(task, ref.outputs, got.outputs).as_dict(),
         "exchange_bytes": got.exchange_bytes,
     }
@@ -86,6 +103,8 @@ def _breakdown(result: RunResult) -> dict[str, float]:
         "comm_ms": t.comm_s * 1e3,
         "staging_ms": t.staging_s * 1e3,
         "overhead_ms": t.overhead_s * 1e3,
+        "overlap_ms": t.overlap_s * 1e3,
+        "hidden_rounds": t.hidden_rounds,
     }
 
 
@@ -93,7 +112,17 @@ def bench_engine(args: JobArgs, warmup: int, repeat: int) -> dict[str, Any]:
     """Local vs full exchange vs PRISM over a real GLOO group on loopback, one thread each."""
     torch.set_num_threads(1)
     model, task, inputs, spec = prepare(args)
-    full_spec = plan_job(model.adapter, model.name, task, inputs, ranks=args.ranks, comp=Compression(cr=None))
+    full_comp = Compression(cr=None, wire_dtype=args.comp.wire_dtype)
+    full_spec = plan_job(
+        model.adapter,
+        model.name,
+        task,
+        inputs,
+        ranks=args.ranks,
+        comp=full_comp,
+        overlap=spec.overlap,
+        chunks=spec.chunks,
+    )
     local_ms, _ = _timed(lambda: run_local(model.adapter, task, inputs), warmup, repeat)
     with LocalCluster(ClusterConfig(ranks=args.ranks, threads=1)) as cluster:
         cluster.prepare(model)
@@ -108,6 +137,7 @@ def bench_engine(args: JobArgs, warmup: int, repeat: int) -> dict[str, Any]:
         "ranks": args.ranks,
         "cr": "full" if args.comp.cr is None else args.comp.cr,
         "keep_first": args.comp.keep_first,
+        **_how(spec),
         "batch": spec.batch,
         "seq": spec.plan.n_tokens,
         "bytes_full": full.exchange_bytes,

@@ -67,6 +67,9 @@ def _job_options(p: argparse.ArgumentParser, *, batch_required: bool) -> None:
     p.add_argument("--no-keep-first", action="store_true", help="average CLS like any token (paper setting)")
     p.add_argument("--keep-last", action="store_true", help="send each sample's last real token exactly")
     p.add_argument("--no-count-bias", action="store_true", help="drop the log(count) logit bias (ablation)")
+    p.add_argument("--wire-dtype", choices=["fp16", "bf16", "fp32"], help="segment rows on the wire (default: model's)")
+    p.add_argument("--no-overlap", action="store_true", help="wait for each exchange before computing on")
+    p.add_argument("--chunks", type=_positive, help="batch pieces (default: min(batch, 4); 1 without overlap)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -157,9 +160,13 @@ def _job_args(ns: argparse.Namespace) -> Any:
     from agent.cli.engine_cmds import JobArgs
 
     comp = Compression(
-        cr=ns.cr, keep_first=not ns.no_keep_first, keep_last=ns.keep_last, count_bias=not ns.no_count_bias
+        cr=ns.cr,
+        keep_first=not ns.no_keep_first,
+        keep_last=ns.keep_last,
+        count_bias=not ns.no_count_bias,
+        wire_dtype=ns.wire_dtype,
     )
-    return JobArgs(ns.model, ns.ranks, comp, ns.batch, ns.seq, ns.task, ns.seed)
+    return JobArgs(ns.model, ns.ranks, comp, ns.batch, ns.seq, ns.task, ns.seed, not ns.no_overlap, ns.chunks)
 
 
 def _fmt(value: Any) -> str:

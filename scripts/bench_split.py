@@ -1,0 +1,276 @@
+"""Local vs split on two namespace hosts, overlap on and off, per link rate (root).
+
+    sudo .venv/bin/python scripts/bench_split.py --model vit-base --out runs/split/vit-base
+
+Two hosts of the test bed (testbed/bed.py), each running one GLOO rank of
+``scripts/split_rank.py`` with one torch thread; no agent, broker or policy. For every link
+rate (``tc tbf`` on both uplinks; 0 = unshaped) and batch, every option runs once per round,
+rounds interleaved (the order rotates), ``--runs`` rounds after one untimed warm-up round:
+
+- ``local``: the plain model on host 0;
+- ``full``, ``means@CR``, ``codes@CR``: split over both hosts, each with overlap on and off
+  (``--weights`` adds weighted plans of each split, overlap on).
+
+Per cell: median per-sample ms and spread (IQR / median). For ``--bound-cell`` (default
+50 Mbit/s, batch 8) each split run is set against max(compute / P, bytes / bandwidth) from its
+own trace: compute summed over ranks / P, bytes the busiest uplink carried (exchange + inputs).
+
+``--half-speed`` puts host 1's rank in a CPU cgroup capped at half of one CPU (cgroup v2
+``cpu.max`` or v1 ``cpu.cfs_quota_us``, 5 ms per 10 ms period): an exact, steady half that
+needs no competing process (a busy-loop competitor under ``taskset`` would give about half, as
+fair as the scheduler is, and would share caches). With it, ``--weights`` defaults to 2,1.
+
+Writes ``OUT.jsonl`` (every run) and ``OUT.md`` (the tables).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from testbed.bed import Testbed  # noqa: E402
+
+RANK = str(REPO / "scripts" / "split_rank.py")
+ENV = {"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+CPU_PERIOD_US = 10_000
+
+
+def options(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every option of a round: name plus the request rank 0 gets."""
+    out: list[dict[str, Any]] = [{"name": "local", "op": "local"}]
+    modes = {"full": {"cr": None}, "means": {"cr": args.cr}, "codes": {"cr": args.codes_cr, "method": "codes"}}
+    for mode in args.modes.split(","):
+        req = {"op": "split", **modes[mode]}
+        if mode != "codes" and args.wire_dtype:
+            req["wire_dtype"] = args.wire_dtype
+        label = mode if mode == "full" else f"{mode}@{req['cr']:g}"
+        on = {"overlap": True, "chunks": args.chunks} if args.chunks else {"overlap": True}
+        out += [{**req, "name": f"{label} on", **on}, {**req, "name": f"{label} off", "overlap": False}]
+        if args.weights:
+            out.append({**req, "name": f"{label} on w={args.weights}", **on, "weights": args.weight_list})
+    return out
+
+
+@contextlib.contextmanager
+def half_speed(pid: int, tag: str) -> Iterator[str]:
+    """Cap process ``pid`` (all its threads) at half of one CPU; undone on exit."""
+    v2 = Path("/sys/fs/cgroup/cgroup.controllers")
+    if v2.is_file() and "cpu" in v2.read_text().split():
+        group = Path(f"/sys/fs/cgroup/prism-half-{tag}")
+        group.mkdir()
+        (group / "cpu.max").write_text(f"{CPU_PERIOD_US // 2} {CPU_PERIOD_US}")
+        root = Path("/sys/fs/cgroup")
+    else:
+        root = Path("/sys/fs/cgroup/cpu")
+        group = root / f"prism-half-{tag}"
+        group.mkdir()
+        (group / "cpu.cfs_period_us").write_text(str(CPU_PERIOD_US))
+        (group / "cpu.cfs_quota_us").write_text(str(CPU_PERIOD_US // 2))
+    (group / "cgroup.procs").write_text(str(pid))
+    try:
+        yield str(group)
+    finally:
+        with contextlib.suppress(OSError):
+            (root / "cgroup.procs").write_text(str(pid))
+        with contextlib.suppress(OSError):
+            group.rmdir()
+
+
+class Ranks:
+    """Rank 1 spawned on host 1 (logged by the bed), rank 0 on host 0 with a request pipe."""
+
+    def __init__(self, bed: Testbed, args: argparse.Namespace) -> None:
+        port = random.randint(29600, 29900)
+        base = [sys.executable, RANK, "--ranks", "2", "--master", f"{bed.address(0)}:{port}", "--model", args.model]
+        self.follower = bed.spawn("rank1", 1, [*base, "--rank", "1"], ENV)
+        log = (bed.workdir / "rank0.log").open("ab")
+        self.proc = subprocess.Popen(
+            bed.run(0, *base, "--rank", "0"),
+            cwd=REPO,
+            env={**os.environ, **ENV},
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+        )
+        self.bed = bed
+        ready = self._read(args.start_timeout_s)
+        if not ready.get("ready"):
+            raise RuntimeError(f"rank 0 did not start: {ready}; see {bed.workdir}/rank0.log")
+
+    def _read(self, timeout_s: float) -> dict[str, Any]:
+        out: IO[str] | None = self.proc.stdout
+        assert out is not None
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            line = out.readline()
+            if line:
+                return dict(json.loads(line))
+            if self.proc.poll() is not None or not self.bed.alive("rank1"):
+                raise RuntimeError(f"a rank exited; see {self.bed.workdir}/rank0.log and rank1.log")
+        raise RuntimeError(f"no answer from rank 0 in {timeout_s} s")
+
+    def ask(self, req: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(req) + "\n")
+        self.proc.stdin.flush()
+        answer = self._read(timeout_s)
+        if "error" in answer:
+            raise RuntimeError(f"{req.get('name')}: {answer['error']}")
+        return answer
+
+    def stop(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(json.dumps({"op": "stop"}) + "\n")
+            self.proc.stdin.flush()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=30)
+
+
+def shape(bed: Testbed, mbps: float) -> None:
+    for i in range(bed.hosts):
+        bed.shape(i, f"{mbps:g}mbit") if mbps else bed.unshape(i)
+
+
+def bound(row: dict[str, Any], mbps: float) -> dict[str, float]:
+    """max(compute / P, busiest uplink bytes / bandwidth) from the run's own trace, in ms."""
+    traces = row["traces"]
+    compute_ms = sum(t["compute_s"] for t in traces) / len(traces) * 1e3
+    uplink = max(t["exchange_bytes_sent"] + t["io_bytes_sent"] for t in traces)
+    link_ms = uplink * 8 / (mbps * 1e6) * 1e3 if mbps else 0.0
+    return {"compute_over_p_ms": compute_ms, "link_ms": link_ms, "bound_ms": max(compute_ms, link_ms)}
+
+
+def run_cell(ranks: Ranks, args: argparse.Namespace, mbps: float, batch: int, out: IO[str]) -> list[dict[str, Any]]:
+    opts = options(args)
+    rows = []
+    for rnd in range(-1, args.runs):  # round -1 warms up every option (TCP, caches), untimed
+        shift = max(rnd, 0) % len(opts)
+        for opt in opts[shift:] + opts[:shift]:
+            req = {k: v for k, v in opt.items() if k != "name"}
+            answer = ranks.ask({**req, "name": opt["name"], "batch": batch, "seed": rnd + 1}, args.run_timeout_s)
+            if rnd < 0:
+                continue
+            row = {"mbps": mbps, "batch": batch, "option": opt["name"], "round": rnd, **answer}
+            row["per_sample_ms"] = answer["ms"] / batch
+            if opt["op"] == "split":
+                row.update(bound(row, mbps))
+            rows.append(row)
+            out.write(json.dumps(row) + "\n")
+            out.flush()
+    return rows
+
+
+def summary(rows: list[dict[str, Any]]) -> dict[tuple[float, int, str], dict[str, float]]:
+    groups: dict[tuple[float, int, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        groups[(r["mbps"], r["batch"], r["option"])].append(r)
+    out = {}
+    for key, rs in groups.items():
+        ms = sorted(r["per_sample_ms"] for r in rs)
+        q = statistics.quantiles(ms, n=4) if len(ms) >= 2 else [ms[0]] * 3
+        cell = {"median": statistics.median(ms), "spread": (q[2] - q[0]) / statistics.median(ms), "n": len(ms)}
+        if "bound_ms" in rs[0]:
+            cell["wall_over_bound"] = statistics.median(r["ms"] / r["bound_ms"] for r in rs)
+            cell["bound_ms"] = statistics.median(r["bound_ms"] for r in rs)
+            cell["compute_over_p_ms"] = statistics.median(r["compute_over_p_ms"] for r in rs)
+            cell["link_ms"] = statistics.median(r["link_ms"] for r in rs)
+            cell["wall_ms"] = statistics.median(r["ms"] for r in rs)
+        out[key] = cell
+    return out
+
+
+def ms(value: float) -> str:
+    return f"{value:.0f}" if value >= 10 else f"{value:.2f}"
+
+
+def report(args: argparse.Namespace, cells: dict[tuple[float, int, str], dict[str, float]]) -> list[str]:
+    names = [o["name"] for o in options(args)]
+    link = {m: ("unshaped" if not m else f"{m:g}") for m, _, _ in cells}
+    lines = [f"{args.model}, P = 2: per-sample ms, median (spread = IQR / median), {args.runs} interleaved runs a cell"]
+    lines += ["", "| link | batch | " + " | ".join(names) + " | best split | local / best |"]
+    lines.append("|---|---|" + "---|" * (len(names) + 2))
+    for mbps, batch in sorted({(m, b) for m, b, _ in cells}, key=lambda k: (k[0] == 0, k)):
+        row = [cells.get((mbps, batch, n)) for n in names]
+        cols = [f"{ms(c['median'])} ({100 * c['spread']:.0f} %)" if c else "-" for c in row]
+        splits = {n: c["median"] for n, c in zip(names, row, strict=True) if c and n != "local"}
+        best = min(splits, key=lambda n: splits[n]) if splits else "-"
+        local = cells.get((mbps, batch, "local"))
+        ratio = f"{local['median'] / splits[best]:.2f}x" if local and splits else "-"
+        lines.append(f"| {link[mbps]} | {batch} | " + " | ".join(cols) + f" | {best} | {ratio} |")
+    mbps, batch = (float(x) for x in args.bound_cell.split(","))
+    picked = [(n, cells[(mbps, int(batch), n)]) for n in names if (mbps, int(batch), n) in cells and n != "local"]
+    if picked:
+        where = f"{link.get(mbps, mbps)} Mbit/s, batch {int(batch)}"
+        lines += ["", f"At {where}: wall time against max(compute / P, bytes / bandwidth)"]
+        lines += ["", "| option | wall ms | compute / P ms | bytes / bandwidth ms | bound ms | wall / bound |"]
+        lines.append("|---|---|---|---|---|---|")
+        for n, c in picked:
+            lines.append(
+                f"| {n} | {ms(c['wall_ms'])} | {ms(c['compute_over_p_ms'])} | {ms(c['link_ms'])} | "
+                f"{ms(c['bound_ms'])} | {c['wall_over_bound']:.2f} |"
+            )
+    return lines
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="vit-base")
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--rates", default="20,50,100,0", help="Mbit/s per uplink; 0 = unshaped")
+    p.add_argument("--modes", default="full,means,codes")
+    p.add_argument("--cr", type=float, default=9.9, help="Segment Means CR")
+    p.add_argument("--codes-cr", type=float, default=9.9, help="codes byte budget (1/CR of full)")
+    p.add_argument("--wire-dtype", choices=["fp16", "bf16"], default=None, help="segment rows (full, means)")
+    p.add_argument("--runs", type=int, default=16, help="timed rounds per cell")
+    p.add_argument("--chunks", type=int, default=None, help="batch pieces with overlap (default: the engine's)")
+    p.add_argument("--weights", default=None, help="add weighted plans, e.g. 2,1")
+    p.add_argument("--half-speed", action="store_true", help="cap host 1's rank at half a CPU")
+    p.add_argument("--bound-cell", default="50,8", help="link,batch of the bound table")
+    p.add_argument("--run-timeout-s", type=float, default=600.0)
+    p.add_argument("--start-timeout-s", type=float, default=300.0)
+    p.add_argument("--out", type=Path, default=Path("runs/split/bench"))
+    args = p.parse_args()
+    if args.half_speed and not args.weights:
+        args.weights = "2,1"
+    args.weight_list = [float(w) for w in args.weights.split(",")] if args.weights else None
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    with Testbed(hosts=2) as bed, (args.out.with_suffix(".jsonl")).open("a") as out:
+        ranks = Ranks(bed, args)
+        quota = half_speed(ranks.follower.pid, bed.tag) if args.half_speed else contextlib.nullcontext("")
+        try:
+            with quota as group:
+                if group:
+                    print(f"host 1's rank capped at half a CPU ({group})", file=sys.stderr)
+                for mbps in (float(r) for r in args.rates.split(",")):
+                    shape(bed, mbps)
+                    for batch in (int(b) for b in args.batches.split(",")):
+                        start = time.monotonic()
+                        rows += run_cell(ranks, args, mbps, batch, out)
+                        took = time.monotonic() - start
+                        print(f"{mbps:g} Mbit/s, batch {batch}: {took:.0f} s", file=sys.stderr, flush=True)
+        finally:
+            ranks.stop()
+    text = "\n".join(report(args, summary(rows)))
+    print(text)
+    args.out.with_suffix(".md").write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
