@@ -229,6 +229,11 @@ def plan_job(
     return JobSpec(model, task, plan, comp, shapes.batch, gather_hidden, overlap, chunks)
 
 
+#: Version of what ranks exchange about a job: the spec's fields, the step order and the trace.
+#: Nodes split jobs only with peers of the same version (it travels in their health).
+ENGINE_VERSION = 2
+
+
 def spec_to_dict(spec: JobSpec) -> dict[str, Any]:
     """JSON-friendly form of a spec (it travels as control data between agents)."""
     comp = spec.comp

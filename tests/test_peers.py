@@ -68,3 +68,10 @@ def test_job_spec_survives_the_wire(models: object) -> None:
     assert spec_from_dict(json.loads(json.dumps(spec_to_dict(spec)))) == spec
     with pytest.raises(BadRequest):
         spec_from_dict({"model": "bert"})
+
+
+def test_a_peer_on_another_engine_version_is_not_split_with() -> None:
+    table = PeerTable("c", me="me", engine=2)
+    table.seen(Peer(node="old", cluster="c", address="10.9.0.1", models={"bert": 1.0}, engine=1), now_s=1)
+    table.seen(Peer(node="new", cluster="c", address="10.9.0.2", models={"bert": 1.0}, engine=2), now_s=1)
+    assert [p.node for p in table.able("bert", 1.0, now_s=2)] == ["new"]

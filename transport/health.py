@@ -51,6 +51,7 @@ class Health(_Doc):
     node: str
     time: float
     version: str = ""
+    engine: int = 0  # engine.program.ENGINE_VERSION: splits only between equal versions
     boot: str = ""
     load: Load = Field(default_factory=Load)
     energy_source: str = ""

@@ -77,6 +77,7 @@ class Observer:
                 queue=doc.load.queue,
                 probe_port=int(signed["probe_port"]),
                 speed=dict(doc.speed),
+                engine=doc.engine,
             )
         except (WireError, ValueError, KeyError, TypeError, AttributeError) as exc:
             log.info("health_ignored", node=node, error=str(exc)[:120])
@@ -90,6 +91,7 @@ def build_health(
     *,
     node: str,
     version: str,
+    engine: int,
     boot: str,
     load: dict[str, Any],
     queue: int,
@@ -111,6 +113,7 @@ def build_health(
         node=node,
         time=time.time(),
         version=version,
+        engine=engine,
         boot=boot,
         load=Load(**{**load, "queue": queue}),
         energy_source=energy_source,

@@ -27,15 +27,17 @@ class Peer:
     queue: int = 0
     probe_port: int = 0
     speed: dict[str, float] = field(default_factory=dict)  # model -> local ms per token (its map)
+    engine: int = 0  # engine.program.ENGINE_VERSION of the peer (0: unknown, e.g. mDNS only)
 
 
 class PeerTable:
     """Peers of one cluster, keyed by node id."""
 
-    def __init__(self, cluster: str, me: str, max_age_s: float = 30.0) -> None:
+    def __init__(self, cluster: str, me: str, max_age_s: float = 30.0, engine: int = 0) -> None:
         self.cluster = cluster
         self.me = me
         self.max_age_s = max_age_s
+        self.engine = engine
         self._peers: dict[str, Peer] = {}
 
     def seen(self, peer: Peer, now_s: float) -> bool:
@@ -44,7 +46,7 @@ class PeerTable:
             return False
         old = self._peers.get(peer.node)
         if old is not None and not peer.models:
-            peer = replace(peer, models=old.models, speed=old.speed)  # an mDNS refresh carries neither
+            peer = replace(peer, models=old.models, speed=old.speed, engine=old.engine)  # mDNS carries none
         self._peers[peer.node] = replace(peer, last_seen_s=now_s, online=True)
         return True
 
@@ -63,11 +65,11 @@ class PeerTable:
         return sorted(fresh, key=lambda p: (p.queue, p.load1, p.node))
 
     def able(self, model: str, fingerprint: float, now_s: float) -> list[Peer]:
-        """Alive peers that serve ``model`` with the same weights."""
+        """Alive peers that serve ``model`` with the same weights (and run the same engine version)."""
 
         def same(p: Peer) -> bool:
             theirs = p.models.get(model)
-            return theirs is not None and same_weights(fingerprint, theirs)
+            return theirs is not None and same_weights(fingerprint, theirs) and p.engine == self.engine
 
         return [p for p in self.alive(now_s) if same(p)]
 

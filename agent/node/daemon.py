@@ -47,7 +47,7 @@ from agent.node.monitors import read_load
 from agent.node.sdnotify import Notifier
 from agent.node.supervise import RESTARTS, supervise
 from engine.adapters import Tensors
-from engine.program import JobSpec
+from engine.program import ENGINE_VERSION, JobSpec
 from engine.trace import RunResult
 from policy.perfmap import hardware_fingerprint
 from transport.mqtt import MqttLink, Topics, TransportError, backoff_s, reply_route, transport_error
@@ -86,10 +86,11 @@ class Node:
         self.boot = secrets.token_hex(8)
         self.topics = Topics(s.topic_root, s.node_id)
         self.stop = asyncio.Event()
+        self.connected = asyncio.Event()  # set while subscribed to the broker
         self.failure: BaseException | None = None
         self.accepting = True
         self.probe_port = 0
-        self.peers = PeerTable(s.cluster, s.node_id, max_age_s=max(15.0, 3 * s.health_interval_s))
+        self.peers = PeerTable(s.cluster, s.node_id, max(15.0, 3 * s.health_interval_s), ENGINE_VERSION)
         self.links = LinkTable()
         self.engine = Engine()
         self.journal = Journal(s.journal_path(), sync=s.journal_sync, max_bytes=s.journal_max_bytes)
@@ -122,10 +123,10 @@ class Node:
         """Run over a GLOO group with ``peers``; what crossed the group also feeds the link table."""
         result = await self.groups.run(served, spec, inputs, peers)
         mine = result.traces[0]
-        if mine.comm_s > 0 and mine.exchange_bytes_recv > 0:
-            # Bytes over time in collectives: a lower bound on the link (it includes waiting for
-            # the slower rank), so it is kept beside the probes' figure, never mixed in.
-            mbps = (mine.exchange_bytes_recv + mine.exchange_bytes_sent) * 8 / mine.comm_s / 1e6
+        if mine.link_s > 0 and mine.exchange_bytes_recv > 0:
+            # Bytes over the time an exchange was in flight: a lower bound on the link (it
+            # includes waiting for the slower rank), kept beside the probes' figure, never mixed in.
+            mbps = (mine.exchange_bytes_recv + mine.exchange_bytes_sent) * 8 / mine.link_s / 1e6
             for peer in peers:
                 self.links.observe_gloo(peer.node, time.monotonic(), mbps)
         return result
@@ -271,6 +272,7 @@ class Node:
         await link.subscribe(*topics, *self._watched)
         await link.publish(self.topics.status, b"online", retain=True)
         self._link = link
+        self.connected.set()
         try:
             log.info("mqtt_connected", node=self.settings.node_id, results_queued=len(self.outbox))
             if not self._ready:
@@ -287,6 +289,7 @@ class Node:
             raise
         finally:
             self._link = None
+            self.connected.clear()
 
     async def _messages(self, link: MqttLink) -> None:
         jobs = {self.topics.jobs, self.topics.my_jobs}
@@ -330,6 +333,7 @@ class Node:
         return build_health(
             node=self.settings.node_id,
             version=VERSION,
+            engine=ENGINE_VERSION,
             boot=self.boot,
             load=read_load(),
             queue=self.engine.depth,
