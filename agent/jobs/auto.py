@@ -80,6 +80,11 @@ class AutoPolicy:
             return "no performance map (interim rule)"
         return self.untrusted.get(model) or f"the performance map has no cells for '{model}' (interim rule)"
 
+    @property
+    def corrections(self) -> dict[str, float]:
+        """The map's online corrections (option key -> observed / predicted); empty without a map."""
+        return dict(self.perf.corrections) if self.perf is not None else {}
+
     def map_name(self, model: str) -> str | None:
         """The map's name for a served model (matched by weights), or None."""
         return self.alias.get(model)

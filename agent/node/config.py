@@ -78,6 +78,8 @@ class Settings:
     objective: str = "latency"
     max_cr: float = 10.0
     idle_watts: float = 0.0
+    metrics_port: int = 0  # Prometheus endpoint (agent.node.metrics); 0: off
+    metrics_address: str = "127.0.0.1"
     limits: Limits = field(default_factory=Limits)
 
     @property
@@ -187,6 +189,8 @@ _SCALARS: dict[str, type] = {
     "objective": str,
     "max_cr": float,
     "idle_watts": float,
+    "metrics_port": int,
+    "metrics_address": str,
 }
 
 
@@ -268,6 +272,8 @@ def _validated(s: Settings) -> Settings:
         raise ConfigError("max_cr must be >= 1 and idle_watts >= 0")
     if not 0 < s.reconnect_min_s <= s.reconnect_max_s:
         raise ConfigError("need 0 < reconnect_min_s <= reconnect_max_s")
+    if not 0 <= s.metrics_port <= 65535:
+        raise ConfigError(f"metrics_port must be 0 (off) to 65535, got {s.metrics_port}")
     if not 0 <= s.session_expiry_s <= 0xFFFFFFFF:
         raise ConfigError("session_expiry_s must be between 0 and 4294967295")
     for limit in dataclasses.fields(s.limits):

@@ -38,6 +38,7 @@ from agent.jobs.service import JobService, Served
 from agent.node.broker import HostedBroker, find_broker, port_free
 from agent.node.config import ConfigError, Settings, mqtt_credentials, pick_device, tls_context
 from agent.node.energy import find_meter
+from agent.node.metrics import Metrics
 from agent.node.monitors import LinkTable, read_load
 from agent.node.sdnotify import Notifier
 from engine.adapters import Tensors
@@ -115,6 +116,7 @@ class Daemon:
         fingerprints = {name: served.fingerprint for name, served in models.items()}
         self.service = JobService(settings, models, self, find_meter(), AutoPolicy.load(settings, fingerprints))
         self.links = LinkTable()
+        self.metrics = Metrics(settings.node_id, VERSION, self.service.meter)
         self.hardware = hardware_fingerprint(settings.threads, pick_device(settings.device))
         self.probe_port = 0
         self._link: MqttLink | None = None
@@ -159,7 +161,8 @@ class Daemon:
         s = self.settings
         info = advert(s.node_id, s.cluster, self.address, 0, VERSION, sorted(self.service.models), self.admission)
         discovery = Discovery(self.peers, info, interfaces, admission=self.admission)
-        async with ProbeServer(self.address) as probes, discovery:
+        serving = self.metrics.serving(s.metrics_address, s.metrics_port)
+        async with ProbeServer(self.address) as probes, discovery, serving:
             self.probe_port = probes.port
             await self._serve()
 
@@ -320,6 +323,7 @@ class Daemon:
             self.recent.forget(key)  # cancelled: a redelivery may run it
             raise
         self.recent.finish(key, result)
+        self.metrics.job_done(result)
         self._queue_reply(payload, route, result)
 
     def _queue_reply(self, payload: bytes, route: tuple[str | None, bytes | None], result: Result) -> None:
@@ -442,7 +446,9 @@ class Daemon:
 
     async def _health(self, link: MqttLink) -> None:
         while True:
-            await link.publish(self.topics.health, json.dumps(self.health()).encode(), retain=True, qos=0)
+            health = self.health()
+            self.metrics.health_tick(health, self.service.auto.corrections)
+            await link.publish(self.topics.health, json.dumps(health).encode(), retain=True, qos=0)
             self.notifier.notify("WATCHDOG=1")
             await asyncio.to_thread(self.service.auto.save_if_due)
             await asyncio.sleep(self.settings.health_interval_s)
