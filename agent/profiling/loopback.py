@@ -57,27 +57,82 @@ class Grid:
         return self.cells * self.repeat
 
 
+#: Until a split pass has been timed, one is priced at this many local passes of the same batch.
+SPLIT_PRIOR = 1.5
+
+
+def _kind(label: str) -> str:
+    """``local``, ``full`` or ``prism``: passes of one kind cost alike per sample."""
+    mode = label.split()[-1]
+    return mode.split("@")[0]
+
+
 @dataclass(slots=True)
 class Progress:
-    """A progress bar with ETA on a terminal, a line per tenth elsewhere."""
+    """A progress bar with an ETA on a terminal, a line per tenth elsewhere.
 
-    total: int
+    ``plan`` lists every pass to come, in order, as (batch, kind, timed): warm-ups count for
+    the ETA though not in the pass count. The ETA prices each remaining pass at the seconds
+    per sample measured so far for its kind (local, full, prism), since a batch of 16 costs
+    far more than a batch of 1 and a split pass costs otherwise than a local one; a kind not
+    measured yet is priced from the others (split ones at :data:`SPLIT_PRIOR` x local).
+    """
+
+    plan: list[tuple[int, str, bool]]
     out: TextIO = field(default_factory=lambda: sys.stderr)
     done: int = 0
     start: float = field(default_factory=time.monotonic)
+    _cost: dict[str, list[float]] = field(default_factory=dict)  # kind -> [seconds, samples]
     _shown: int = -1
 
-    def step(self, label: str) -> None:
+    @classmethod
+    def for_grid(cls, grid: Grid, out: TextIO | None = None) -> Progress:
+        """The plan of :func:`profile_loopback` and ``profile_peers`` for ``grid``."""
+        plan = []
+        for batch in grid.batches:
+            for kind in ["local", *("full" if c is None else "prism" for c in grid.crs)]:
+                plan += [(batch, kind, False)] * grid.warmup + [(batch, kind, True)] * grid.repeat
+        return cls(plan, out or sys.stderr)
+
+    @property
+    def total(self) -> int:
+        """Timed passes in all."""
+        return sum(1 for *_, timed in self.plan if timed)
+
+    def eta_s(self) -> float | None:
+        """Seconds the remaining passes should take; None before anything was measured."""
+        if not self._cost:
+            return None
+        rate = {kind: s / n for kind, (s, n) in self._cost.items()}
+        local = rate.get("local") or min(rate.values()) / SPLIT_PRIOR
+        split = [r for k, r in rate.items() if k != "local"]
+        default_split = sum(split) / len(split) if split else local * SPLIT_PRIOR
+        return sum(
+            batch * rate.get(kind, local if kind == "local" else default_split)
+            for batch, kind, _ in self.plan[self.done :]
+        )
+
+    def step(self, label: str, seconds: float, timed: bool = True) -> None:
+        """One pass (``label`` ends with its option) took ``seconds``."""
+        batch, kind, _ = self.plan[self.done] if self.done < len(self.plan) else (1, _kind(label), timed)
         self.done += 1
+        spent = self._cost.setdefault(kind, [0.0, 0.0])
+        spent[0] += seconds
+        spent[1] += batch
+        if not timed:
+            return
+        count = sum(1 for *_, t in self.plan[: self.done] if t)
+        total = self.total
         elapsed = time.monotonic() - self.start
-        eta = elapsed / self.done * (self.total - self.done)
-        line = f"{self.done}/{self.total} passes, {elapsed:.0f} s, ETA {eta:.0f} s ({label})"
+        eta = self.eta_s()
+        left = "-" if eta is None else f"{eta:.0f} s"
+        line = f"{count}/{total} passes, {elapsed:.0f} s, about {left} left ({label})"
         if self.out.isatty():
-            filled = int(30 * self.done / self.total)
+            filled = int(30 * count / total)
             self.out.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {line}   ")
-            if self.done == self.total:
+            if count == total:
                 self.out.write("\n")
-        elif (tenth := 10 * self.done // self.total) != self._shown:
+        elif (tenth := 10 * count // total) != self._shown:
             self._shown = tenth
             self.out.write(f"profile: {line}\n")
         self.out.flush()
@@ -180,10 +235,13 @@ def energy_label(source: str, idle_w: float) -> str:
 
 def _passes(fn: Callable[[], Pass], grid: Grid, progress: Progress, label: str) -> Iterator[Pass]:
     for _ in range(grid.warmup):
+        start = time.perf_counter()
         fn()
+        progress.step(label, time.perf_counter() - start, timed=False)
     for _ in range(grid.repeat):
-        yield fn()
-        progress.step(label)
+        measured = fn()
+        progress.step(label, measured.seconds)
+        yield measured
 
 
 def _runner(
@@ -200,7 +258,7 @@ def profile_loopback(grid: Grid, progress: Progress | None = None) -> PerfMap:
     """Measure ``grid`` on this box: local passes here, distributed ones over a GLOO group of
     ``grid.ranks`` local processes on loopback."""
     torch.set_num_threads(1)
-    progress = progress or Progress(grid.passes)
+    progress = progress or Progress.for_grid(grid)
     model: LoadedModel = load(grid.model)
     task = model.adapter.default_task()
     meter = find_meter()

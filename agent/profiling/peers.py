@@ -188,7 +188,7 @@ async def profile_peers(
     progress: Progress | None = None,
 ) -> PerfMap:
     """Measure ``grid`` on ``target.node`` with ``target.peers`` (see the module docstring)."""
-    progress = progress or Progress(grid.passes)
+    progress = progress or Progress.for_grid(grid)
     perf = PerfMap(
         hardware=target.hardware,
         models={grid.model: target.fingerprint},
@@ -212,9 +212,10 @@ async def profile_peers(
                         result = await session.ask({**job, **fields}, timeout_s)
                         _check(result, mode, label, target.node)
                         seq = int(result.get("decision", {}).get("tokens") or 0)
-                        if i >= grid.warmup:
+                        timed = i >= grid.warmup
+                        progress.step(label, result["latency_ms"]["engine"] / 1e3, timed=timed)
+                        if timed:
                             passes.append(_pass(result, 1 if mode == "local" else ranks, grid.idle_w))
-                            progress.step(label)
                     mbps = None if mode == "local" else session.link_mbps(target.peers)
                     cell_ranks = 1 if mode == "local" else ranks
                     perf.cells.append(make_cell(grid.model, batch, seq, mode, cr, cell_ranks, passes, mbps))
