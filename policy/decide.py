@@ -106,6 +106,13 @@ class Decision:
         }
 
 
+def fmt_ms(ms: float) -> str:
+    """Milliseconds as a person reads them: ``0.44 ms``, ``3.2 ms``, ``41 ms`` (never ``0 ms``)."""
+    if ms < 1:
+        return f"{ms:.2f} ms"
+    return f"{ms:.1f} ms" if ms < 10 else f"{ms:.0f} ms"
+
+
 def load_factor(load1: float, cpus: int, queue: int = 0) -> float:
     """How much slower compute runs: time-sharing past the cores, plus jobs queued ahead."""
     return max(1.0, load1 / max(1, cpus)) * (1 + max(0, queue))
@@ -174,10 +181,11 @@ def decide(
     if best.peers:
         mbps = [p.mbps for p in peers if p.node in best.peers]
         known = [m for m in mbps if m is not None]
-        link = f" over {len(best.peers)} peer(s) at {min(known):.0f} Mbit/s" if known else " (link not measured yet)"
-    reason = f"{req.mode}/{req.objective}: {best.name}{link} predicted {best.ms:.0f} ms"
+        rate = f"{min(known):.0f}" if known and min(known) >= 10 else f"{min(known or [0]):.1f}"
+        link = f" over {len(best.peers)} peer(s) at {rate} Mbit/s" if known else " (link not measured yet)"
+    reason = f"{req.mode}/{req.objective}: {best.name}{link} predicted {fmt_ms(best.ms)}"
     if runner_up is not None:
-        reason += f" vs {runner_up.name} {runner_up.ms:.0f} ms"
+        reason += f" vs {runner_up.name} {fmt_ms(runner_up.ms)}"
     if not peers and req.mode != "local":
         reason += "; no peer serves this model with the same weights"
     ranks = len(best.peers) + 1

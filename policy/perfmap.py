@@ -94,9 +94,14 @@ class PerfMap:
         names = {f.name for f in fields(Cell)}
         try:
             cells = [Cell(**{k: v for k, v in c.items() if k in names}) for c in data["cells"]]
+            seen = set()
             for c in cells:
                 if c.mode not in MODES or c.batch < 1 or c.ranks < 1 or not c.median_ms > 0:
                     raise MapError(f"bad cell: {c}")
+                key = (c.model, c.batch, c.seq, c.mode, c.cr, c.ranks, c.mbps)
+                if key in seen:
+                    raise MapError(f"the map measures {c.model} batch {c.batch} {c.option} twice")
+                seen.add(key)
             return cls(
                 hardware=dict(data["hardware"]),
                 models={str(k): float(v) for k, v in data["models"].items()},

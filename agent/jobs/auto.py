@@ -114,9 +114,12 @@ class AutoPolicy:
             for p in peers
         ]
         got = decide(request, self.perf, views, load1, cpus, self.policy)
-        if got is not None and self.foreign_hardware:
-            got = dataclasses.replace(got, reason=got.reason + "; map measured on other hardware")
-        return got
+        if got is None:
+            return None
+        source = f"performance map {self.path.name}" if self.path is not None else "performance map"
+        if self.foreign_hardware:
+            source += ", measured on other hardware"
+        return dataclasses.replace(got, reason=f"{got.reason} ({source})")
 
     def observe(self, decision: Decision, observed_ms: float) -> None:
         """Fold a job's engine time into its option's correction."""
