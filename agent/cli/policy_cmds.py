@@ -149,7 +149,7 @@ def _profile_peers(
 
 def _show(ns: argparse.Namespace, perf: Any, model: str, seq: int) -> int:
     from policy.decide import Policy
-    from policy.report import crossover, plot, table, winners
+    from policy.report import crossover, plot, split_batches, table, winners
 
     if ns.plot is not None:
         plot(perf, model, seq, Policy(), ns.plot)
@@ -157,6 +157,7 @@ def _show(ns: argparse.Namespace, perf: Any, model: str, seq: int) -> int:
         grid = winners(perf, model, seq, Policy())
         out = perf.to_dict()
         out["crossover_batch"] = {f"{bw:g}": b for bw, b in crossover(grid).items()}
+        out["split_batches"] = {f"{bw:g}": b for bw, b in split_batches(grid).items()}
         print(json.dumps(out))
     else:
         print(table(perf))
