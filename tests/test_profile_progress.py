@@ -31,6 +31,19 @@ def test_the_eta_after_the_small_batches_foresees_the_large_ones() -> None:
     assert naive < 0.4 * (truth - spent)
 
 
+def test_the_loopback_plan_has_the_options_take_turns() -> None:
+    grid = Grid("m", batches=(2,), crs=(4.0,), repeat=2, warmup=1)
+    plan = Progress.for_grid(grid, io.StringIO(), interleaved=True).plan
+    assert plan == [
+        (2, "local", False),
+        (2, "prism", False),
+        (2, "local", True),
+        (2, "prism", True),
+        (2, "local", True),
+        (2, "prism", True),
+    ]
+
+
 def test_split_passes_not_yet_timed_are_priced_above_local_ones() -> None:
     progress = Progress([(4, "local", True), (4, "local", True), (4, "prism", True)], io.StringIO())
     assert progress.eta_s() is None  # nothing measured: no guess

@@ -13,7 +13,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -86,12 +86,18 @@ class Progress:
     _shown: int = -1
 
     @classmethod
-    def for_grid(cls, grid: Grid, out: TextIO | None = None) -> Progress:
-        """The plan of :func:`profile_loopback` and ``profile_peers`` for ``grid``."""
-        plan = []
+    def for_grid(cls, grid: Grid, out: TextIO | None = None, *, interleaved: bool = False) -> Progress:
+        """The plan for ``grid``: cell after cell (``profile_peers``), or per batch the warm-ups,
+        then the options taking turns pass by pass (:func:`profile_loopback`)."""
+        kinds = ["local", *("full" if c is None else "prism" for c in grid.crs)]
+        plan: list[tuple[int, str, bool]] = []
         for batch in grid.batches:
-            for kind in ["local", *("full" if c is None else "prism" for c in grid.crs)]:
-                plan += [(batch, kind, False)] * grid.warmup + [(batch, kind, True)] * grid.repeat
+            if interleaved:
+                plan += [(batch, kind, False) for kind in kinds for _ in range(grid.warmup)]
+                plan += [(batch, kind, True) for _ in range(grid.repeat) for kind in kinds]
+            else:
+                for kind in kinds:
+                    plan += [(batch, kind, False)] * grid.warmup + [(batch, kind, True)] * grid.repeat
         return cls(plan, out or sys.stderr)
 
     @property
@@ -233,15 +239,21 @@ def energy_label(source: str, idle_w: float) -> str:
     return source if idle_w == 0 or source != "cpu-model" else f"cpu-model+idle {idle_w:g} W"
 
 
-def _passes(fn: Callable[[], Pass], grid: Grid, progress: Progress, label: str) -> Iterator[Pass]:
-    for _ in range(grid.warmup):
-        start = time.perf_counter()
-        fn()
-        progress.step(label, time.perf_counter() - start, timed=False)
+def _rounds(options: list[tuple[str, Callable[[], Pass]]], grid: Grid, progress: Progress) -> dict[str, list[Pass]]:
+    """Warm every option up, then time them in turns, so a burst of other load on the box lands
+    on all of them alike instead of on whichever option was being measured."""
+    for label, fn in options:
+        for _ in range(grid.warmup):
+            start = time.perf_counter()
+            fn()
+            progress.step(label, time.perf_counter() - start, timed=False)
+    passes: dict[str, list[Pass]] = {label: [] for label, _ in options}
     for _ in range(grid.repeat):
-        measured = fn()
-        progress.step(label, measured.seconds)
-        yield measured
+        for label, fn in options:
+            measured = fn()
+            progress.step(label, measured.seconds)
+            passes[label].append(measured)
+    return passes
 
 
 def _runner(
@@ -258,7 +270,7 @@ def profile_loopback(grid: Grid, progress: Progress | None = None) -> PerfMap:
     """Measure ``grid`` on this box: local passes here, distributed ones over a GLOO group of
     ``grid.ranks`` local processes on loopback."""
     torch.set_num_threads(1)
-    progress = progress or Progress.for_grid(grid)
+    progress = progress or Progress.for_grid(grid, interleaved=True)
     model: LoadedModel = load(grid.model)
     task = model.adapter.default_task()
     meter = find_meter()
@@ -274,11 +286,16 @@ def profile_loopback(grid: Grid, progress: Progress | None = None) -> PerfMap:
         for batch in grid.batches:
             inputs = make_inputs(model, batch, grid.seq, 0)
             seq = model.adapter.shapes(inputs).n_tokens
-            for mode, cr in [("local", None), *(("full" if c is None else "prism", c) for c in grid.crs)]:
-                label = f"batch {batch} {mode}" + ("" if cr is None else f"@{cr:g}")
+            options = [("local", None), *(("full" if c is None else "prism", c) for c in grid.crs)]
+            timed: list[tuple[str, Callable[[], Pass]]] = []
+            for mode, cr in options:
                 ranks = 1 if mode == "local" else grid.ranks
                 run = _runner(model, task, inputs, cluster if ranks > 1 else None, ranks, cr)
-                runs = list(_passes(lambda run=run, ranks=ranks: energy.measure(run, ranks), grid, progress, label))  # type: ignore[misc]
-                perf.cells.append(make_cell(grid.model, batch, seq, mode, cr, ranks, runs))
+                label = f"batch {batch} {mode}" + ("" if cr is None else f"@{cr:g}")
+                timed.append((label, lambda run=run, ranks=ranks: energy.measure(run, ranks)))  # type: ignore[misc]
+            passes = _rounds(timed, grid, progress)
+            for (mode, cr), (label, _) in zip(options, timed, strict=True):
+                ranks = 1 if mode == "local" else grid.ranks
+                perf.cells.append(make_cell(grid.model, batch, seq, mode, cr, ranks, passes[label]))
     perf.link_efficiency = fit_link_efficiency(perf)
     return perf
