@@ -25,10 +25,25 @@ def table(perf: PerfMap) -> str:
             f"{c.median_ms / c.batch:>10.1f}{c.compute_ms:>9.1f}{c.comm_ms:>8.1f}{c.wire_bytes / 1e3:>9.0f}"
             f"{c.energy_j:>9.3f}  {link}"
         )
-    lines.append(f"energy: {perf.energy_source}; link efficiency {perf.link_efficiency:.2f}; hardware: {perf.hardware}")
+    efficiency = f"{perf.link_efficiency:.2f}"
+    lines.append(f"energy: {perf.energy_source}; link efficiency {efficiency}; hardware: {hardware(perf)}")
     if perf.corrections:
         lines.append("online corrections: " + ", ".join(f"{k} x{v:.2f}" for k, v in sorted(perf.corrections.items())))
     return "\n".join(lines)
+
+
+def hardware(perf: PerfMap) -> str:
+    """Where the map was measured, in words: ``AMD EPYC, 2 cores, 1 thread, cpu, torch 2.13.0``."""
+    h = perf.hardware
+    threads = h.get("threads")
+    parts = [
+        str(h.get("cpu") or "unknown CPU"),
+        f"{h['cores']} cores" if h.get("cores") else "",
+        f"{threads} thread{'s' if threads != 1 else ''}" if threads else "",
+        str(h.get("gpu") or h.get("device") or ""),
+        f"torch {h['torch']}" if h.get("torch") else "",
+    ]
+    return ", ".join(p for p in parts if p)
 
 
 def decide_at(perf: PerfMap, model: str, batch: int, seq: int, mbps: float, policy: Policy, **req: Any) -> Decision:

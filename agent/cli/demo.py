@@ -24,6 +24,7 @@ from engine.errors import PrismError
 SLOW_MBIT = 3.0
 CR = 8.0  # the map holds local and PRISM at this CR (under the default accuracy floor of 10)
 WORDS = 100  # words per text: real passages of about 150 tokens
+PROFILE_REPEAT = 5  # timed passes per cell; the options take turns, so passing load hits them alike
 COLUMNS = {
     "link": "the link from the coordinating agent to its peer, as its probes measured it (Mbit/s)",
     "job": "auto: the agent chooses; local: the same batch run locally (the reference); split: forced PRISM split",
@@ -133,7 +134,7 @@ def run_demo(model: str, batch: int, slow: float, auto_jobs: int, loopback: bool
         map_file = Path(tmp) / f"{model.replace('/', '_')}.map.json"
         print(f"1/3 profiling a performance map of {model} on this box (batches {batch // 2 or 1} and {batch}, "
               f"{tokens} tokens, local and prism@{CR:g} over 2 local GLOO ranks) ...", file=sys.stderr)  # fmt: skip
-        grid = Grid(model, 2, tuple(sorted({max(1, batch // 2), batch})), (CR,), tokens, repeat=3)
+        grid = Grid(model, 2, tuple(sorted({max(1, batch // 2), batch})), (CR,), tokens, repeat=PROFILE_REPEAT)
         perf = profile_loopback(grid)
         save_map(perf, map_file)
         site: Site = LoopbackSite() if why_loopback else NamespaceSite()
@@ -187,7 +188,7 @@ def _split_part(c: dict[str, Any], peer: str, autos: list[dict[str, Any]], where
         f"run locally, cosine {cos:.4f})"
     )
     if auto_ms > local_ms:  # say so: the corrections learn from it, and the reader should know
-        text += " though the split ran slower than predicted here (other work on the cores?)"
+        text += ", though here it ran no faster than local (other work on the cores?)"
     return text
 
 
