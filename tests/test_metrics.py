@@ -184,3 +184,25 @@ def _samples(m: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]
         for family in text_string_to_metric_families(_text(m))
         for s in family.samples
     }
+
+
+def test_the_endpoint_serves_while_inside_and_a_taken_port_is_one_clear_error() -> None:
+    import asyncio
+    import socket
+
+    port = free_port()
+
+    async def scenario() -> str:
+        first, second = Metrics("a", "1"), Metrics("b", "1")
+        async with first.serving("127.0.0.1", port):
+            text = await asyncio.to_thread(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read())
+            with pytest.raises(ConfigError, match=f"cannot serve metrics on 127.0.0.1:{port}"):
+                async with second.serving("127.0.0.1", port):
+                    pass
+        async with Metrics("c", "1").serving("127.0.0.1", 0):  # 0: off, nothing listens
+            pass
+        return text.decode()
+
+    assert 'prism_agent_info{node="a",version="1"} 1.0' in asyncio.run(asyncio.wait_for(scenario(), 30))
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0  # stopped with the agent
