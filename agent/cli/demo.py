@@ -126,7 +126,7 @@ def run_demo(model: str, batch: int, slow: float, auto_jobs: int, loopback: bool
     from policy.decide import Policy
     from policy.perfmap import save_map
     from policy.report import decide_at
-    from testbed.bed import netns_unavailable
+    from testbed.bed import TestbedError, netns_unavailable
 
     why_loopback = "asked for (--loopback)" if loopback else netns_unavailable()
     texts, tokens = _texts(model, batch)
@@ -146,6 +146,8 @@ def run_demo(model: str, batch: int, slow: float, auto_jobs: int, loopback: bool
             print("3/3 submitting the same batch on each link", file=sys.stderr)
             links: list[float | None] = [None] if why_loopback else [None, slow]
             conditions = [_condition(site, mbit, f"l{i}", texts, auto_jobs) for i, mbit in enumerate(links)]
+        except TestbedError as exc:  # the bed could not be built or driven: one line, like any demo failure
+            raise DemoError(f"the namespace bed failed: {exc}") from exc
         finally:
             site.close()
     not_run = None

@@ -109,6 +109,7 @@ class LoopbackSite:
 
     def __init__(self) -> None:
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.logs: list[Path] = []
         self.broker_proc: subprocess.Popen[bytes] | None = None
         self.cluster = f"demo-{uuid.uuid4().hex[:6]}"
         self.workdir: Path | None = None
@@ -139,8 +140,9 @@ class LoopbackSite:
         for node in self.nodes:
             cmd = [sys.executable, "-m", "agent", "run", "--broker", f"mqtt://127.0.0.1:{port}"]
             cmd += ["--cluster", self.cluster, "--node-id", node, "--model", f"demo={model}", "--threads", "1"]
-            log = (self.workdir / f"{node}.log").open("wb")
-            self.procs.append(subprocess.Popen([*cmd, "--log-format", "json"], env=env, stdout=log, stderr=log))
+            self.logs.append(self.workdir / f"{node}.log")
+            with self.logs[-1].open("wb") as log:  # the child keeps its own descriptor
+                self.procs.append(subprocess.Popen([*cmd, "--log-format", "json"], env=env, stdout=log, stderr=log))
         self._until(lambda h: bool(h.get("peers")), "the two agents to find each other")
 
     def _health(self) -> dict[str, Any]:
@@ -154,9 +156,10 @@ class LoopbackSite:
 
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            dead = [p for p in self.procs if p.poll() is not None]
+            dead = [i for i, p in enumerate(self.procs) if p.poll() is not None]
             if dead:
-                raise DemoError(f"a demo agent exited (status {dead[0].returncode}); see {self.workdir}")
+                lines = self.logs[dead[0]].read_text(errors="replace").strip().splitlines() or ["(no output)"]
+                raise DemoError(f"demo agent {self.nodes[dead[0]]} exited: {lines[-1][:300]}")
             health = self._health()
             if check(health):
                 return health
