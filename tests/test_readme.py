@@ -225,7 +225,9 @@ def test_the_testbed_example_runs(tmp_path: Path) -> None:
         subprocess.run([sys.executable, "-m", "agent", "testbed", "down", tag], cwd=REPO, env=_env(), check=False)
     submitted = next(o for o in outputs if "answered by h0" in o)
     assert "distributed" in submitted
-    assert any(o.count("online") == 2 for o in outputs)  # the exec'd mosquitto_sub saw both hosts
+    statuses = next(o for o in outputs if "/nodes/h0/status" in o)  # the exec'd mosquitto_sub
+    assert "prism/v1/tb/nodes/h0/status online" in statuses
+    assert "prism/v1/tb/nodes/h1/status" in statuses  # online again, or still offline after its kill
 
 
 def test_the_toml_and_json_examples_are_what_the_agent_reads(tmp_path: Path) -> None:
