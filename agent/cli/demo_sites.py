@@ -30,15 +30,20 @@ class Site(Protocol):
     nodes: tuple[str, str]
     where: str
 
-    def start(self, model: str, map_file: Path) -> None: ...
+    def start(self, model: str, map_file: Path) -> None:
+        """Start the broker and both agents (serving ``model`` with ``map_file``), until they are peers."""
 
-    def shape(self, mbit: float | None) -> None: ...
+    def shape(self, mbit: float | None) -> None:
+        """Limit the link between them to ``mbit`` (None: unshaped)."""
 
-    def wait_link(self, mbit: float | None) -> float: ...
+    def wait_link(self, mbit: float | None) -> float:
+        """Until the first agent's probes see that link; the Mbit/s they measured."""
 
-    def submit(self, job: dict[str, Any]) -> dict[str, Any]: ...
+    def submit(self, job: dict[str, Any]) -> dict[str, Any]:
+        """Send ``job`` to the first agent; its result."""
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Stop everything the site started."""
 
 
 def _settled(mbit: float | None, seen: float | None) -> bool:
