@@ -142,6 +142,13 @@ class Decision:
         }
 
 
+def fmt_ms(ms: float) -> str:
+    """Milliseconds as a person reads them: ``0.44 ms``, ``3.2 ms``, ``41 ms`` (never ``0 ms``)."""
+    if ms < 1:
+        return f"{ms:.2f} ms"
+    return f"{ms:.1f} ms" if ms < 10 else f"{ms:.0f} ms"
+
+
 def load_factor(load1: float, cpus: int, queue: int = 0) -> float:
     """How much slower compute runs: time-sharing past the cores, plus jobs queued ahead."""
     return max(1.0, load1 / max(1, cpus)) * (1 + max(0, queue))
@@ -214,8 +221,8 @@ def _options(req: Request, perf: PerfMap, peers: list[PeerLink], local_factor: f
 def _why_not(o: Option, floor: float) -> str:
     """Why ``o`` was passed over for accuracy."""
     if o.fidelity is None:
-        return f"{o.name} ({o.ms:.0f} ms) has no profiled fidelity: re-profile the map to use it"
-    return f"{o.name} ({o.ms:.0f} ms) has fidelity {o.fidelity:.5f}, below the floor {floor:g}"
+        return f"{o.name} ({fmt_ms(o.ms)}) has no profiled fidelity: re-profile the map to use it"
+    return f"{o.name} ({fmt_ms(o.ms)}) has fidelity {o.fidelity:.5f}, below the floor {floor:g}"
 
 
 def decide(
@@ -257,14 +264,15 @@ def decide(
     if best.peers:
         mbps = [p.mbps for p in peers if p.node in best.peers]
         known = [m for m in mbps if m is not None]
-        link = f" over {len(best.peers)} peer(s) at {min(known):.0f} Mbit/s" if known else " (link not measured yet)"
-    reason = f"{req.mode}/{req.objective}: {best.name}{link} predicted {best.ms:.0f} ms"
+        rate = f"{min(known):.0f}" if known and min(known) >= 10 else f"{min(known or [0]):.1f}"
+        link = f" over {len(best.peers)} peer(s) at {rate} Mbit/s" if known else " (link not measured yet)"
+    reason = f"{req.mode}/{req.objective}: {best.name}{link} predicted {fmt_ms(best.ms)}"
     if best.mode == "prism":
         reason += ", fidelity " + ("unknown" if best.fidelity is None else f"{best.fidelity:.5f}")
     if len(set(best.shares)) > 1:
         reason += ", shares " + "/".join(f"{s:.2f}" for s in best.shares)
     if runner_up is not None:
-        reason += f" vs {runner_up.name} {runner_up.ms:.0f} ms"
+        reason += f" vs {runner_up.name} {fmt_ms(runner_up.ms)}"
     reason += note
     if passed_over is not None:
         reason += "; " + _why_not(passed_over, floor)

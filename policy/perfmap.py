@@ -156,8 +156,13 @@ class PerfMap:
                 for c in cells:
                     c.method = Method.MEANS.value if c.mode == "prism" else None
                 corrections = {k.replace("/prism/", "/means/"): v for k, v in corrections.items()}
+            seen = set()
             for c in cells:
                 _check_cell(c)
+                key = (c.model, c.batch, c.seq, c.mode, c.method, c.cr, c.ranks, c.mbps)
+                if key in seen:
+                    raise MapError(f"the map measures {c.model} batch {c.batch} {c.option} twice")
+                seen.add(key)
             return cls(
                 hardware=dict(data["hardware"]),
                 models={str(k): float(v) for k, v in data["models"].items()},

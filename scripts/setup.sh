@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Set up .venv with prism-agent and its dependencies; idempotent and quick when nothing changed.
-#   scripts/setup.sh          runtime only
+#   scripts/setup.sh          runtime, with the plot extra (map show --plot)
 #   scripts/setup.sh dev      plus test and lint tools
+#   scripts/setup.sh jetson   JetPack: keeps the torch already installed (NVIDIA's wheel) and
+#                             installs everything else from pyproject.toml around it
 # TORCH_INDEX_URL=<url> picks where torch comes from (e.g. PyTorch's CPU index on a machine
 # whose pip would otherwise fetch the multi-GB CUDA build). On Jetson see README "Jetson".
 set -euo pipefail
@@ -9,6 +11,14 @@ cd "$(dirname "$0")/.."
 
 extra="${1:-}"
 py="${PYTHON:-python3}"
+case "$extra" in
+    "" | dev | jetson) ;;
+    *) echo "setup: unknown mode '$extra' (give nothing, dev or jetson)" >&2; exit 2 ;;
+esac
+venv=(-m venv)
+if [ "$extra" = jetson ]; then
+    venv=(-m venv --system-site-packages)  # JetPack's torch may live in the system site-packages
+fi
 
 if ! "$py" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
     echo "setup: need Python >= 3.10 (found: $("$py" --version 2>&1 || echo none))" >&2
@@ -16,12 +26,12 @@ if ! "$py" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; th
 fi
 
 if [ ! -x .venv/bin/python ]; then
-    if ! "$py" -m venv .venv 2>/dev/null; then
+    if ! "$py" "${venv[@]}" .venv 2>/dev/null; then
         rm -rf .venv
         if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
             echo "setup: installing python3-venv" >&2
             apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
-            "$py" -m venv .venv
+            "$py" "${venv[@]}" .venv
         else
             echo "setup: '$py -m venv' failed; install python3-venv (apt-get install python3-venv)" >&2
             exit 1
@@ -47,6 +57,20 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
 fi
 
 pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
+if [ "$extra" = jetson ]; then
+    # NVIDIA's torch stays: prism-agent without its dependencies, then every other dependency of
+    # pyproject.toml under a constraint that pins torch to the installed version.
+    if ! .venv/bin/python -c 'import torch' 2>/dev/null; then
+        echo "setup: no torch in .venv: install NVIDIA's JetPack torch wheel first (see README 'Jetson')" >&2
+        exit 1
+    fi
+    .venv/bin/python -c 'import torch; print(f"torch=={torch.__version__}")' > .venv/torch-pin.txt
+    "${pip[@]}" --no-deps -e .
+    .venv/bin/python scripts/jetson_deps.py --extra plot > .venv/jetson-requirements.txt
+    "${pip[@]}" -c .venv/torch-pin.txt -r .venv/jetson-requirements.txt
+    echo "$want" > "$stamp"
+    exit 0
+fi
 # torch first and pinned, so nothing later can pull another build.
 if [ -n "${TORCH_INDEX_URL:-}" ]; then
     "${pip[@]}" --index-url "$TORCH_INDEX_URL" "torch==2.13.0"
@@ -56,6 +80,6 @@ fi
 if [ "$extra" = dev ]; then
     "${pip[@]}" -e ".[dev]"
 else
-    "${pip[@]}" -e .
+    "${pip[@]}" -e ".[plot]"
 fi
 echo "$want" > "$stamp"

@@ -22,8 +22,9 @@ def add_cli(sub: Any) -> None:
     up.add_argument("--model", default="tiny-bert", help="model every agent serves, as 'bert' (default tiny-bert)")
     up.add_argument("--rate", type=_rate, default=None, help="shape every host's link, e.g. 20mbit")
     up.add_argument("--tag", type=_tag, default=None, help="the bed's name (default: random)")
-    up.add_argument("--cluster", default="tb", help="cluster name of the agents (default tb)")
+    up.add_argument("--cluster", type=_tag_like, default="tb", help="cluster name of the agents (default tb)")
     up.add_argument("--no-agents", action="store_true", help="only the namespaces and the broker")
+    up.add_argument("--json", action="store_true", help="print the bed's status as JSON")
     sh_ = cmds.add_parser("shape", help="change a host's rate limit while running ('off' removes it)")
     sh_.add_argument("tag", type=_tag)
     sh_.add_argument("host", type=_host)
@@ -56,6 +57,29 @@ def _count(text: str) -> int:
     if not text.isdigit() or not 1 <= int(text) <= 200:
         raise argparse.ArgumentTypeError(f"expected 1-200, got {text!r}")
     return int(text)
+
+
+def _tag_like(text: str) -> str:
+    if not text or len(text) > 64 or any(c in text for c in "/+# "):
+        raise argparse.ArgumentTypeError(f"expected 1-64 characters without / + # or spaces, got {text!r}")
+    return text
+
+
+def _check_model(source: str) -> None:
+    """Fail before building anything when no agent could load ``source``."""
+    from pathlib import Path
+
+    from engine.models import known_names
+
+    if source in known_names() or Path(source).expanduser().is_dir():
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(source, "config.json"), str):
+        return
+    raise UsageError(
+        f"unknown model '{source}': not a built-in ({', '.join(known_names())}), a directory, or in the hub cache"
+    )
 
 
 def _host(text: str) -> int:
@@ -133,6 +157,8 @@ def run_cli(ns: argparse.Namespace) -> int:
 
 def _run_cli(ns: argparse.Namespace) -> int:
     cmd = ns.testbed
+    if cmd == "up":
+        _check_model(ns.model)  # before anything else: a typo should not cost a bed
     if cmd in ("up", "shape", "cut", "restore", "kill", "start", "down") and netns_unavailable():
         raise TestbedError(f"test bed unavailable: {netns_unavailable()}")
     if cmd == "up":
@@ -151,7 +177,9 @@ def _run_cli(ns: argparse.Namespace) -> int:
         except BaseException:
             bed.down()
             raise
-        _print_status([bed], False)
+        _print_status([bed], ns.json)
+        if ns.json:
+            return 0
         print(f"next: prism-agent testbed submit {bed.tag} -- --model bert --text hello --mode distributed")
         return 0
     if cmd == "status":

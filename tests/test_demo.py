@@ -1,4 +1,4 @@
-"""The README's main job, and the zero-config broker."""
+"""The Quickstart's demo (auto on a fast and a slow link), and the zero-config broker."""
 
 from __future__ import annotations
 
@@ -6,38 +6,92 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from agent.cli import demo
 from tests.mqtt_env import REPO, agent, wait_online
+from tests.netns import require_netns
 
 pytestmark = [pytest.mark.mqtt, pytest.mark.gloo]
 
 
-def test_demo_runs_every_mode_on_two_real_agents() -> None:
+def _demo(*extra: str) -> dict[str, Any]:
     proc = subprocess.run(
-        [sys.executable, "-m", "agent", "demo", "--batch", "8", "--crs", "4", "--json"],
+        [sys.executable, "-m", "agent", "demo", "--json", *extra],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=400,
         cwd=REPO,
         check=False,
-        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin:/usr/sbin"},
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin:/usr/sbin:/sbin"},
     )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    results = json.loads(proc.stdout)
-    assert all(r["ok"] for r in results)
-    modes = [(r["decision"]["requested"], r["mode"]) for r in results]
-    assert modes == [
-        ("local", "local"),
-        ("distributed", "distributed"),
-        ("distributed", "distributed"),
-        ("auto", "distributed"),
-        ("auto", "local"),
-    ]
-    assert results[1]["cosine_vs_local"] == pytest.approx(1.0, abs=1e-4)  # full exchange is exact
-    assert results[2]["cosine_vs_local"] > 0.95
-    assert results[2]["latency_ms"]["exchange_bytes"] < 0.4 * results[1]["latency_ms"]["exchange_bytes"]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "1/3 profiling" in proc.stderr  # progress goes to stderr
+    run: dict[str, Any] = json.loads(proc.stdout)
+    return run
+
+
+def _autos(condition: dict[str, Any]) -> list[dict[str, Any]]:
+    return [r for r in condition["results"] if r["role"] == "auto"]
+
+
+@pytest.mark.netns
+def test_demo_auto_splits_on_the_fast_link_and_stays_local_on_the_slow_one(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    require_netns()
+    run = _demo()
+    assert run["site"] == "netns"
+    fast, slow = run["conditions"]
+    assert fast["link"] == "unshaped"
+    assert slow["link"] == "3 Mbit/s"
+    assert fast["probed_mbps"] > 200
+    assert 1.5 < slow["probed_mbps"] < 4.5
+    first = _autos(fast)[0]["decision"]
+    predicted = first["options"]
+    if predicted["prism@8"] >= predicted["local"]:
+        # The map was profiled on this box moments ago; it finds no gain from splitting when other processes
+        # hold the cores (a shared CI box). The contrast needs two idle cores: say so rather than guess.
+        pytest.skip(f"no gain from splitting on this box right now (map: {predicted}); demo: {run['summary']}")
+    for r in _autos(fast)[:1]:  # the first decision is the map's alone; later ones also carry its corrections
+        assert (r["mode"], r["decision"]["option"], r["peers"]) == ("distributed", "prism@8", ["h1"]), r["decision"]
+        assert "vs local" in r["decision"]["reason"]
+        assert 0.9 < r["cosine_vs_local"] < 1.0  # Segment Means: close to the local answer, not equal
+    for r in _autos(fast):
+        assert "(performance map " in r["decision"]["reason"]
+        assert r["decision"]["predicted_ms"] > 0
+    for r in _autos(slow):
+        assert r["mode"] == "local", r["decision"]
+        assert "(performance map " in r["decision"]["reason"]
+        assert "vs prism@8" in r["decision"]["reason"]
+        assert r["cosine_vs_local"] == pytest.approx(1.0, abs=1e-6)
+    # Auto's choice was the faster one: the forced split on the slow link took longer than local there.
+    slow_split = next(r for r in slow["results"] if r["role"] == "split")
+    assert slow_split["latency_ms"]["engine"] > max(r["latency_ms"]["engine"] for r in _autos(slow))
+    assert "two different choices" in run["summary"]
+
+    demo.print_run(run)  # the human view of the same run
+    text = capsys.readouterr().out
+    assert "prism@8 with h1" in text
+    assert "What it showed: at " in text
+    for column in demo.COLUMNS:
+        assert f"\n{column} " in text  # every column explained on a line of its own
+    assert "None" not in text
+
+
+def test_demo_on_loopback_runs_one_link_and_says_what_the_map_predicts_for_the_slow_one() -> None:
+    run = _demo("--loopback", "--batch", "4", "--auto-jobs", "1")
+    assert run["site"] == "loopback"
+    assert run["loopback_reason"] == "asked for (--loopback)"
+    (only,) = run["conditions"]
+    assert {r["role"] for r in only["results"]} == {"auto", "local", "split"}
+    assert all(r["ok"] for r in only["results"])
+    assert "(performance map " in _autos(only)[0]["decision"]["reason"]
+    assert run["not_run"]["link"] == "3 Mbit/s"
+    assert run["not_run"]["option"] == "local"  # 3 Mbit/s is far too slow to split 4 texts
+    assert "was not run (shaping needs root and ip netns)" in run["summary"]
 
 
 def test_without_a_broker_the_first_agent_hosts_one_and_the_second_finds_it(tmp_path: Path) -> None:

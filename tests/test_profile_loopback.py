@@ -9,7 +9,8 @@ import io
 
 import pytest
 
-from agent.profiling.loopback import Grid, Progress, profile_loopback
+from agent.profiling.loopback import Grid, profile_loopback
+from agent.profiling.progress import Progress
 from policy.decide import PeerLink, Policy, Request, decide
 from policy.perfmap import ModelShape, PerfMap
 
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.gloo
 def profiled() -> tuple[PerfMap, str]:
     grid = Grid("tiny-bert", batches=(2,), crs=(None, 4.0, 64.0), seq=32, repeat=1, warmup=0)
     log = io.StringIO()
-    perf = profile_loopback(grid, Progress(grid.passes, out=log))
+    perf = profile_loopback(grid, Progress.for_grid(grid, log, interleaved=True))
     return perf, log.getvalue()
 
 

@@ -151,6 +151,7 @@ class MqttLink:
         session_expiry_s: int | None = None,
         manual_ack: bool = False,
     ) -> None:
+        self.address = f"{host}:{port}"
         will_msg = aiomqtt.Will(will[0], will[1], qos=1, retain=True) if will else None
         connect_props = None
         if session_expiry_s is not None:
@@ -180,9 +181,10 @@ class MqttLink:
         except aiomqtt.MqttCodeError as exc:
             rc = getattr(exc, "rc", None)
             value = int(getattr(rc, "value", rc or 0))
-            raise TransportError(f"broker refused the connection: {exc}", fatal=value in AUTH_CODES) from exc
+            message = f"broker refused the connection at {self.address}: {exc}"
+            raise TransportError(message, fatal=value in AUTH_CODES) from exc
         except aiomqtt.MqttError as exc:
-            raise TransportError(f"cannot reach the broker: {exc}") from exc
+            raise TransportError(f"cannot reach the broker at {self.address}: {exc}") from exc
         return self
 
     async def __aexit__(

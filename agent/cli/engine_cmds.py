@@ -11,7 +11,7 @@ import torch
 
 from engine.adapters import Task, Tensors
 from engine.cost import macs_reduction
-from engine.fidelity import compare
+from engine.fidelity import compare, job_fidelity
 from engine.inputs import make_inputs
 from engine.localcluster import ClusterConfig, LocalCluster
 from engine.models import LoadedModel, load
@@ -77,8 +77,7 @@ def fidelity(args: JobArgs, runner: str) -> dict[str, Any]:
         "seq": spec.plan.n_tokens,
         "runner": runner,
         **_how(spec),
-        **compare(task, ref.outputs, got.outputs).as_dict(),
-        "exchange_bytes": got.exchange_bytes,
+        **job_fidelity(model.adapter, spec, ref.outputs, got),
     }
 
 
@@ -140,8 +139,10 @@ def bench_engine(args: JobArgs, warmup: int, repeat: int) -> dict[str, Any]:
         **_how(spec),
         "batch": spec.batch,
         "seq": spec.plan.n_tokens,
+        "method": args.comp.method.value,
         "bytes_full": full.exchange_bytes,
         "bytes_prism": prism.exchange_bytes,
+        "bytes_ratio": prism.exchange_bytes / full.exchange_bytes if full.exchange_bytes else None,
         "comm_reduction": 1.0 - prism.exchange_bytes / full.exchange_bytes,
         "macs_reduction_vs_local": macs_reduction(spec.plan, args.comp, d, f, model.adapter.causal),
         "local_ms": local_ms,

@@ -4,90 +4,106 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
-from pathlib import Path
 from typing import Any
 
+from agent.cli import args, output
+from agent.cli.args import Parser
 from engine.errors import BadRequest
 
 
-def _floats(text: str, name: str, *, full: bool = False) -> tuple[float | None, ...]:
-    out: list[float | None] = []
-    for part in text.split(","):
-        item = part.strip().lower()
-        if full and item == "full":
-            out.append(None)
-            continue
-        try:
-            value = float(item)
-        except ValueError:
-            raise BadRequest(
-                f"--{name} takes comma-separated numbers{' or full' if full else ''}, got {part!r}"
-            ) from None
-        if not math.isfinite(value) or value < 1:
-            raise BadRequest(f"--{name} values must be >= 1, got {part!r}")
-        out.append(value)
-    if not out:
-        raise BadRequest(f"--{name} is empty")
-    return tuple(out)
+def batch_list(text: str) -> tuple[int, ...]:
+    """``1,2,4``: batch sizes, whole numbers >= 1."""
+    try:
+        out = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers >= 1, got {text!r}") from None
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers >= 1, got {text!r}")
+    return out
+
+
+def method_list(text: str) -> tuple[str, ...]:
+    """``means,codes``: exchange methods, each once."""
+    out = tuple(part.strip() for part in text.split(","))
+    if not out or any(m not in ("means", "codes") for m in out) or len(set(out)) != len(out):
+        raise argparse.ArgumentTypeError(f"expected means and/or codes, comma-separated, got {text!r}")
+    return out
+
+
+def cr_list(text: str) -> tuple[float | None, ...]:
+    """``full,2,4``: compression rates >= 1, ``full`` for full exchange."""
+    try:
+        return tuple(args.parse_cr(part) for part in text.split(","))
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated CRs >= 1 or 'full', got {text!r}") from None
 
 
 def add_cli(sub: Any) -> None:
     """Register ``profile`` and ``map`` on the top-level subparsers."""
     pro = sub.add_parser("profile", help="measure a performance map (local, full exchange, PRISM at each CR)")
     pro.add_argument("--model", required=True, help="built-in name, model directory or hub id")
-    pro.add_argument("--ranks", type=int, default=None, help="devices to split over (default 2, or peers + 1)")
-    pro.add_argument("--batches", default="1,2,4,8,16", help="comma-separated batch sizes")
-    pro.add_argument("--crs", default="full,2,4,8,16", help="comma-separated CRs; 'full' is full exchange")
-    pro.add_argument("--methods", default="means,codes", help="exchange methods to profile at each CR")
-    pro.add_argument("--seq", type=int, default=None, help="sequence length (text models)")
-    pro.add_argument("--repeat", type=int, default=None, help="timed passes per cell (default: ~200 passes in all)")
-    pro.add_argument("--idle-watts", dest="idle_w", type=float, default=0.0, help="per-device idle power (cpu-model)")
+    pro.add_argument("--ranks", type=args.ranks, default=None, help="devices to split over (default 2, or peers + 1)")
+    pro.add_argument("--batches", type=batch_list, default=(1, 2, 4, 8, 16), help="comma-separated batch sizes")
+    pro.add_argument(
+        "--crs", type=cr_list, default=(None, 2.0, 4.0, 8.0, 16.0), help="comma-separated CRs; 'full' is full exchange"
+    )
+    pro.add_argument(
+        "--methods", type=method_list, default=("means", "codes"), help="exchange methods to profile at each CR"
+    )
+    pro.add_argument("--seq", type=args.positive, default=None, help="sequence length (text models)")
+    pro.add_argument(
+        "--repeat", type=args.positive, default=None, help="timed passes per cell (default: ~200 passes in all)"
+    )
+    pro.add_argument(
+        "--idle-watts", dest="idle_w", type=args.non_negative_float, default=0.0, help="per-device idle power (W)"
+    )
     pro.add_argument(
         "--peers",
+        type=args.peers,
         default=None,
         help="measure over real links through running agents: peer node ids (comma-separated) or 'auto' "
         "(every peer of --node with the same weights); default: local ranks on loopback",
     )
-    pro.add_argument("--node", default=None, help="with --peers: the node the map is for (default: this host's id)")
-    pro.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="with --peers: the cluster's broker")
-    pro.add_argument("--cluster", default="default", help="with --peers: the cluster name")
-    pro.add_argument("--timeout", type=float, default=600.0, help="with --peers: seconds to wait for one pass")
-    pro.add_argument("--out", type=Path, required=True, help="where to write the map (JSON)")
+    pro.add_argument(
+        "--node", type=args.name, default=None, help="with --peers: the node the map is for (default: this host's id)"
+    )
+    pro.add_argument(
+        "--broker", type=args.broker, default=None, help="with --peers: the cluster's broker (default: $PRISM_BROKER)"
+    )
+    pro.add_argument("--cluster", type=args.name, default=None, help="with --peers: cluster (default: $PRISM_CLUSTER)")
+    pro.add_argument("--timeout", type=args.seconds, default=600.0, help="with --peers: seconds to wait for one pass")
+    pro.add_argument("--out", type=args.writable_path, required=True, help="where to write the map (JSON)")
     pro.add_argument("--json", action="store_true", help="print the map instead of a table")
 
     mp = sub.add_parser("map", help="read a performance map")
-    msub = mp.add_subparsers(dest="map_command", required=True, parser_class=sub._parser_class)
+    msub = mp.add_subparsers(dest="map_command", required=True, parser_class=Parser)
     show = msub.add_parser("show", help="the map's cells as a table; --plot draws who wins where")
-    show.add_argument("file", type=Path)
-    show.add_argument("--plot", type=Path, default=None, help="PNG: fastest option over batch x bandwidth")
+    show.add_argument("file", type=args.existing_file)
+    show.add_argument("--plot", type=args.writable_path, default=None, help="PNG: fastest option over batch x link")
     show.add_argument("--model", default=None, help="model to plot (default: the first in the map)")
     show.add_argument("--json", action="store_true")
     dec = msub.add_parser("decide", help="what auto mode would choose for one request")
-    dec.add_argument("file", type=Path)
+    dec.add_argument("file", type=args.existing_file)
     dec.add_argument("--model", default=None, help="default: the first model in the map")
-    dec.add_argument("--batch", type=int, required=True)
-    dec.add_argument("--seq", type=int, default=None, help="default: the profiled length")
-    dec.add_argument("--bandwidth", type=float, required=True, help="link to the peer, Mbit/s")
-    dec.add_argument("--rtt", type=float, default=0.0, help="round-trip time to the peer, ms")
-    dec.add_argument("--load", type=float, default=0.0, help="load average per core on both nodes")
+    dec.add_argument("--batch", type=args.positive, required=True)
+    dec.add_argument("--seq", type=args.positive, default=None, help="default: the profiled length")
+    dec.add_argument("--bandwidth", type=args.positive_float, required=True, help="link to the peer, Mbit/s")
+    dec.add_argument("--rtt", type=args.non_negative_float, default=0.0, help="round-trip time to the peer, ms")
+    dec.add_argument("--load", type=args.non_negative_float, default=0.0, help="load average per core on both nodes")
     dec.add_argument("--objective", choices=["latency", "energy"], default="latency")
     dec.add_argument(
         "--min-fidelity",
         dest="min_fidelity",
-        type=float,
+        type=args.fraction,
         default=None,
         help="accuracy floor: the least cosine vs local an option may have (default 0.999)",
     )
     dec.add_argument("--method", choices=["means", "codes"], default=None, help="only this exchange method")
-    dec.add_argument("--peer-speed", dest="peer_speed", type=float, default=None, help="the peer's ms per token")
+    dec.add_argument(
+        "--peer-speed", dest="peer_speed", type=args.positive_float, default=None, help="the peer's ms per token"
+    )
     dec.add_argument("--json", action="store_true")
-
-
-def _positive(value: int | float | None, name: str) -> None:
-    if value is not None and not value > 0:
-        raise BadRequest(f"--{name} must be > 0, got {value}")
 
 
 def run_cli(ns: argparse.Namespace) -> int:
@@ -99,7 +115,8 @@ def run_cli(ns: argparse.Namespace) -> int:
     perf = load_map(ns.file)
     model = ns.model or (perf.cells[0].model if perf.cells else None)
     if model is None or not perf.for_model(model):
-        raise BadRequest(f"the map has no cells for model {model!r} (it has: {', '.join(sorted(perf.models))})")
+        have = ", ".join(sorted(perf.models)) or "none"
+        raise BadRequest(f"the map {ns.file} has no cells for model '{model or '-'}' (it has: {have})")
     seq = getattr(ns, "seq", None) or perf.for_model(model)[0].seq
     if ns.map_command == "show":
         return _show(ns, perf, model, seq)
@@ -111,15 +128,9 @@ def _profile(ns: argparse.Namespace) -> int:
     from policy.perfmap import save_map
     from policy.report import table
 
-    if ns.ranks is not None and ns.ranks < 2:
-        raise BadRequest(f"--ranks must be >= 2, got {ns.ranks}")
-    _positive(ns.seq, "seq")
-    batches = tuple(int(b) for b in _floats(ns.batches, "batches") if b is not None)
-    crs = _floats(ns.crs, "crs", full=True)
-    methods = tuple(m.strip() for m in ns.methods.split(",") if m.strip())
+    batches, crs, methods = ns.batches, ns.crs, ns.methods
     cells = Grid(ns.model, 2, batches, crs, methods=methods).cells
-    repeat = ns.repeat or max(3, round(200 / cells))
-    _positive(repeat, "repeat")
+    repeat = max(3, round(200 / cells)) if ns.repeat is None else ns.repeat
     if ns.peers is None:
         grid = Grid(ns.model, ns.ranks or 2, batches, crs, ns.seq, repeat, idle_w=ns.idle_w, methods=methods)
         perf = profile_loopback(grid)
@@ -137,30 +148,27 @@ def _profile_peers(
 ) -> tuple[Any, Any]:
     """The map measured through the agents (agent.profiling.peers)."""
     import asyncio
-    import os
 
+    from agent.cli.cluster_cmds import client_settings
     from agent.client import client_auth, peers
-    from agent.node.config import load_settings, parse_broker
     from agent.profiling.loopback import Grid
     from agent.profiling.peers import profile_peers, resolve
 
-    _positive(ns.timeout, "timeout")
-    settings = load_settings(None, os.environ, {"broker": ns.broker})
-    broker, auth, node = parse_broker(ns.broker), client_auth(settings), ns.node or settings.node_id
-    target = resolve(asyncio.run(peers(broker, ns.cluster, auth=auth)), node, ns.model, ns.peers)
+    settings, broker = client_settings(ns.broker, ns.cluster)
+    auth, node, cluster = client_auth(settings), ns.node or settings.node_id, settings.cluster
+    target = resolve(asyncio.run(peers(broker, cluster, auth=auth)), node, ns.model, ns.peers)
     if ns.ranks is not None and ns.ranks != len(target.peers) + 1:
         raise BadRequest(
             f"--ranks {ns.ranks} does not match --peers: {len(target.peers)} peer(s) make {len(target.peers) + 1} ranks"
         )
-    methods = tuple(m.strip() for m in ns.methods.split(",") if m.strip())
-    grid = Grid(ns.model, len(target.peers) + 1, batches, crs, ns.seq, repeat, idle_w=ns.idle_w, methods=methods)
+    grid = Grid(ns.model, len(target.peers) + 1, batches, crs, ns.seq, repeat, idle_w=ns.idle_w, methods=ns.methods)
     print(f"profiling '{ns.model}' on {node} with {', '.join(target.peers)}", file=sys.stderr)
-    return grid, asyncio.run(profile_peers(broker, ns.cluster, grid, target, auth=auth, timeout_s=ns.timeout))
+    return grid, asyncio.run(profile_peers(broker, cluster, grid, target, auth=auth, timeout_s=ns.timeout))
 
 
 def _show(ns: argparse.Namespace, perf: Any, model: str, seq: int) -> int:
     from policy.decide import Policy
-    from policy.report import crossover, plot, table, winners
+    from policy.report import crossover, plot, split_batches, table, winners
 
     if ns.plot is not None:
         plot(perf, model, seq, Policy(), ns.plot)
@@ -168,6 +176,7 @@ def _show(ns: argparse.Namespace, perf: Any, model: str, seq: int) -> int:
         grid = winners(perf, model, seq, Policy())
         out = perf.to_dict()
         out["crossover_batch"] = {f"{bw:g}": b for bw, b in crossover(grid).items()}
+        out["split_batches"] = {f"{bw:g}": b for bw, b in split_batches(grid).items()}
         print(json.dumps(out))
     else:
         print(table(perf))
@@ -180,10 +189,6 @@ def _decide(ns: argparse.Namespace, perf: Any, model: str, seq: int) -> int:
     from policy.decide import Policy
     from policy.report import decide_at
 
-    _positive(ns.batch, "batch")
-    _positive(ns.bandwidth, "bandwidth")
-    if ns.min_fidelity is not None and not 0 <= ns.min_fidelity <= 1:
-        raise BadRequest(f"--min-fidelity must be from 0 to 1 (a cosine), got {ns.min_fidelity}")
     policy = Policy() if ns.min_fidelity is None else Policy(default_min_fidelity=ns.min_fidelity)
     got = decide_at(
         perf,
@@ -202,6 +207,11 @@ def _decide(ns: argparse.Namespace, perf: Any, model: str, seq: int) -> int:
     if ns.json:
         print(json.dumps(out))
     else:
-        print(f"{out['option']} (mode {out['mode']}, cr {out['cr']}): predicted {out['predicted_ms']} ms")
+        how = "run locally" if out["mode"] == "local" else f"split over 2 ranks at {ns.bandwidth:g} Mbit/s"
+        print(f"{out['option']}: {how}, predicted {output.ms(out['predicted_ms'])}")
+        if out.get("fidelity") is not None:
+            print(f"fidelity: {out['fidelity']:.5f} (floor {out.get('min_fidelity')})")
         print(f"reason: {out['reason']}")
+        others = ", ".join(f"{name} {output.ms(v)}" for name, v in out["options"].items())
+        print(f"options: {others}")
     return 0

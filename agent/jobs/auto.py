@@ -81,6 +81,11 @@ class AutoPolicy:
             return "no performance map (interim rule)"
         return self.untrusted.get(model) or f"the performance map has no cells for '{model}' (interim rule)"
 
+    @property
+    def corrections(self) -> dict[str, float]:
+        """The map's online corrections (option key -> observed / predicted); empty without a map."""
+        return dict(self.perf.corrections) if self.perf is not None else {}
+
     def map_name(self, model: str) -> str | None:
         """The map's name for a served model (matched by weights), or None."""
         return self.alias.get(model)
@@ -133,9 +138,12 @@ class AutoPolicy:
         ]
         request = dataclasses.replace(request, model=name)
         got = decide(request, self.perf, views, load1, cpus, self.policy)
-        if got is not None and self.foreign_hardware:
-            got = dataclasses.replace(got, reason=got.reason + "; map measured on other hardware")
-        return got
+        if got is None:
+            return None
+        source = f"performance map {self.path.name}" if self.path is not None else "performance map"
+        if self.foreign_hardware:
+            source += ", measured on other hardware"
+        return dataclasses.replace(got, reason=f"{got.reason} ({source})")
 
     def observe(self, decision: Decision, observed_ms: float) -> None:
         """Fold a job's engine time into its option's correction."""

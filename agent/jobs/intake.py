@@ -41,8 +41,17 @@ def _job_id(payload: bytes) -> str | None:
 class Intake:
     """Jobs in, results out (see the module docstring)."""
 
-    def __init__(self, service: JobService, journal: Journal, outbox: Outbox, topics: Topics, spawn: Spawn) -> None:
+    def __init__(
+        self,
+        service: JobService,
+        journal: Journal,
+        outbox: Outbox,
+        topics: Topics,
+        spawn: Spawn,
+        on_result: Callable[[Result], None] = lambda result: None,
+    ) -> None:
         self.service = service
+        self.on_result = on_result
         self.journal = journal
         self.outbox = outbox
         self.topics = topics
@@ -83,6 +92,7 @@ class Intake:
             self.running -= 1
             if not self.running:
                 self.idle.set()
+        self.on_result(result)
         await self._reply(entry.key, entry.payload, (entry.topic, entry.correlation), result)
 
     async def _reply(self, key: bytes, payload: bytes, route: tuple[str | None, bytes | None], result: Result) -> None:

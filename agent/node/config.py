@@ -96,6 +96,8 @@ class Settings:
     journal_sync: Literal["normal", "full"] = "normal"
     journal_max_bytes: Annotated[int, Field(ge=1 << 20)] = 256 << 20
     outbox_max_bytes: Annotated[int, Field(ge=1 << 16)] = 64 << 20
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] = 0  # Prometheus /metrics; 0: off
+    metrics_address: str = "127.0.0.1"
     limits: Limits = field(default_factory=Limits)
 
     @property

@@ -43,6 +43,7 @@ from agent.jobs.service import JobService, Served
 from agent.node.config import Settings, mqtt_credentials, pick_device, tls_context
 from agent.node.energy import Meter, find_meter
 from agent.node.engine import Engine
+from agent.node.metrics import Metrics
 from agent.node.monitors import read_load
 from agent.node.sdnotify import Notifier
 from agent.node.supervise import RESTARTS, supervise
@@ -50,6 +51,7 @@ from engine.adapters import Tensors
 from engine.program import ENGINE_VERSION, JobSpec
 from engine.trace import RunResult
 from policy.perfmap import hardware_fingerprint
+from transport.health import Health
 from transport.mqtt import MqttLink, Topics, TransportError, backoff_s, reply_route, transport_error
 from transport.schema import WireError
 
@@ -105,7 +107,8 @@ class Node:
         fingerprints = {name: served.fingerprint for name, served in models.items()}
         auto = AutoPolicy.load(s, fingerprints)
         self.service = JobService(s, models, self, meter or find_meter(), auto, self.engine)
-        self.intake = Intake(self.service, self.journal, self.outbox, self.topics, self._spawn)
+        self.metrics = Metrics(s.node_id, VERSION, self.service.meter)
+        self.intake = Intake(self.service, self.journal, self.outbox, self.topics, self._spawn, self.metrics.job_done)
         self.observer = Observer(s.node_id, s.cluster, self.peers, self.admission, self.groups.membership_changed)
         self.hardware = hardware_fingerprint(s.threads, pick_device(s.device))
         self._link_factory = link_factory or self._mqtt_link
@@ -161,7 +164,8 @@ class Node:
         s = self.settings
         recovery = await self.journal.open()
         try:
-            async with ProbeServer(self.address, max_connections=s.probe_max_connections) as probes:
+            probes_server = ProbeServer(self.address, max_connections=s.probe_max_connections)
+            async with probes_server as probes, self.metrics.serving(s.metrics_address, s.metrics_port):
                 self.probe_port = probes.port
                 info = advert(
                     s.node_id,
@@ -327,7 +331,10 @@ class Node:
 
     # -- loops --------------------------------------------------------------------------
     def health(self) -> bytes:
-        """The retained health document."""
+        """The retained health document (JSON)."""
+        return self._health_doc().encode()
+
+    def _health_doc(self) -> Health:
         fingerprints = {name: s.fingerprint for name, s in self.service.models.items()}
         now = time.monotonic()
         return build_health(
@@ -351,11 +358,13 @@ class Node:
             identity=signed_identity(
                 self.admission, self.settings.node_id, self.address, fingerprints, self.probe_port
             ),
-        ).encode()
+        )
 
     async def _health(self, link: MqttLink) -> None:
         while True:
-            await link.publish(self.topics.health, self.health(), retain=True, qos=0)
+            doc = self._health_doc()
+            self.metrics.health_tick(doc.model_dump(), self.service.auto.corrections)
+            await link.publish(self.topics.health, doc.encode(), retain=True, qos=0)
             await asyncio.sleep(self.settings.health_interval_s)
 
     async def _watchdog(self) -> None:

@@ -16,17 +16,16 @@ from __future__ import annotations
 
 import os
 import statistics
-import sys
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
 
 import torch
 
 from agent.node.energy import CpuModelMeter, Meter, find_meter
 from agent.profiling.accuracy import Score, exact, score
+from agent.profiling.progress import Progress, kind_of
 from engine.adapters import Adapter, Task, Tensors
 from engine.errors import BadRequest
 from engine.inputs import make_inputs
@@ -84,38 +83,6 @@ class Grid:
         return self.cells * self.repeat
 
 
-@dataclass(slots=True)
-class Progress:
-    """A progress bar with ETA on a terminal, a line per tenth elsewhere."""
-
-    total: int
-    out: TextIO = field(default_factory=lambda: sys.stderr)
-    done: int = 0
-    start: float = field(default_factory=time.monotonic)
-    _shown: int = -1
-
-    def skip(self, passes: int, why: str) -> None:
-        """Passes that will not run (an option the model cannot take), and why."""
-        self.total = max(self.done, self.total - passes)
-        self.out.write(f"profile: skipped {why}\n")
-        self.out.flush()
-
-    def step(self, label: str) -> None:
-        self.done += 1
-        elapsed = time.monotonic() - self.start
-        eta = elapsed / self.done * (self.total - self.done)
-        line = f"{self.done}/{self.total} passes, {elapsed:.0f} s, ETA {eta:.0f} s ({label})"
-        if self.out.isatty():
-            filled = int(30 * self.done / self.total)
-            self.out.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {line}   ")
-            if self.done == self.total:
-                self.out.write("\n")
-        elif (tenth := 10 * self.done // self.total) != self._shown:
-            self._shown = tenth
-            self.out.write(f"profile: {line}\n")
-        self.out.flush()
-
-
 def _cpu_s(pid: int) -> float:
     """User + system CPU seconds of a process (0 when it is gone)."""
     try:
@@ -130,27 +97,25 @@ class _Energy:
 
     def __init__(self, meter: Meter, pids: list[int], idle_w: float) -> None:
         self.meter, self.pids, self.idle_w = meter, pids, idle_w
-        self.last: RunResult | None = None  # the last pass's result (its outputs are scored)
 
     @property
     def source(self) -> str:
         return self.meter.source
 
-    def measure(self, fn: Callable[[], RunResult], ranks: int) -> Pass:
-        """One timed call."""
+    def measure(self, fn: Callable[[], RunResult], ranks: int) -> tuple[Pass, RunResult]:
+        """One timed call: its figures and its result."""
         others = [_cpu_s(p) for p in self.pids]
         token = self.meter.start()
         start = time.perf_counter()
         result = fn()
         seconds = time.perf_counter() - start
-        self.last = result
         joules = self.meter.stop(token).joules
         if isinstance(self.meter, CpuModelMeter):
             cpu = sum(_cpu_s(p) - b for p, b in zip(self.pids, others, strict=True))
             joules += cpu * self.meter.watts_per_core
             busy = sum(t.compute_s + t.staging_s for t in result.traces) or seconds
             joules += self.idle_w * max(0.0, ranks * seconds - busy)
-        return Pass.of(seconds, joules, result)
+        return Pass.of(seconds, joules, result), result
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,12 +186,28 @@ def energy_label(source: str, idle_w: float) -> str:
     return source if idle_w == 0 or source != "cpu-model" else f"cpu-model+idle {idle_w:g} W"
 
 
-def _passes(fn: Callable[[], Pass], grid: Grid, progress: Progress, label: str) -> Iterator[Pass]:
-    for _ in range(grid.warmup):
-        fn()
+#: One option's timed pass: its figures, and the result (whose outputs are scored).
+Timed = Callable[[], tuple["Pass", RunResult]]
+
+
+def _rounds(
+    options: list[tuple[str, Timed]], grid: Grid, progress: Progress
+) -> dict[str, tuple[list[Pass], RunResult]]:
+    """Warm every option up, then time them in turns, so a burst of other load on the box lands
+    on all of them alike instead of on whichever option was being measured. Per option: its
+    timed passes and its last result."""
+    for label, fn in options:
+        for _ in range(grid.warmup):
+            start = time.perf_counter()
+            fn()
+            progress.step(label, time.perf_counter() - start, timed=False)
+    out: dict[str, tuple[list[Pass], RunResult]] = {}
     for _ in range(grid.repeat):
-        yield fn()
-        progress.step(label)
+        for label, fn in options:
+            measured, result = fn()
+            progress.step(label, measured.seconds)
+            out[label] = (out.get(label, ([], result))[0] + [measured], result)
+    return out
 
 
 def _runner(
@@ -259,7 +240,7 @@ def profile_loopback(grid: Grid, progress: Progress | None = None) -> PerfMap:
     """Measure ``grid`` on this box: local passes here, distributed ones over a GLOO group of
     ``grid.ranks`` local processes on loopback."""
     torch.set_num_threads(1)
-    progress = progress or Progress(grid.passes)
+    progress = progress or Progress.for_grid(grid, interleaved=True)
     model: LoadedModel = load(grid.model)
     task = model.adapter.default_task()
     meter = find_meter()
@@ -276,20 +257,24 @@ def profile_loopback(grid: Grid, progress: Progress | None = None) -> PerfMap:
         for batch in grid.batches:
             inputs = make_inputs(model, batch, grid.seq, 0)
             seq = model.adapter.shapes(inputs).n_tokens
-            reference: Tensors = {}
+            options: list[tuple[str, GridOption, Timed]] = []
             for mode, method, cr in grid.options:
                 ranks = 1 if mode == "local" else grid.ranks
                 label = f"batch {batch} {option_name(method or mode, cr, ranks)}"
                 try:
                     run = _runner(model, task, inputs, cluster if ranks > 1 else None, ranks, cr, method)
                 except BadRequest as exc:
-                    progress.skip(grid.repeat, f"{label}: {exc}")
+                    progress.skip(batch, kind_of(mode, method), grid.warmup + grid.repeat, f"{label}: {exc}")
                     continue
-                runs = list(_passes(lambda run=run, ranks=ranks: energy.measure(run, ranks), grid, progress, label))  # type: ignore[misc]
-                assert energy.last is not None
-                if mode == "local":
-                    reference = energy.last.outputs
-                fidelity = exact(task) if mode != "prism" else score(task, reference, energy.last.outputs)
+                options.append((label, (mode, method, cr), lambda run=run, ranks=ranks: energy.measure(run, ranks)))  # type: ignore[misc]
+            passes = _rounds([(label, fn) for label, _, fn in options], grid, progress)
+            reference = next(
+                result for label, (mode, *_), _ in options if mode == "local" for result in [passes[label][1]]
+            )
+            for label, (mode, method, cr), _ in options:
+                ranks = 1 if mode == "local" else grid.ranks
+                runs, result = passes[label]
+                fidelity = exact(task) if mode != "prism" else score(task, reference.outputs, result.outputs)
                 cell = make_cell(grid.model, batch, seq, mode, cr, ranks, runs, method=method, fidelity=fidelity)
                 perf.cells.append(cell)
     perf.link_efficiency = fit_link_efficiency(perf)

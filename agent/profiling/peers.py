@@ -30,7 +30,8 @@ from typing import Any
 from agent.node.config import Broker
 from agent.node.energy import CpuModelMeter
 from agent.profiling.accuracy import Score, score_output
-from agent.profiling.loopback import Grid, Pass, Progress, energy_label, make_cell
+from agent.profiling.loopback import Grid, Pass, energy_label, make_cell
+from agent.profiling.progress import Progress, kind_of
 from engine.errors import BadRequest, PrismError
 from engine.weights import same_weights
 from policy.perfmap import ModelShape, PerfMap, option_name
@@ -204,7 +205,7 @@ async def profile_peers(
     progress: Progress | None = None,
 ) -> PerfMap:
     """Measure ``grid`` on ``target.node`` with ``target.peers`` (see the module docstring)."""
-    progress = progress or Progress(grid.passes)
+    progress = progress or Progress.for_grid(grid)
     perf = PerfMap(
         hardware=target.hardware,
         models={grid.model: target.fingerprint},
@@ -225,8 +226,11 @@ async def profile_peers(
                 for mode, method, cr in grid.options:
                     cell_ranks = 1 if mode == "local" else ranks
                     label = f"batch {batch} {option_name(method or mode, cr, cell_ranks)}"
+                    every = grid.warmup + grid.repeat
                     if method in skipped:
-                        progress.skip(grid.repeat, f"{label}: {method} is not run by '{target.node}'")
+                        progress.skip(
+                            batch, kind_of(mode, method), every, f"{label}: {method} is not run by '{target.node}'"
+                        )
                         continue
                     fields = {"model": grid.model, "inputs": inputs, **option_fields(mode, cr, target.peers, method)}
                     try:
@@ -234,7 +238,7 @@ async def profile_peers(
                             session, grid, fields, (mode, method), label, progress, timeout_s
                         )
                     except Skip as exc:
-                        progress.skip(grid.repeat, f"{label}: {exc}")
+                        progress.skip(batch, kind_of(mode, method), every, f"{label}: {exc}")
                         if exc.every_batch:
                             skipped.add(str(method))
                         continue
@@ -276,9 +280,10 @@ async def _passes(
         _check(result, mode, method, label, session.node)
         seq = int(result.get("decision", {}).get("tokens") or 0)
         output = result.get("output") or {}
-        if i >= grid.warmup:
+        timed = i >= grid.warmup
+        progress.step(label, float(result["latency_ms"]["engine"]) / 1e3, timed=timed)
+        if timed:
             passes.append(_pass(result, ranks, grid.idle_w))
-            progress.step(label)
     return passes, seq, output
 
 

@@ -1,0 +1,216 @@
+"""The cluster commands: ``run`` (the daemon), ``submit`` (one job) and ``peers`` (who is there).
+
+``submit``, ``peers`` and ``profile --peers`` find the broker and cluster the way the agent
+does: flags win, then ``PRISM_BROKER`` / ``PRISM_CLUSTER`` (and the other ``PRISM_*`` login
+and TLS settings), then ``mqtt://127.0.0.1:1883`` and ``default``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from agent.cli import args, output
+from agent.node.config import Broker, ConfigError, Settings, load_settings, parse_broker, pick_device
+
+DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
+#: Settings ``run`` takes from flags (the rest come from --config and PRISM_* variables).
+RUN_FLAGS = (
+    "broker",
+    "cluster",
+    "node_id",
+    "interface",
+    "models",
+    "threads",
+    "log_format",
+    "secret_file",
+    "map_file",
+    "objective",
+    "metrics_port",
+)
+
+
+def add_cli(sub: Any) -> None:
+    """Register ``run``, ``submit`` and ``peers``."""
+    run = sub.add_parser("run", help="run the agent daemon (MQTT job service)")
+    run.add_argument("--config", type=args.existing_file, default=None, help="TOML settings file")
+    run.add_argument(
+        "--broker",
+        type=args.broker,
+        default=None,
+        help="mqtt://host:port (default: one advertised over mDNS, else host one)",
+    )
+    run.add_argument("--cluster", type=args.name, default=None, help="cluster name (topic root prism/v1/NAME)")
+    run.add_argument("--node-id", dest="node_id", type=args.name, default=None, help="this node's id (default: host)")
+    run.add_argument("--interface", default=None, help="network interface for discovery and GLOO")
+    run.add_argument(
+        "--model",
+        dest="models",
+        action="append",
+        default=None,
+        metavar="NAME=SOURCE",
+        help="serve a model (repeatable); SOURCE is a directory, hub id or built-in name",
+    )
+    run.add_argument("--threads", type=args.positive, default=None, help="torch threads")
+    run.add_argument(
+        "--secret-file", dest="secret_file", type=args.existing_file, default=None, help="cluster secret (admits peers)"
+    )
+    run.add_argument("--log-format", dest="log_format", choices=["auto", "json", "console"], default=None)
+    run.add_argument(
+        "--map", dest="map_file", type=args.existing_file, default=None, help="performance map for auto mode"
+    )
+    run.add_argument("--objective", choices=["latency", "energy"], default=None, help="what auto mode minimises")
+    run.add_argument(
+        "--metrics-port", dest="metrics_port", type=args.port, default=None, help="Prometheus endpoint port (0: off)"
+    )
+
+    sm = sub.add_parser("submit", help="publish one job over MQTT and print its result")
+    _broker_flags(sm)
+    sm.add_argument("--model", type=args.non_blank, required=True, help="model name as the agents serve it")
+    sm.add_argument("--text", action="append", default=None, help="input text (repeat for a batch)")
+    sm.add_argument("--image", action="append", type=args.existing_file, default=None, help="image file (repeatable)")
+    sm.add_argument("--token-ids", dest="token_ids", action="append", type=_token_ids, default=None, help="1,2,3")
+    sm.add_argument("--mode", choices=["auto", "local", "distributed"], default="auto")
+    sm.add_argument("--cr", type=args.cr_text, default=None, help="compression rate (>= 1) or 'full'")
+    sm.add_argument("--task", choices=["classify", "features", "embed", "next_token", "loglik"], default=None)
+    sm.add_argument("--node", type=args.name, default=None, help="send to this node only")
+    sm.add_argument("--timeout", type=args.seconds, default=60.0, help="seconds to wait for the result")
+    sm.add_argument("--json", action="store_true", help="print the result object")
+
+    pe = sub.add_parser("peers", help="list the cluster's nodes: status, address, load, models, peers")
+    _broker_flags(pe)
+    pe.add_argument("--json", action="store_true", help="print a JSON list of nodes")
+
+
+def _broker_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--broker",
+        type=args.broker,
+        default=None,
+        help=f"mqtt://host:port (default: $PRISM_BROKER, else {DEFAULT_BROKER})",
+    )
+    p.add_argument("--cluster", type=args.name, default=None, help="cluster (default: $PRISM_CLUSTER, else default)")
+
+
+def _token_ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not ids or min(ids) < 0:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 0, got {text!r}")
+    return ids
+
+
+def client_settings(broker: str | None, cluster: str | None) -> tuple[Settings, Broker]:
+    """The settings a client uses (flags over ``PRISM_*``), and the broker to dial."""
+    settings = load_settings(None, os.environ, {"broker": broker, "cluster": cluster})
+    return settings, settings.broker or parse_broker(DEFAULT_BROKER)
+
+
+def broker_text(broker: Broker) -> str:
+    """``mqtt://host:port`` for messages."""
+    return f"{'mqtts' if broker.tls else 'mqtt'}://{broker.host}:{broker.port}"
+
+
+def preflight(settings: Settings) -> None:
+    """What ``run`` can check before loading models (which takes a while): fail at once instead."""
+    from agent.cluster.admission import read_secret
+    from policy.perfmap import MapError, load_map
+
+    if not settings.models:
+        # An agent with no model answers every job unknown_model and can help no peer; a unit that
+        # starts like that is a mistake an operator wants to see at once, not an idle service.
+        raise ConfigError("no model to serve: give --model NAME=SOURCE (or [models] in --config, or PRISM_MODELS)")
+    pick_device(settings.device)
+    read_secret(settings.secret_file)
+    if settings.map_file:
+        try:
+            load_map(Path(settings.map_file))
+        except MapError as exc:
+            raise ConfigError(f"map_file: {exc} (profile one with prism-agent profile, or unset map_file)") from None
+    if settings.interface:
+        import ifaddr
+
+        names = sorted(a.nice_name for a in ifaddr.get_adapters())
+        if settings.interface not in names:
+            raise ConfigError(f"interface {settings.interface!r} does not exist (this box has: {', '.join(names)})")
+
+
+def run_daemon(ns: argparse.Namespace) -> int:
+    """``prism-agent run``."""
+    import torch
+
+    from agent.node import logs, main
+
+    overrides = {k: getattr(ns, k) for k in RUN_FLAGS}
+    for key in ("map_file", "secret_file"):
+        overrides[key] = None if overrides[key] is None else str(overrides[key])
+    settings = load_settings(ns.config, os.environ, overrides)
+    preflight(settings)
+    logs.configure(settings.log_format)
+    torch.set_num_threads(settings.threads)
+    asyncio.run(main.main_async(settings))
+    return 0
+
+
+def submit(ns: argparse.Namespace) -> int:
+    """``prism-agent submit``: exit 0 when ok, 1 for an error result, 3 when no result came in time."""
+    from agent.client import build_job, client_auth
+    from agent.client import submit as send
+
+    job = build_job(
+        ns.model, text=ns.text, images=ns.image, token_ids=ns.token_ids, mode=ns.mode, cr=ns.cr, task=ns.task
+    )
+    settings, broker = client_settings(ns.broker, ns.cluster)
+    try:
+        result = asyncio.run(
+            send(broker, settings.cluster, job, node=ns.node, timeout_s=ns.timeout, auth=client_auth(settings))
+        )
+    except (asyncio.TimeoutError, TimeoutError):
+        where = f"node {ns.node}" if ns.node else f"any agent serving '{ns.model}'"
+        print(
+            f"prism-agent: error: no result for job {job['id']} within {ns.timeout:g} s from {where} in cluster "
+            f"'{settings.cluster}' on {broker_text(broker)}",
+            file=sys.stderr,
+        )
+        return 3
+    print(json.dumps(result) if ns.json else output.result_lines(result))
+    return 0 if result.get("ok") else 1
+
+
+def peers(ns: argparse.Namespace) -> int:
+    """``prism-agent peers``."""
+    from agent.client import client_auth
+    from agent.client import peers as listen
+
+    settings, broker = client_settings(ns.broker, ns.cluster)
+    nodes = asyncio.run(listen(broker, settings.cluster, auth=client_auth(settings)))
+    if ns.json:
+        print(json.dumps(nodes))
+        return 0
+    if not nodes:
+        print(f"no nodes in cluster '{settings.cluster}' on {broker_text(broker)}")
+        return 0
+    rows = []
+    for n in nodes:
+        h = n.get("health") or {}
+        load = h.get("load") or {}
+        rows.append(
+            {
+                "node": n["node"],
+                "status": n["status"],
+                "address": h.get("address"),
+                "load1": load.get("load1"),
+                "queue": load.get("queue"),
+                "models": h.get("models"),
+                "peers": h.get("peers"),
+            }
+        )
+    print(output.table(rows))
+    return 0
