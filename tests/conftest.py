@@ -8,6 +8,7 @@ from collections.abc import Iterator
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
+import structlog
 import torch
 
 from engine.adapters import Tensors
@@ -25,6 +26,13 @@ class Models:
         if name not in self._cache:
             self._cache[name] = load(name)
         return self._cache[name]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_logging() -> Iterator[None]:
+    """A test that configures structlog (the CLI's main does) leaves no configuration behind."""
+    yield
+    structlog.reset_defaults()
 
 
 @pytest.fixture(scope="session")

@@ -80,3 +80,23 @@ async def test_a_port_that_is_not_a_probe_server_gets_no_bulk() -> None:
 )
 def test_probes_are_sized_to_the_link(mbps: float | None, size: int) -> None:
     assert probe_bytes(mbps) == size
+
+
+async def test_a_bulk_that_outruns_its_time_bounds_the_link_instead_of_failing() -> None:
+    from agent.cluster.probes import PING, SlowLink
+
+    async def stalls_on_bulk(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """A probe server on a link that crawls: greets, answers pings, never finishes a bulk."""
+        await reader.readexactly(len(GREETING))
+        writer.write(GREETING)
+        while await reader.readexactly(1) == PING:
+            writer.write(PING)
+            await writer.drain()
+        await asyncio.sleep(30)
+
+    server = await asyncio.start_server(stalls_on_bulk, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    with pytest.raises(SlowLink) as slow:
+        await probe("127.0.0.1", port, payload_bytes=1 << 20, timeout_s=1.0)
+    server.close()
+    assert 0 < slow.value.mbps < 1 * 8 / 0.5  # 1 MiB not through in ~1 s: under ~16 Mbit/s

@@ -16,7 +16,7 @@ from typing import Any
 import structlog
 
 from agent.cluster.peers import PeerTable
-from agent.cluster.probes import probe, probe_bytes
+from agent.cluster.probes import SlowLink, probe, probe_bytes
 
 log = structlog.get_logger("prism.links")
 #: How long an address whose probe failed is left alone.
@@ -92,6 +92,9 @@ async def probe_loop(peers: PeerTable, links: LinkTable, interval_s: float) -> N
             estimate = links.links.get(peer.node)
             try:
                 rtt_ms, mbps = await probe(*target, payload_bytes=probe_bytes(estimate.mbps if estimate else None))
+            except SlowLink as slow:  # a prism agent on a link that got slower: size down, no backoff
+                links.observe(peer.node, time.monotonic(), mbps=slow.mbps, source="probe-bound")
+                continue
             except (OSError, asyncio.TimeoutError) as exc:
                 failed[target] = time.monotonic()
                 log.info("probe_failed", peer=peer.node, error=str(exc)[:120] or type(exc).__name__)

@@ -139,11 +139,23 @@ class ProbeServer:
             writer.write(BULK)
 
 
+class SlowLink(asyncio.TimeoutError):
+    """The probe server answered, but the bulk transfer did not finish in time: the link is
+    slower than the payload was sized for. ``mbps`` is an upper bound on its rate."""
+
+    def __init__(self, mbps: float) -> None:
+        super().__init__(f"bulk transfer not done in time: the link moves under {mbps:.2f} Mbit/s")
+        self.mbps = mbps
+
+
 async def probe(
     address: str, port: int, *, pings: int = 3, payload_bytes: int = 256 << 10, timeout_s: float = 5.0
 ) -> tuple[float, float]:
-    """(RTT ms, Mbit/s) to a probe server; raises OSError / TimeoutError on failure, and
-    ConnectionError when the other side is not a prism agent's probe server."""
+    """(RTT ms, Mbit/s) to a probe server; raises OSError / TimeoutError on failure,
+    ConnectionError when the other side is not a prism agent's probe server, and
+    :class:`SlowLink` when only the bulk transfer ran out of time."""
+    greeted = asyncio.Event()
+    bulk_start = [0.0]
 
     async def run() -> tuple[float, float]:
         reader, writer = await asyncio.open_connection(address, port)
@@ -155,6 +167,7 @@ async def probe(
             await writer.drain()
             if await reader.readexactly(len(GREETING)) != GREETING:
                 raise ConnectionError(f"{address}:{port} is not a prism probe server")
+            greeted.set()
             rtts = []
             for _ in range(pings):
                 start = time.perf_counter()
@@ -163,7 +176,7 @@ async def probe(
                 await reader.readexactly(1)
                 rtts.append(time.perf_counter() - start)
             rtt = min(rtts)
-            start = time.perf_counter()
+            start = bulk_start[0] = time.perf_counter()
             writer.write(BULK + payload_bytes.to_bytes(4, "big") + bytes(payload_bytes))
             await writer.drain()
             await reader.readexactly(1)
@@ -174,4 +187,9 @@ async def probe(
         finally:
             writer.transport.abort()
 
-    return await asyncio.wait_for(run(), timeout_s)
+    try:
+        return await asyncio.wait_for(run(), timeout_s)
+    except asyncio.TimeoutError:
+        if greeted.is_set() and bulk_start[0]:
+            raise SlowLink(payload_bytes * 8 / (time.perf_counter() - bulk_start[0]) / 1e6) from None
+        raise
