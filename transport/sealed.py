@@ -69,7 +69,9 @@ class SealedComm(GlooComm):
         try:
             plain = self._aead.decrypt(self._nonce(src, dst), sealed.numpy().tobytes(), None)
         except InvalidTag:
-            raise GroupError(f"a message from rank {src} failed authentication (tampered, replayed or foreign)") from None
+            raise GroupError(
+                f"a message from rank {src} failed authentication (tampered, replayed or foreign)"
+            ) from None
         self._raw(into).copy_(torch.frombuffer(bytearray(plain), dtype=torch.uint8))
 
     # -- the per-layer exchange -------------------------------------------------------

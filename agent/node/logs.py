@@ -7,7 +7,6 @@ import sys
 
 import structlog
 
-
 #: Tracebacks as structured data, without local variables (they may hold job inputs or secrets).
 _TRACEBACKS = structlog.processors.ExceptionRenderer(structlog.tracebacks.ExceptionDictTransformer(show_locals=False))
 
