@@ -19,6 +19,7 @@ import structlog
 from agent.compat import BaseExceptionGroup, TaskGroup
 from agent.node.config import Broker, Settings, mqtt_credentials, tls_context
 from engine.errors import BadRequest
+from transport.health import parse_status
 from transport.mqtt import NO_SUBSCRIBERS, MqttLink, Topics, TransportError, backoff_s, transport_error
 
 log = structlog.get_logger("prism.client")
@@ -271,7 +272,7 @@ async def peers(
                 payload = message.payload if isinstance(message.payload, bytes) else str(message.payload).encode()
                 entry = nodes.setdefault(parts[-2], {"node": parts[-2], "status": "unknown"})
                 if parts[-1] == "status":
-                    entry["status"] = payload.decode(errors="replace")
+                    entry["status"] = parse_status(payload)[0]
                 else:
                     with contextlib.suppress(ValueError):
                         entry["health"] = json.loads(payload)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.localcluster import free_port
+from transport.health import parse_status
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -149,7 +150,7 @@ def wait_online(port: int, cluster: str, node: str, timeout_s: float = 60.0) -> 
             text=True,
             check=False,
         )
-        if out.stdout.strip() == "online":
+        if parse_status(out.stdout.strip().encode())[0] == "online":
             return
     raise AssertionError(f"node {node} did not come online in {timeout_s} s")
 

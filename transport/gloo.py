@@ -84,6 +84,7 @@ class PendingExchange:
     out_splits: list[int]
     senders: list[int]
     recv_shapes: list[tuple[int, ...]]
+    dtype: torch.dtype | None = None  # of the rows, when ``out`` holds them as bytes (sealed)
 
 
 class GlooComm:

@@ -8,6 +8,7 @@ those signed fields are trusted by peers when a cluster secret is set.
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -81,3 +82,17 @@ def parse_health(payload: bytes) -> Health:
         return Health.model_validate_json(payload)
     except (ValidationError, ValueError, RecursionError) as exc:
         raise WireError(f"malformed health: {str(exc).splitlines()[0][:160]}") from None
+
+
+def parse_status(payload: bytes) -> tuple[str, dict[str, str] | None]:
+    """A ``nodes/{node}/status`` payload: (``online``/``offline``/``unknown``, its signed fields
+    when it has some; a cluster with a secret signs its status, an open one says plain words)."""
+    if payload in (b"online", b"offline"):
+        return payload.decode(), None
+    try:
+        data = json.loads(payload)
+    except (ValueError, RecursionError):
+        return "unknown", None
+    if not isinstance(data, dict) or data.get("status") not in ("online", "offline"):
+        return "unknown", None
+    return str(data["status"]), {str(k): str(v) for k, v in data.items()}

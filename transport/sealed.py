@@ -90,19 +90,12 @@ class SealedComm(GlooComm):
         out = self._host_empty((sum(out_splits),), torch.uint8)
         work = self.group.alltoall_base(out, inp, out_splits, in_splits, dist.AllToAllOptions())
         self.trace.exchange_bytes_sent += _nbytes(inp)
-        pending = PendingExchange(work, inp, out, out_splits, list(senders), [tuple(s) for s in recv_shapes])
-        self._dtypes[id(pending)] = host.dtype
-        return pending
-
-    @property
-    def _dtypes(self) -> dict[int, torch.dtype]:
-        store: dict[int, torch.dtype] | None = self.__dict__.get("_dtype_store")
-        if store is None:
-            store = self.__dict__["_dtype_store"] = {}
-        return store
+        shapes = [tuple(s) for s in recv_shapes]
+        return PendingExchange(work, inp, out, out_splits, list(senders), shapes, host.dtype)
 
     def _received(self, pending: PendingExchange) -> list[torch.Tensor]:
-        dtype = self._dtypes.pop(id(pending))
+        dtype = pending.dtype
+        assert dtype is not None
         self.trace.exchange_bytes_recv += _nbytes(pending.out)
         pieces = torch.split(pending.out, pending.out_splits)
         out = []
@@ -116,10 +109,8 @@ class SealedComm(GlooComm):
     def _bcast(self, t: torch.Tensor, root: int) -> None:
         opts = dist.BroadcastOptions()
         opts.rootRank = root
-        if self.rank == root:
-            buf = self._seal(t, _BROADCAST)
-        else:
-            buf = torch.empty(_nbytes(t) + TAG, dtype=torch.uint8)
+        rooted = self.rank == root
+        buf = self._seal(t, _BROADCAST) if rooted else torch.empty(_nbytes(t) + TAG, dtype=torch.uint8)
         with self._collective("broadcast"):
             self.group.broadcast([buf], opts).wait()
         if self.rank == root:

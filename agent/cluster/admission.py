@@ -1,17 +1,29 @@
-"""Cluster admission: an HMAC proof, with timestamp and nonce, on everything that admits a peer.
+"""Cluster admission: what the cluster secret protects, and the keys derived from it.
 
-A cluster secret (a file only the agent can read) keys HMAC-SHA256 over a canonical form
-of the fields. mDNS adverts, the retained health (which carries model fingerprints) and
-every GLOO-group control message are signed; anything without a valid, fresh proof is
-ignored and logged, never admitted. Without a secret the agent runs open and says so.
+A cluster secret (a file only the agent can read) keys:
+
+- an HMAC-SHA256 proof over a canonical form of the fields of everything that admits a peer
+  or speaks for a node — mDNS adverts, the retained health (model fingerprints, address,
+  probe port) and ``online``/``offline`` status. Every proof carries a timestamp, the
+  sender's *boot* (a random id drawn at start, with its start time) and a sequence number
+  counted up over the boot, so receivers refuse replays (agent/cluster/freshness.py);
+- a key that encrypts and authenticates the body of every group control message
+  (AES-GCM; agent/cluster/channel.py), so rendezvous details never travel in clear text;
+- a key from which every GLOO run derives its own (transport/sealed.py): what crosses a
+  group is encrypted and authenticated end to end.
+
+Without a secret the agent runs open (nothing is signed or encrypted) and says so.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import itertools
 import secrets
+import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from agent.node.config import ConfigError
@@ -32,36 +44,67 @@ def read_secret(path: str | None) -> bytes | None:
     return data
 
 
+def derive(secret: bytes, cluster: str, purpose: str) -> bytes:
+    """A 32-byte key for one ``purpose`` (HKDF-style: one HMAC of the secret per purpose)."""
+    return hmac.new(secret, f"prism-v1\n{cluster}\n{purpose}".encode(), hashlib.sha256).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class Signed:
+    """Who signed a message, when, and where it falls in their count (from its fields)."""
+
+    node: str
+    boot: str
+    boot_ts: float
+    seq: int
+
+
 class Admission:
-    """Signs and verifies field sets for one cluster."""
+    """Signs and verifies field sets for one node of one cluster."""
 
     def __init__(self, secret: bytes | None, cluster: str, max_age_s: float = 120.0) -> None:
         self._secret = secret
         self.cluster = cluster
         self.max_age_s = max_age_s
+        self.boot = secrets.token_hex(8)
+        self.boot_ts = time.time()
+        self._seq = itertools.count(1)
 
     @property
     def open(self) -> bool:
         """True when no secret is set: everyone is admitted."""
         return self._secret is None
 
+    def key(self, purpose: str) -> bytes:
+        """A key derived from the secret for ``purpose`` (``control``, ``gloo``)."""
+        assert self._secret is not None, "open clusters have no keys"
+        return derive(self._secret, self.cluster, purpose)
+
+    def next_seq(self) -> int:
+        """The next number of this boot's count."""
+        return next(self._seq)
+
     def _mac(self, fields: Mapping[str, str]) -> str:
         assert self._secret is not None
         body = "\n".join(f"{k}={fields[k]}" for k in sorted(fields) if k != "proof")
         return hmac.new(self._secret, f"{self.cluster}\n{body}".encode(), hashlib.sha256).hexdigest()
 
-    def sign(self, fields: Mapping[str, str], now_s: float) -> dict[str, str]:
-        """``fields`` plus ts, nonce and proof (unchanged when open)."""
+    def sign(self, fields: Mapping[str, str], now_s: float, seq: int | None = None) -> dict[str, str]:
+        """``fields`` plus ts, nonce, boot, boot time, sequence and proof (unchanged when open)."""
         out = {k: str(v) for k, v in fields.items()}
         if self.open:
             return out
         out["ts"] = f"{now_s:.3f}"
         out["nonce"] = secrets.token_hex(8)
+        out["boot"] = self.boot
+        out["bt"] = f"{self.boot_ts:.3f}"
+        out["seq"] = str(self.next_seq() if seq is None else seq)
         out["proof"] = self._mac(out)
         return out
 
     def verify(self, fields: Mapping[str, str], now_s: float, max_age_s: float | None = None) -> bool:
-        """True for a valid proof no older than ``max_age_s`` (always True when open)."""
+        """True for a valid proof no older than ``max_age_s`` (always True when open).
+        ``max_age_s`` < 0 skips the age check (a Last Will is signed when its connection opens)."""
         if self.open:
             return True
         proof = fields.get("proof")
@@ -70,6 +113,14 @@ class Admission:
         except ValueError:
             return False
         limit = self.max_age_s if max_age_s is None else max_age_s
-        if not isinstance(proof, str) or not -5.0 <= age <= limit:
+        if not isinstance(proof, str) or not (limit < 0 or -5.0 <= age <= limit):
             return False
         return hmac.compare_digest(proof, self._mac({k: str(v) for k, v in fields.items()}))
+
+    @staticmethod
+    def signer(fields: Mapping[str, str], node: str) -> Signed | None:
+        """Boot and sequence of a verified message (None when they are missing or malformed)."""
+        try:
+            return Signed(node, str(fields["boot"]), float(fields["bt"]), int(fields["seq"]))
+        except (KeyError, ValueError):
+            return None

@@ -1,41 +1,74 @@
-"""The control channel between agents: typed messages in a signed envelope, one topic per node.
+"""The control channel between agents: typed messages in an envelope, one topic per node.
 
 ``tell(node, msg)`` publishes ``msg`` (transport/control.py) to ``nodes/{node}/control``;
-``open(payload)`` gives back (sender, message) when the envelope is for this node and its
-proof is valid and fresh, else None (logged as ``admission_refused``). Without a cluster
-secret envelopes are unsigned, and anyone on the broker can speak for any node: that is what
-open mode means (README, threat model).
+``open(payload)`` gives back (sender, message) when the envelope is for this node and
+trustworthy, else None (logged as ``admission_refused``).
+
+With a cluster secret the body is encrypted and authenticated with AES-GCM under a key
+derived from the secret, the header (sender, receiver, boot, sequence, time) bound to it as
+associated data: nobody without the secret can read a rendezvous, forge a message or change
+its header, and a replayed copy (an old ``form`` or ``run``) is refused by its sequence
+number. Without a secret envelopes are plain JSON, and anyone on the broker can speak for
+any node: that is what open mode means (README, threat model).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
+import os
 import time
 from collections.abc import Awaitable, Callable
 
 import structlog
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from agent.cluster.admission import Admission
+from agent.cluster.trust import Trust
 from transport.control import Control, dump_control, parse_control
 from transport.schema import WireError
 
 log = structlog.get_logger("prism.control")
 Publish = Callable[[str, bytes], Awaitable[None]]
+#: Control messages older than this are refused (they are answered within seconds).
+CONTROL_MAX_AGE_S = 30.0
+_HEADER = ("from", "to", "boot", "bt", "seq", "ts")
+
+
+def _aad(fields: dict[str, str]) -> bytes:
+    return "\n".join(f"{k}={fields[k]}" for k in _HEADER).encode()
 
 
 class ControlChannel:
     """Seals and opens control envelopes for one node."""
 
-    def __init__(self, node: str, admission: Admission, publish: Publish, topic_for: Callable[[str], str]) -> None:
+    def __init__(self, node: str, trust: Trust, publish: Publish, topic_for: Callable[[str], str]) -> None:
         self.node = node
-        self.admission = admission
+        self.trust = trust
         self._publish = publish
         self._topic_for = topic_for
+        self._aead = None if trust.open else AESGCM(trust.admission.key("control"))
 
     def seal(self, to: str, msg: Control) -> bytes:
         """The envelope bytes of ``msg`` for node ``to``."""
-        fields = {"from": self.node, "to": to, "body": dump_control(msg)}
-        return json.dumps(self.admission.sign(fields, time.time()), separators=(",", ":")).encode()
+        body = dump_control(msg)
+        if self._aead is None:
+            return json.dumps({"from": self.node, "to": to, "body": body}, separators=(",", ":")).encode()
+        adm = self.trust.admission
+        fields = {
+            "from": self.node,
+            "to": to,
+            "boot": adm.boot,
+            "bt": f"{adm.boot_ts:.3f}",
+            "seq": str(adm.next_seq()),
+            "ts": f"{time.time():.3f}",
+        }
+        nonce = os.urandom(12)
+        sealed = self._aead.encrypt(nonce, body.encode(), _aad(fields))
+        fields["n"] = base64.b64encode(nonce).decode()
+        fields["ct"] = base64.b64encode(sealed).decode()
+        return json.dumps(fields, separators=(",", ":")).encode()
 
     async def tell(self, to: str, msg: Control) -> None:
         """Send ``msg`` to node ``to`` (raises TransportError when not connected)."""
@@ -47,10 +80,34 @@ class ControlChannel:
             envelope = json.loads(payload)
         except (ValueError, RecursionError):
             raise WireError("control envelope is not JSON") from None
-        if not isinstance(envelope, dict) or not all(isinstance(envelope.get(k), str) for k in ("from", "to", "body")):
-            raise WireError("control envelope without from, to and body")
-        fields = {str(k): str(v) for k, v in envelope.items()}
-        if fields["to"] != self.node or not self.admission.verify(fields, time.time()):
-            log.warning("admission_refused", via="control", sender=fields["from"][:64], to=fields["to"][:64])
-            return None
-        return fields["from"], parse_control(fields["body"])
+        if not isinstance(envelope, dict) or not all(isinstance(envelope.get(k), str) for k in ("from", "to")):
+            raise WireError("control envelope without from and to")
+        sender, to = str(envelope["from"])[:128], str(envelope["to"])[:128]
+        if to != self.node:
+            return self._refuse(sender, to, "not for this node")
+        if self._aead is None:
+            if not isinstance(envelope.get("body"), str):
+                raise WireError("control envelope without a body")
+            return sender, parse_control(envelope["body"])
+        return self._open_sealed(envelope, sender, to)
+
+    def _open_sealed(self, envelope: dict[str, object], sender: str, to: str) -> tuple[str, Control] | None:
+        assert self._aead is not None
+        fields = {k: str(envelope.get(k, "")) for k in _HEADER}
+        try:
+            nonce = base64.b64decode(str(envelope["n"]), validate=True)
+            sealed = base64.b64decode(str(envelope["ct"]), validate=True)
+            body = self._aead.decrypt(nonce, sealed, _aad(fields))
+            age = time.time() - float(fields["ts"])
+            boot_ts, seq = float(fields["bt"]), int(fields["seq"])
+        except (KeyError, ValueError, binascii.Error, InvalidTag):
+            return self._refuse(sender, to, "no valid seal")
+        if not -5.0 <= age <= CONTROL_MAX_AGE_S:
+            return self._refuse(sender, to, f"{age:.0f} s old")
+        if not self.trust.fresh.accept(sender, fields["boot"], boot_ts, seq, "control"):
+            return self._refuse(sender, to, "a replay")
+        return sender, parse_control(body.decode(errors="replace"))
+
+    def _refuse(self, sender: str, to: str, why: str) -> tuple[str, Control] | None:
+        log.warning("admission_refused", via="control", sender=sender, to=to, why=why)
+        return None

@@ -1,8 +1,15 @@
 """mDNS discovery: advertise this node as ``_prism._tcp.local.`` and browse for peers.
 
-TXT records carry node id, cluster, version, the GLOO address and the models served.
-Adverts of other clusters are ignored. ``interfaces`` pins where multicast goes (tests in
-the root namespace use ``["127.0.0.1"]`` only).
+TXT records carry node id, cluster, version, address and the models served; the SRV record
+points at the node's probe port. Adverts of other clusters are ignored. ``interfaces`` pins
+where multicast goes (tests in the root namespace use ``["127.0.0.1"]`` only).
+
+With a cluster secret the TXT record is signed (agent/cluster/admission.py) and re-signed
+every :data:`ADVERT_REFRESH_S`; an advert older than :data:`ADVERT_MAX_AGE_S` or seen before
+is refused, so a dead node's advert cannot be replayed for long. A goodbye (an mDNS removal,
+which anyone on the link can send) is not taken at its word: it triggers a check of the node.
+An instance name another host already holds is changed (``node (2)``, as Avahi does) and
+logged, never fatal. TXT decoding never raises.
 """
 
 from __future__ import annotations
@@ -18,17 +25,24 @@ import structlog
 from zeroconf import IPVersion, ServiceStateChange
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
-from agent.cluster.admission import Admission
 from agent.cluster.peers import Peer, PeerTable
+from agent.cluster.trust import Trust
 
 SERVICE = "_prism._tcp.local."
 RESOLVE_TIMEOUT_MS = 3000
+#: Signed adverts are re-signed this often and refused past the larger age.
+ADVERT_REFRESH_S = 60.0
+ADVERT_MAX_AGE_S = 150.0
 log = structlog.get_logger("prism.discovery")
 
 
-#: Adverts are static records: their proof shows the key, not freshness (health and group
-#: control messages carry the fresh proofs), so they are accepted for a long time.
-ADVERT_MAX_AGE_S = 30 * 86400.0
+def txt(info: AsyncServiceInfo) -> dict[str, str]:
+    """An advert's TXT record as text, whatever bytes it holds."""
+    return {
+        k.decode("utf-8", errors="replace"): (v or b"").decode("utf-8", errors="replace")
+        for k, v in (info.properties or {}).items()
+        if isinstance(k, bytes)
+    }
 
 
 def advert(
@@ -38,20 +52,21 @@ def advert(
     port: int,
     version: str,
     models: list[str],
-    admission: Admission | None = None,
+    trust: Trust | None = None,
+    name: str | None = None,
 ) -> AsyncServiceInfo:
     """This node's service record (signed when the cluster has a secret)."""
     props = {"node": node, "cluster": cluster, "version": version, "models": ",".join(models), "addr": address}
-    if admission is not None:
-        props = admission.sign(props, time.time())
+    if trust is not None:
+        props = trust.admission.sign(props, time.time())
     return AsyncServiceInfo(
-        SERVICE, f"{node}.{SERVICE}", addresses=[socket.inet_aton(address)], port=port, properties=props
+        SERVICE, name or f"{node}.{SERVICE}", addresses=[socket.inet_aton(address)], port=port, properties=props
     )
 
 
 def peer_from(info: AsyncServiceInfo) -> Peer | None:
     """A Peer from a resolved record, or None when it lacks what we need."""
-    props = {k.decode(): (v or b"").decode(errors="replace") for k, v in info.properties.items()}
+    props = txt(info)
     addresses = info.parsed_addresses(IPVersion.V4Only)
     if not props.get("node") or not props.get("cluster") or not addresses:
         return None
@@ -69,24 +84,32 @@ class Discovery:
     def __init__(
         self,
         table: PeerTable,
-        info: AsyncServiceInfo,
+        make_info: Callable[[str | None], AsyncServiceInfo],
         interfaces: list[str],
+        trust: Trust,
         on_change: Callable[[], None] | None = None,
-        admission: Admission | None = None,
+        check: Callable[[str], None] | None = None,
     ) -> None:
-        self.admission = admission
         self.table = table
-        self.info = info
+        self.make_info = make_info  # a fresh (re-signed) record, under a given instance name
+        self.info = make_info(None)
         self.interfaces = interfaces
+        self.trust = trust
         self.on_change = on_change or (lambda: None)
+        self.check = check or (lambda node: None)
         self._zc: AsyncZeroconf | None = None
         self._browser: AsyncServiceBrowser | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def __aenter__(self) -> Discovery:
         self._zc = AsyncZeroconf(interfaces=self.interfaces, ip_version=IPVersion.V4Only)
-        await self._zc.async_register_service(self.info)
+        wanted = self.info.name
+        await self._zc.async_register_service(self.info, allow_name_change=True)
+        if self.info.name != wanted:
+            log.warning("mdns_name_taken", wanted=wanted, now=self.info.name, hint="another host holds the name")
         self._browser = AsyncServiceBrowser(self._zc.zeroconf, SERVICE, handlers=[self._changed])
+        if not self.trust.open:
+            self._own(self._refresh(), "mdns-refresh")
         log.info("mdns_started", interfaces=self.interfaces, name=self.info.name)
         return self
 
@@ -102,15 +125,31 @@ class Discovery:
             await self._zc.async_unregister_all_services()
             await self._zc.async_close()
 
-    def _changed(self, zeroconf: Any, service_type: str, name: str, state_change: ServiceStateChange) -> None:
-        if state_change is ServiceStateChange.Removed:
-            node = name.removesuffix(f".{SERVICE}")
-            self.table.offline(node)
-            self.on_change()
-            return
-        task = asyncio.get_running_loop().create_task(self._resolve(zeroconf, name), name=f"mdns-resolve-{name}")
+    def _own(self, coro: Any, name: str) -> None:
+        task = asyncio.get_running_loop().create_task(_logged(coro, name), name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _refresh(self) -> None:
+        """Re-sign the advert now and then, so the signed one is always recent."""
+        while True:
+            await asyncio.sleep(ADVERT_REFRESH_S)
+            assert self._zc is not None
+            self.info = self.make_info(self.info.name)
+            await self._zc.async_update_service(self.info)
+
+    def _changed(self, zeroconf: Any, service_type: str, name: str, state_change: ServiceStateChange) -> None:
+        if name == self.info.name:
+            return
+        if state_change is ServiceStateChange.Removed:
+            node = name.removesuffix(f".{SERVICE}")
+            if self.trust.open:
+                self.table.offline(node)
+                self.on_change()
+            else:  # anyone on the link can send a goodbye: check instead of dropping
+                self.check(node)
+            return
+        self._own(self._resolve(zeroconf, name), f"mdns-resolve-{name[:40]}")
 
     async def _resolve(self, zeroconf: Any, name: str) -> None:
         info = AsyncServiceInfo(SERVICE, name)
@@ -118,19 +157,23 @@ class Discovery:
             return
         peer = peer_from(info)
         if peer is None:
-            log.info("mdns_advert_ignored", name=name, reason="incomplete")
+            log.info("mdns_advert_ignored", name=name[:80], reason="incomplete")
             return
-        props = {k.decode(): (v or b"").decode(errors="replace") for k, v in info.properties.items()}
-        in_cluster = peer.cluster == self.table.cluster
-        if (
-            in_cluster
-            and self.admission is not None
-            and not self.admission.verify(props, time.time(), ADVERT_MAX_AGE_S)
-        ):
-            log.warning("admission_refused", node=peer.node, address=peer.address, via="mdns")
+        if peer.cluster != self.table.cluster:
+            log.debug("mdns_advert_ignored", name=name[:80], reason="other cluster", cluster=peer.cluster[:64])
+            return
+        if not self.trust.accept(txt(info), peer.node, "advert", time.time(), ADVERT_MAX_AGE_S):
+            log.warning("admission_refused", node=peer.node[:64], address=peer.address, via="mdns")
             return
         if self.table.seen(peer, time.monotonic()):
             log.info("peer_seen", node=peer.node, address=peer.address, via="mdns")
             self.on_change()
-        elif peer.cluster != self.table.cluster:
-            log.debug("mdns_advert_ignored", name=name, reason="other cluster", cluster=peer.cluster)
+
+
+async def _logged(coro: Any, name: str) -> None:
+    try:
+        await coro
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("mdns_task_failed", task=name)

@@ -27,6 +27,7 @@ import base64
 import binascii
 import contextlib
 import itertools
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
@@ -49,6 +50,7 @@ from engine.trace import RunResult
 from transport.control import Control, Failed, Form, Grant, Release, Reserve, Run, StoreSet, Teardown
 from transport.gloo import DeadlineGroup, GlooComm, make_group
 from transport.rendezvous import RelayStore
+from transport.sealed import SealedComm, run_key
 
 log = structlog.get_logger("prism.groups")
 Spawn = Callable[[Coroutine[Any, Any, None], str], "asyncio.Task[None]"]
@@ -57,6 +59,8 @@ Spawn = Callable[[Coroutine[Any, Any, None], str], "asyncio.Task[None]"]
 _FP32 = 4
 #: Store keys that may wait for their group's ``form`` (messages from different senders race).
 _PENDING_GROUPS = 64
+#: Descriptors over the start's count at which idle groups are dropped (see ``upkeep``).
+FD_SLACK = 512
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +114,8 @@ class GroupManager:
         spawn: Spawn,
         timing: Timing | None = None,
         link_mbps: Callable[[str], float | None] = lambda node: None,
+        data_key: bytes | None = None,
+        on_unresponsive: Callable[[str], None] = lambda node: None,
     ) -> None:
         self.node = node
         self.address = address
@@ -119,6 +125,8 @@ class GroupManager:
         self.spawn = spawn
         self.timing = timing or Timing()
         self.link_mbps = link_mbps
+        self.data_key = data_key  # with a cluster secret: every run's traffic is sealed
+        self.on_unresponsive = on_unresponsive
         self._mine: dict[tuple[str, ...], Group] = {}  # groups I coordinate, by members
         self._groups: dict[str, Group] = {}  # every live group, by gid
         self._pending: dict[str, tuple[float, list[tuple[str, str, str]]]] = {}  # gid -> (since, keys)
@@ -218,7 +226,7 @@ class GroupManager:
             make_group, group.store, group.rank, size, timeout_s=timeout_s, address=self.address, prefix=group.gid
         )
         group.deadline = DeadlineGroup(pg, self.timing.collective_s)
-        group.comm = GlooComm(group.deadline)
+        group.comm = GlooComm(group.deadline) if self.data_key is None else SealedComm(group.deadline)
         group.move(GroupEvent.FORMED)
         group.formed.set()
 
@@ -239,6 +247,8 @@ class GroupManager:
             await self._attach(group)
         except Exception as exc:
             self._drop(group, GroupEvent.FAILED, f"forming failed: {exc}")
+            for peer in members[1:]:
+                self.on_unresponsive(peer)
             raise GroupError(f"could not form a group with {', '.join(members[1:])}: {exc}") from exc
         log.info("group_formed", gid=group.gid, members=list(members))
         return group
@@ -265,6 +275,7 @@ class GroupManager:
                 group.move(GroupEvent.RUN_START)
                 if group.comm is None or group.deadline is None:
                     raise GroupError(group.failure or "the group was dropped")
+                self._begin(group, run_id)
                 group.deadline.restart(floor)
                 work = slot.run(run_rank, group.comm, served.model.adapter, spec, inputs)
                 result = await self._unless_failed(group, work)
@@ -308,6 +319,7 @@ class GroupManager:
                     try:
                         await self._unless_failed(group, asyncio.wait_for(fut, self.timing.group_s))
                     except asyncio.TimeoutError:
+                        self.on_unresponsive(node)
                         raise GroupError(f"{node} did not free its engine in {self.timing.group_s:g} s") from None
                 assert mine is not None
                 yield mine
@@ -334,6 +346,12 @@ class GroupManager:
             raise GroupError(group.failure or "the group failed")
         return task.result()
 
+    def _begin(self, group: Group, run_id: int) -> None:
+        """Key this run's sealed traffic (every member derives the same key)."""
+        if isinstance(group.comm, SealedComm):
+            assert self.data_key is not None
+            group.comm.begin(run_key(self.data_key, group.gid, run_id))
+
     # -- peer -------------------------------------------------------------------------
     async def _hold(self, group: Group, run_id: int) -> None:
         """Reserve my engine for the coordinator's run ``run_id`` and run my rank when told."""
@@ -350,7 +368,7 @@ class GroupManager:
                     raise GroupError(f"run for model {spec.model!r}, which this node does not serve")
                 if group.comm is None or group.deadline is None:
                     return  # dropped while waiting for the run
-
+                self._begin(group, run_id)
                 group.move(GroupEvent.RUN_START)
                 group.deadline.restart(run.collective_s)
                 await slot.run(run_rank, group.comm, served.model.adapter, spec)
@@ -408,16 +426,38 @@ class GroupManager:
             self._drop(group, GroupEvent.FAILED, why)
 
     async def upkeep(self) -> None:
-        """Forever: drop groups idle for ``idle_s`` and store keys whose group never formed."""
+        """Forever: drop groups idle for ``idle_s`` and store keys whose group never formed, and
+        free descriptors when stray connections pile up on GLOO listeners.
+
+        GLOO keeps every connection to a group's listener that is not one of its members' open
+        until the group is destroyed (nothing closes it otherwise; torch's Python API offers no
+        TLS or filtering for it). So when the node holds :data:`FD_SLACK` more descriptors than
+        it did at the start, every group not running is dropped (a later job forms a new one).
+        """
+        baseline = open_descriptors()
         while True:
-            await asyncio.sleep(min(5.0, self.timing.idle_s / 2))
+            await asyncio.sleep(1.0)
             now = time.monotonic()
+            if open_descriptors() > baseline + FD_SLACK:
+                idle = [g for g in self.groups if g.state is not GroupState.RUNNING and not g.holds]
+                if idle:
+                    log.warning("descriptors_reclaimed", open=open_descriptors(), baseline=baseline, groups=len(idle))
+                for group in idle:
+                    self._drop(group, GroupEvent.IDLE, "too many open descriptors (stray connections)")
             for group in self.groups:
                 if group.state is GroupState.READY and not group.holds and now - group.used_s > self.timing.idle_s:
                     self._drop(group, GroupEvent.IDLE, f"idle for {self.timing.idle_s:g} s")
             for gid, (since, _keys) in list(self._pending.items()):
                 if now - since > self.timing.group_s:
                     del self._pending[gid]
+
+
+def open_descriptors() -> int:
+    """This process's open file descriptors (0 where /proc is missing)."""
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return 0
 
 
 def _release(*objects: Any) -> None:

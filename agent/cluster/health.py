@@ -5,6 +5,11 @@ local jobs and ranks run for others alike), models, links and counters; who the 
 where it listens and which weights it serves are repeated under ``admission``, signed, and
 only those signed fields decide who a peer is. A node's ``offline`` status (clean stop or
 Last Will) drops it from the peer table and from every group it is in.
+
+With a cluster secret, health and status are signed and checked for freshness and replays
+(agent/cluster/trust.py): a node is dropped on its own signed goodbye only, and an
+unsigned ``offline`` (which anyone on the broker can publish) triggers a check of the node
+instead of a drop.
 """
 
 from __future__ import annotations
@@ -17,8 +22,10 @@ from typing import Any
 import structlog
 
 from agent.cluster.admission import Admission
+from agent.cluster.freshness import STATUS
 from agent.cluster.peers import Peer, PeerTable
-from transport.health import Health, LinkView, Load, parse_health
+from agent.cluster.trust import Trust
+from transport.health import Health, LinkView, Load, parse_health, parse_status
 from transport.schema import WireError
 
 log = structlog.get_logger("prism.health")
@@ -37,22 +44,57 @@ def signed_identity(
     return admission.sign(fields, time.time())
 
 
+def status_payload(trust: Trust, node: str, state: str, seq: int | None = None) -> bytes:
+    """What ``nodes/{node}/status`` says: plain ``online``/``offline`` in an open cluster, a
+    signed JSON object with a secret (``seq``: the connection's, for a Last Will and its online)."""
+    if trust.open:
+        return state.encode()
+    signed = trust.admission.sign({"node": node, "status": state}, time.time(), seq=seq)
+    return json.dumps(signed, separators=(",", ":")).encode()
+
+
 class Observer:
-    """Other nodes' health and status, into the peer table; departures reported to ``on_gone``."""
+    """Other nodes' health and status, into the peer table; departures reported to ``on_gone``;
+    doubtful ones (an unsigned goodbye in a cluster with a secret) to ``check``."""
 
     def __init__(
-        self, me: str, cluster: str, peers: PeerTable, admission: Admission, on_gone: Callable[[set[str]], None]
+        self,
+        me: str,
+        cluster: str,
+        peers: PeerTable,
+        trust: Trust,
+        on_gone: Callable[[set[str]], None],
+        check: Callable[[str], None] = lambda node: None,
     ) -> None:
         self.me = me
         self.cluster = cluster
         self.peers = peers
-        self.admission = admission
+        self.trust = trust
         self.on_gone = on_gone
+        self.check = check
 
     def status(self, node: str, payload: bytes) -> None:
-        """``nodes/{node}/status``: ``offline`` drops the node."""
-        if node == self.me or payload != b"offline":
+        """``nodes/{node}/status``: a goodbye drops the node (see the module docstring)."""
+        if node == self.me:
             return
+        state, fields = parse_status(payload)
+        now = time.time()
+        if state == "online" and fields is not None:
+            self.trust.accept(fields, node, STATUS, now, max_age_s=-1)  # its sequence dates its goodbye
+            return
+        if state != "offline":
+            return
+        if fields is None and not self.trust.open:
+            log.info("goodbye_unsigned", node=node, action="checking it")
+            self.check(node)
+            return
+        if fields is not None and not self.trust.gone(fields, node, now):
+            log.warning("admission_refused", node=node, via="status", why="a stale or forged goodbye")
+            return
+        self.gone(node)
+
+    def gone(self, node: str) -> None:
+        """``node`` is gone (a trusted goodbye, or a check that found nobody there)."""
         self.peers.offline(node)
         self.on_gone({node})
 
@@ -63,7 +105,7 @@ class Observer:
         try:
             doc = parse_health(payload)
             signed = doc.admission
-            if not self.admission.verify(signed, time.time()) or signed.get("node") != node:
+            if signed.get("node") != node or not self.trust.accept(signed, node, "health", time.time()):
                 log.warning("admission_refused", node=node, via="health")
                 return
             peer = Peer(

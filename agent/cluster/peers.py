@@ -39,6 +39,7 @@ class PeerTable:
         self.max_age_s = max_age_s
         self.engine = engine
         self._peers: dict[str, Peer] = {}
+        self._suspended: dict[str, float] = {}  # node -> until (monotonic)
 
     def seen(self, peer: Peer, now_s: float) -> bool:
         """Record an advert or health message; returns False when it is ignored."""
@@ -64,6 +65,10 @@ class PeerTable:
         fresh = [p for p in self._peers.values() if p.online and now_s - p.last_seen_s <= self.max_age_s]
         return sorted(fresh, key=lambda p: (p.queue, p.load1, p.node))
 
+    def suspend(self, node: str, until_s: float) -> None:
+        """Leave ``node`` out of splits until ``until_s`` (it failed to form a group or to answer)."""
+        self._suspended[node] = until_s
+
     def able(self, model: str, fingerprint: float, now_s: float) -> list[Peer]:
         """Alive peers that serve ``model`` with the same weights (and run the same engine version)."""
 
@@ -71,7 +76,7 @@ class PeerTable:
             theirs = p.models.get(model)
             return theirs is not None and same_weights(fingerprint, theirs) and p.engine == self.engine
 
-        return [p for p in self.alive(now_s) if same(p)]
+        return [p for p in self.alive(now_s) if same(p) and self._suspended.get(p.node, 0.0) <= now_s]
 
     def all(self) -> list[Peer]:
         """Every peer ever seen, for ``prism-agent peers``."""

@@ -139,6 +139,26 @@ class ProbeServer:
             writer.write(BULK)
 
 
+async def answers(address: str, port: int, timeout_s: float = 2.0) -> bool:
+    """Whether a prism probe server answers at ``address:port`` (a greeting and one ping)."""
+
+    async def run() -> None:
+        reader, writer = await asyncio.open_connection(address, port)
+        try:
+            writer.write(GREETING + PING)
+            await writer.drain()
+            if await reader.readexactly(len(GREETING) + 1) != GREETING + PING:
+                raise ConnectionError("not a prism probe server")
+        finally:
+            writer.transport.abort()
+
+    try:
+        await asyncio.wait_for(run(), timeout_s)
+    except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError):
+        return False
+    return True
+
+
 class SlowLink(asyncio.TimeoutError):
     """The probe server answered, but the bulk transfer did not finish in time: the link is
     slower than the payload was sized for. ``mbps`` is an upper bound on its rate."""

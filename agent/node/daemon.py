@@ -30,10 +30,11 @@ from agent.cluster.admission import Admission
 from agent.cluster.channel import ControlChannel
 from agent.cluster.discovery import Discovery, advert
 from agent.cluster.groups import GroupManager, Timing
-from agent.cluster.health import Observer, build_health, signed_identity
+from agent.cluster.health import Observer, build_health, signed_identity, status_payload
 from agent.cluster.links import LinkTable, probe_loop
 from agent.cluster.peers import Peer, PeerTable
-from agent.cluster.probes import ProbeServer
+from agent.cluster.probes import ProbeServer, answers
+from agent.cluster.trust import Trust
 from agent.compat import BaseExceptionGroup, TaskGroup
 from agent.jobs.auto import AutoPolicy
 from agent.jobs.intake import Intake
@@ -61,6 +62,8 @@ GRACE_S = 30.0
 FLUSH_S = 10.0
 #: A connection that lasted this long resets the reconnect backoff.
 GOOD_CONNECTION_S = 10.0
+#: A peer that failed to form a group or to free its engine sits out splits this long.
+UNRESPONSIVE_S = 30.0
 LinkFactory = Callable[[], AbstractAsyncContextManager[MqttLink]]
 
 
@@ -97,19 +100,32 @@ class Node:
         self.engine = Engine()
         self.journal = Journal(s.journal_path(), sync=s.journal_sync, max_bytes=s.journal_max_bytes)
         self.outbox = Outbox(s.outbox_max_bytes)
+        self.trust = Trust(self.admission)
         self.channel = ControlChannel(
-            s.node_id, self.admission, self._publish, lambda n: f"{s.topic_root}/nodes/{n}/control"
+            s.node_id, self.trust, self._publish, lambda n: f"{s.topic_root}/nodes/{n}/control"
         )
         timing = Timing(s.group_timeout_s, s.collective_timeout_s, s.group_idle_s)
         self.groups = GroupManager(
-            s.node_id, address, models, self.channel, self.engine, self._spawn, timing, self._link_mbps
+            s.node_id,
+            address,
+            models,
+            self.channel,
+            self.engine,
+            self._spawn,
+            timing,
+            self._link_mbps,
+            data_key=None if self.admission.open else self.admission.key("gloo"),
+            on_unresponsive=lambda node: self.peers.suspend(node, time.monotonic() + UNRESPONSIVE_S),
         )
         fingerprints = {name: served.fingerprint for name, served in models.items()}
         auto = AutoPolicy.load(s, fingerprints)
         self.service = JobService(s, models, self, meter or find_meter(), auto, self.engine)
         self.metrics = Metrics(s.node_id, VERSION, self.service.meter)
         self.intake = Intake(self.service, self.journal, self.outbox, self.topics, self._spawn, self.metrics.job_done)
-        self.observer = Observer(s.node_id, s.cluster, self.peers, self.admission, self.groups.membership_changed)
+        self.observer = Observer(
+            s.node_id, s.cluster, self.peers, self.trust, self.groups.membership_changed, self._check_peer
+        )
+        self._conn_seq: int | None = None  # the sequence of this connection's online and Last Will
         self.hardware = hardware_fingerprint(s.threads, pick_device(s.device))
         self._link_factory = link_factory or self._mqtt_link
         self._link: MqttLink | None = None
@@ -167,16 +183,14 @@ class Node:
             probes_server = ProbeServer(self.address, max_connections=s.probe_max_connections)
             async with probes_server as probes, self.metrics.serving(s.metrics_address, s.metrics_port):
                 self.probe_port = probes.port
-                info = advert(
-                    s.node_id,
-                    s.cluster,
-                    self.address,
-                    probes.port,
-                    VERSION,
-                    sorted(self.service.models),
-                    self.admission,
-                )
-                async with Discovery(self.peers, info, [self.address], admission=self.admission), TaskGroup() as tg:
+                served = sorted(self.service.models)
+                trust = None if self.trust.open else self.trust
+
+                def make_info(name: str | None) -> Any:
+                    return advert(s.node_id, s.cluster, self.address, probes.port, VERSION, served, trust, name)
+
+                discovery = Discovery(self.peers, make_info, [self.address], self.trust, check=self._check_peer)
+                async with discovery, TaskGroup() as tg:
                     self._tg = tg
                     await self.intake.recover(recovery)
                     loops = {
@@ -219,7 +233,8 @@ class Node:
                 await asyncio.wait_for(self.outbox.flushed(), FLUSH_S)
             with contextlib.suppress(TransportError, asyncio.TimeoutError):
                 await asyncio.wait_for(link.unsubscribe(*self._watched), 2.0)
-                await asyncio.wait_for(link.publish(self.topics.status, b"offline", retain=True), 2.0)
+                offline = status_payload(self.trust, self.settings.node_id, "offline")
+                await asyncio.wait_for(link.publish(self.topics.status, offline, retain=True), 2.0)
         if self.intake.running or self.outbox:
             log.warning("unanswered_at_stop", jobs=self.intake.running, results_unsent=len(self.outbox))
 
@@ -233,11 +248,14 @@ class Node:
         s = self.settings
         assert s.broker is not None
         username, password = mqtt_credentials(s)
+        # The Last Will is signed now, with this connection's sequence; its online gets the same.
+        self._conn_seq = None if self.trust.open else self.admission.next_seq()
+        will = status_payload(self.trust, s.node_id, "offline", self._conn_seq)
         return MqttLink(
             s.broker.host,
             s.broker.port,
             client_id=f"prism-{s.cluster}-{s.node_id}",
-            will=(self.topics.status, b"offline"),
+            will=(self.topics.status, will),
             username=username,
             password=password,
             tls=tls_context(s),
@@ -274,7 +292,8 @@ class Node:
     async def _session(self, link: MqttLink) -> None:
         topics = (self.topics.shared_jobs, self.topics.my_jobs) if self.accepting else ()
         await link.subscribe(*topics, *self._watched)
-        await link.publish(self.topics.status, b"online", retain=True)
+        online = status_payload(self.trust, self.settings.node_id, "online", self._conn_seq)
+        await link.publish(self.topics.status, online, retain=True)
         self._link = link
         self.connected.set()
         try:
@@ -328,6 +347,20 @@ class Node:
             self.observer.status(node, payload)
         elif topic.endswith("/health"):
             self.observer.health(node, payload)
+
+    def _check_peer(self, node: str) -> None:
+        """A doubtful goodbye of ``node``: ask its probe server; drop it only when nobody answers."""
+        peer = self.peers.get(node)
+        if peer is None or not peer.online or not peer.probe_port:
+            return
+        self._spawn(self._check(peer.node, peer.address, peer.probe_port), f"check-{node}")
+
+    async def _check(self, node: str, address: str, port: int) -> None:
+        for _ in range(2):
+            if await answers(address, port):
+                log.info("goodbye_ignored", node=node, why="it still answers")
+                return
+        self.observer.gone(node)
 
     # -- loops --------------------------------------------------------------------------
     def health(self) -> bytes:
