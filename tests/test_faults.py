@@ -356,6 +356,45 @@ def test_testbed_command_on_a_missing_bed_or_host(bed: Testbed, capsys: pytest.C
     assert Path(bed.state_path).exists()
 
 
+def test_open_mode_a_forged_health_aims_no_more_than_a_small_probe_a_minute_at_a_third_party(bed: Testbed) -> None:
+    """No secret here: anyone may publish a node's health. One that names a third party's
+    host:port as a peer's probe endpoint gets from each agent a greeting of a few bytes, at
+    most once a minute, never a bulk transfer (h1 probes every 2 s here)."""
+    bed.stop("h1")
+    bed.start_agent(1, env={"PRISM_QUEUE_MAX": str(QUEUE_MAX), "PRISM_PROBE_INTERVAL_S": "2"})
+    bed.wait_cluster(NODES)
+    port = 47001
+    third = [sys.executable, "-m", "testbed.rogue", "third-party", "--address", bed.address(2), "--port", str(port)]
+    bed.spawn("third", 2, [*third, "--seconds", "70"])
+    bed.wait_listening(2, port, "third")
+    forged = {
+        "node": "ghost",
+        "time": time.time(),
+        "models": ["bert"],
+        "fingerprints": {},
+        "admission": {"node": "ghost", "address": bed.address(2), "fingerprints": "{}", "probe_port": str(port)},
+    }
+    stop = time.monotonic() + 65
+    while time.monotonic() < stop:  # a fresh forgery every few seconds keeps "ghost" alive
+        forged["time"] = time.time()
+        bed.pub(bed.topic("nodes/ghost/health"), json.dumps(forged))
+        time.sleep(3)
+    popen = bed.popen("third")
+    assert popen is not None
+    popen.wait(timeout=30)
+    sources = json.loads(bed.log("third").strip().splitlines()[-1])["sources"]
+    del bed.procs["third"]
+    assert sources, "the agents never probed the forged peer (the test would prove nothing)"
+    for source, seen in sources.items():
+        assert seen["connections"] <= 2, (source, seen)  # once at the start, at most once more a minute on
+        assert seen["bytes"] <= 2 * 64, (source, seen)  # greetings only
+    assert bed.address(1) in sources  # the fast prober found it too
+    print(f"open mode: third party saw {sources}")
+    bed.stop("h1")
+    bed.start_agent(1, env={"PRISM_QUEUE_MAX": str(QUEUE_MAX)})
+    bed.wait_cluster(NODES)
+
+
 def test_hosted_broker_dies_with_a_sigkilled_agent() -> None:
     """A zero-config agent hosts mosquitto; SIGKILL the agent and its broker goes too (PR_SET_PDEATHSIG)."""
     require_netns()

@@ -30,6 +30,8 @@ from agent.cluster.trust import Trust
 
 SERVICE = "_prism._tcp.local."
 RESOLVE_TIMEOUT_MS = 3000
+#: How long to ask whether our instance name is taken before claiming it.
+NAME_CHECK_MS = 1000
 #: Signed adverts are re-signed this often and refused past the larger age.
 ADVERT_REFRESH_S = 60.0
 ADVERT_MAX_AGE_S = 150.0
@@ -103,7 +105,11 @@ class Discovery:
 
     async def __aenter__(self) -> Discovery:
         self._zc = AsyncZeroconf(interfaces=self.interfaces, ip_version=IPVersion.V4Only)
+        await self._zc.zeroconf.async_wait_for_start()
         wanted = self.info.name
+        name = await self._free_name(wanted)
+        if name != wanted:
+            self.info = self.make_info(name)
         await self._zc.async_register_service(self.info, allow_name_change=True)
         if self.info.name != wanted:
             log.warning("mdns_name_taken", wanted=wanted, now=self.info.name, hint="another host holds the name")
@@ -124,6 +130,18 @@ class Discovery:
         if self._zc is not None:
             await self._zc.async_unregister_all_services()
             await self._zc.async_close()
+
+    async def _free_name(self, wanted: str) -> str:
+        """``wanted``, or ``node-2``, ``node-3``... when another host answers for it. (Probing
+        alone misses a holder that answers late; asking first does not.)"""
+        assert self._zc is not None
+        base = wanted.removesuffix(f".{SERVICE}")
+        for n in range(1, 10):
+            name = wanted if n == 1 else f"{base}-{n}.{SERVICE}"
+            info = AsyncServiceInfo(SERVICE, name)
+            if not await info.async_request(self._zc.zeroconf, NAME_CHECK_MS) and not info.properties:
+                return name
+        return wanted  # let zeroconf's own probing pick one
 
     def _own(self, coro: Any, name: str) -> None:
         task = asyncio.get_running_loop().create_task(_logged(coro, name), name=name)

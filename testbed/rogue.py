@@ -1,0 +1,213 @@
+"""A hostile host's tools, run inside a bed namespace by the security tests
+(``python -m testbed.rogue COMMAND``): capture and replay broker traffic, forge unsigned
+messages, replay or squat mDNS adverts, send mDNS goodbyes, hammer TCP ports, and stand in
+for a third party that counts what it is sent. Each prints one JSON summary on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import json
+import socket
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+SERVICE = "_prism._tcp.local."
+
+
+def _client(host: str, port: int) -> Any:
+    import aiomqtt
+
+    return aiomqtt.Client(host, port, identifier=f"rogue-{time.monotonic_ns()}", protocol=aiomqtt.ProtocolVersion.V5)
+
+
+async def capture(host: str, port: int, topics: list[str], seconds: float) -> dict[str, Any]:
+    """Record every message on ``topics`` (retained ones included) for ``seconds``."""
+    got: list[dict[str, Any]] = []
+    async with _client(host, port) as client:
+        for topic in topics:
+            await client.subscribe(topic, qos=1)
+
+        async def read() -> None:
+            async for m in client.messages:
+                raw = m.payload if isinstance(m.payload, bytes) else str(m.payload).encode()
+                got.append({"topic": str(m.topic), "payload": base64.b64encode(raw).decode(), "retain": m.retain})
+
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(read(), seconds)
+    return {"captured": got}
+
+
+async def replay(
+    host: str, port: int, items: list[dict[str, Any]], every_s: float, seconds: float, retain: bool
+) -> dict[str, Any]:
+    """Publish the captured messages again, all of them every ``every_s``, for ``seconds``."""
+    sent = 0
+    deadline = time.monotonic() + seconds
+    async with _client(host, port) as client:
+        while time.monotonic() < deadline:
+            for item in items:
+                await client.publish(item["topic"], base64.b64decode(item["payload"]), qos=1, retain=retain)
+                sent += 1
+            await asyncio.sleep(every_s)
+    return {"sent": sent}
+
+
+async def forge(host: str, port: int, topic: str, payload: str, every_s: float, seconds: float) -> dict[str, Any]:
+    """Publish ``payload`` (unsigned) to ``topic`` every ``every_s`` for ``seconds``."""
+    sent = 0
+    deadline = time.monotonic() + seconds
+    async with _client(host, port) as client:
+        while time.monotonic() < deadline:
+            await client.publish(topic, payload.encode(), qos=1, retain=topic.endswith("/status"))
+            sent += 1
+            await asyncio.sleep(every_s)
+    return {"sent": sent}
+
+
+async def mdns(address: str, action: str, name: str, props: dict[str, str], seconds: float, every_s: float) -> Any:
+    """``register`` an advert under ``name`` (a squatter, or a replayed advert) and hold it for
+    ``seconds``; or send a ``goodbye`` for ``name`` (TTL 0) every ``every_s``."""
+    from zeroconf import DNSOutgoing, DNSPointer, IPVersion  # type: ignore[attr-defined]
+    from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
+
+    azc = AsyncZeroconf(interfaces=[address], ip_version=IPVersion.V4Only)
+    await azc.zeroconf.async_wait_for_start()
+    try:
+        if action == "register":
+            info = AsyncServiceInfo(
+                SERVICE, f"{name}.{SERVICE}", addresses=[socket.inet_aton(address)], port=9, properties=props
+            )
+            await azc.async_register_service(info, allow_name_change=False)
+            await asyncio.sleep(seconds)
+            return {"registered": info.name}
+        sent = 0
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            out = DNSOutgoing(0x8400)  # a response, authoritative
+            out.add_answer_at_time(DNSPointer(SERVICE, 12, 1, 0, f"{name}.{SERVICE}"), 0)
+            azc.zeroconf.async_send(out)
+            sent += 1
+            await asyncio.sleep(every_s)
+        return {"goodbyes": sent}
+    finally:
+        await azc.async_close()
+
+
+async def read_advert(address: str, name: str, seconds: float) -> dict[str, Any]:
+    """The TXT record of ``name`` as the network shows it."""
+    from zeroconf import IPVersion
+    from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
+
+    azc = AsyncZeroconf(interfaces=[address], ip_version=IPVersion.V4Only)
+    await azc.zeroconf.async_wait_for_start()
+    try:
+        info = AsyncServiceInfo(SERVICE, f"{name}.{SERVICE}")
+        ok = await info.async_request(azc.zeroconf, int(seconds * 1000))
+        props = {k.decode(errors="replace"): (v or b"").decode(errors="replace") for k, v in info.properties.items()}
+        return {"found": bool(ok or props), "props": props}
+    finally:
+        await azc.async_close()
+
+
+def hammer(host: str, ports: list[int], count: int) -> dict[str, Any]:
+    """``count`` TCP connects to each port, each closed at once (some with garbage first)."""
+    done = refused = 0
+    for port in ports:
+        for k in range(count):
+            try:
+                with socket.create_connection((host, port), timeout=2) as s:
+                    if k % 3 == 0:
+                        s.sendall(b"\x00GET / HTTP/1.0\r\n\r\n")
+                done += 1
+            except OSError:
+                refused += 1
+    return {"connects": done, "refused": refused}
+
+
+async def third_party(address: str, port: int, seconds: float) -> dict[str, Any]:
+    """A service that is not a prism agent: count connections and bytes, per source, for ``seconds``."""
+    seen: dict[str, list[int]] = {}
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        source = str(writer.get_extra_info("peername")[0])
+        entry = seen.setdefault(source, [0, 0])
+        entry[0] += 1
+        try:
+            while data := await asyncio.wait_for(reader.read(65536), 10):
+                entry[1] += len(data)
+        except (asyncio.TimeoutError, ConnectionError):
+            pass
+        writer.close()
+
+    server = await asyncio.start_server(serve, address, port)
+    await asyncio.sleep(seconds)
+    server.close()
+    return {"sources": {k: {"connections": v[0], "bytes": v[1]} for k, v in seen.items()}}
+
+
+def main(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m testbed.rogue")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("capture")
+    c.add_argument("--topic", action="append", required=True)
+    for name in ("replay", "forge", "capture"):
+        q = c if name == "capture" else sub.add_parser(name)
+        q.add_argument("--host", required=True)
+        q.add_argument("--port", type=int, default=1883)
+        q.add_argument("--seconds", type=float, default=10.0)
+    c.add_argument("--out", type=Path, required=True)
+    r = sub.choices["replay"]
+    r.add_argument("--file", type=Path, required=True)
+    r.add_argument("--every", type=float, default=1.0)
+    r.add_argument("--retain", action="store_true")
+    f = sub.choices["forge"]
+    f.add_argument("--topic", required=True)
+    f.add_argument("--payload", required=True)
+    f.add_argument("--every", type=float, default=2.0)
+    m = sub.add_parser("mdns")
+    m.add_argument("action", choices=["register", "goodbye", "read"])
+    m.add_argument("--address", required=True)
+    m.add_argument("--name", required=True)
+    m.add_argument("--props", default="{}")
+    m.add_argument("--seconds", type=float, default=10.0)
+    m.add_argument("--every", type=float, default=2.0)
+    h = sub.add_parser("hammer")
+    h.add_argument("--host", required=True)
+    h.add_argument("--ports", required=True)
+    h.add_argument("--count", type=int, default=2000)
+    t = sub.add_parser("third-party")
+    t.add_argument("--address", required=True)
+    t.add_argument("--port", type=int, required=True)
+    t.add_argument("--seconds", type=float, required=True)
+    ns = p.parse_args(argv)
+    out: Any
+    if ns.cmd == "capture":
+        got = asyncio.run(capture(ns.host, ns.port, ns.topic, ns.seconds))
+        ns.out.write_text(json.dumps(got["captured"]))
+        out = {"captured": len(got["captured"])}
+    elif ns.cmd == "replay":
+        items = json.loads(ns.file.read_text())
+        out = asyncio.run(replay(ns.host, ns.port, items, ns.every, ns.seconds, ns.retain))
+    elif ns.cmd == "forge":
+        out = asyncio.run(forge(ns.host, ns.port, ns.topic, ns.payload, ns.every, ns.seconds))
+    elif ns.cmd == "mdns" and ns.action == "read":
+        out = asyncio.run(read_advert(ns.address, ns.name, ns.seconds))
+    elif ns.cmd == "mdns":
+        out = asyncio.run(mdns(ns.address, ns.action, ns.name, json.loads(ns.props), ns.seconds, ns.every))
+    elif ns.cmd == "hammer":
+        out = hammer(ns.host, [int(x) for x in ns.ports.split(",")], ns.count)
+    else:
+        out = asyncio.run(third_party(ns.address, ns.port, ns.seconds))
+    print(json.dumps(out))  # noqa: T201 - the summary is the output
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
