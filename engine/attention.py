@@ -3,7 +3,7 @@
 Rank p attends from its own rows to ``U_p = [S_p ; Z_q for senders q]`` where every
 remote row stands for ``c`` tokens. Adding ``log c`` to that row's logit is exactly
 attention over the sequence with each remote token replaced by its segment mean, but
-K/V are computed for ``n_p + sum(L_q)`` rows instead of N (DESIGN.md §3.4-3.5).
+K/V are computed for ``n_p + sum(L_q)`` rows instead of N (docs/design.md §3.4-3.5).
 """
 
 from __future__ import annotations

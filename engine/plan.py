@@ -1,4 +1,4 @@
-"""Partition plans: which contiguous token positions each rank owns (DESIGN.md §3.1)."""
+"""Partition plans: which contiguous token positions each rank owns (docs/design.md §3.1)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 Both runners execute exactly this code, in the same order (:mod:`engine.schedule`); they
 differ only in how segment rows move between ranks (a loop in one process, or a GLOO
-all-to-all), so they give the same numbers for the same plan (DESIGN.md §3.7).
+all-to-all), so they give the same numbers for the same plan (docs/design.md §3.7).
 
 A job's batch runs in ``chunks`` of samples; under ``overlap`` chunk c's exchange is in
 flight while this rank computes other chunks. A chunk's math depends on its own samples
@@ -113,7 +113,7 @@ class RankProgram:
             layout(spec.plan, q, mask, spec.comp).to(device) for q in range(spec.plan.ranks)
         ]
         others = [q for q in range(spec.plan.ranks) if q != rank]
-        # Causal models only need rows from earlier ranks (DESIGN.md §3.5).
+        # Causal models only need rows from earlier ranks (docs/design.md §3.5).
         self.senders = [q for q in others if q < rank] if adapter.causal else others
         self.receivers = [q for q in others if q > rank] if adapter.causal else others
         self.bias = key_bias(

@@ -1,4 +1,4 @@
-"""Segment Means: what a rank sends instead of its full attention input (DESIGN.md §3.3).
+"""Segment Means: what a rank sends instead of its full attention input (docs/design.md §3.3).
 
 (The other exchange method, ``codes``, sends every row in few bits: engine/codec.py and
 engine/coded.py. Here it only picks the method and, as its layout, full exchange's.)
@@ -31,7 +31,7 @@ WIRE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloa
 class Method(str, enum.Enum):
     """What ranks send when they compress: segment means, or every row in few bits."""
 
-    MEANS = "means"  # Segment Means: ceil(n / CR) mean rows per rank (DESIGN.md §3.3)
+    MEANS = "means"  # Segment Means: ceil(n / CR) mean rows per rank (docs/design.md §3.3)
     CODES = "codes"  # every row, rotated, b-bit codes in 1/CR of the bytes (research/codec.md)
 
     @classmethod

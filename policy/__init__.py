@@ -1,1 +1,1 @@
-"""Policy: the performance map, the profiler and the per-request choice (DESIGN.md §4)."""
+"""Policy: the performance map, the profiler and the per-request choice (docs/design.md §4)."""

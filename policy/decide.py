@@ -1,4 +1,4 @@
-"""``decide(request, map, links, loads) -> Decision``: pure, no I/O, no clock (DESIGN.md §4).
+"""``decide(request, map, links, loads) -> Decision``: pure, no I/O, no clock (docs/design.md §4).
 
 Every option is predicted from the map: local, full exchange, and each exchange method
 (Segment Means, codes) at each profiled CR, over the best 1..k peers. Compute is scaled by

@@ -1,4 +1,4 @@
-"""The performance map (DESIGN.md §4): what each way of running a job cost, as measured.
+"""The performance map (docs/design.md §4): what each way of running a job cost, as measured.
 
 One :class:`Cell` per (model, batch, seq, mode, method, CR, ranks, link bandwidth): latency
 median and p90, the compute / communication / staging / overhead breakdown, the bytes on the

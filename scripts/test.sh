@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Quickstart 2: set up (with dev tools), then run every check: ruff, mypy and the whole test suite.
+# Quickstart 2: set up (with dev tools), then run every check: ruff, mypy, the import contracts and
+# the whole test suite.
 # Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,5 +12,7 @@ echo "== ruff"
 "$bin/ruff" format --check .
 echo "== mypy"
 "$bin/mypy"
+echo "== import contracts"
+"$bin/lint-imports"
 echo "== pytest"
 "$bin/python" -m pytest "$@"

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from testbed.bed import BROKER_PORT
+from testbed.services import BROKER_PORT
 
 
 # -- load clients, run inside a host namespace ------------------------------------------------

@@ -240,17 +240,19 @@ def test_link_cut_and_restored_mid_job(bed: Testbed, watch: Watch) -> None:
         watch.wait_health("h0", lambda h: {"h1", "h2"} <= set(h["peers"]), 60)
         before = {n: joined(bed, n) for n in ("h1", "h2")}
         deadline_s = 45.0
-        sent = send(bed, big_job("cut", ranks=3, deadline_ms=deadline_s * 1e3))
+        send(bed, big_job("cut", ranks=3, deadline_ms=deadline_s * 1e3))
         assert wait_joined(bed, before, watch, "cut") is not None
         time.sleep(0.3)
         bed.cut(1)
+        cut = time.monotonic()
         result = watch.result("cut", deadline_s)
-        answered_s = result["_t"] - sent
+        answered_s = result["_t"] - cut
         bed.restore(1)
         restored = time.monotonic()
         assert result["ok"] is True, result
-        assert answered_s < deadline_s
-        print(f"cut: answered in {answered_s:.1f} s, mode {result['mode']}, fallback {result['fallback']}")
+        # The collective waiting on the cut peer fails at its own deadline, not the group's timeout.
+        assert answered_s < 5.0, f"answered {answered_s:.1f} s after the cut"
+        print(f"cut: answered {answered_s:.1f} s after the cut, mode {result['mode']}, fallback {result['fallback']}")
         # The peer comes back: its health flows again, the coordinator lists it, jobs span it again.
         watch.wait_health("h1", lambda h: True, 60, after=restored)
         watch.wait_health("h0", lambda h: "h1" in h["peers"], 60, after=restored)

@@ -1,6 +1,6 @@
 """The MQTT link: one aiomqtt client with birth/Last-Will, TCP_NODELAY and MQTT 5 properties.
 
-Topics live under ``prism/v1/{cluster}/`` (DESIGN.md §5.1). The link is an async context
+Topics live under ``prism/v1/{cluster}/`` (docs/design.md §5.1). The link is an async context
 manager; the daemon re-enters a fresh one after a failure, with capped full-jitter
 backoff (:func:`backoff_s`), and re-subscribes and re-publishes its birth every time.
 With ``session_expiry_s`` the link asks for a persistent MQTT 5 session (clean start off):

@@ -1,4 +1,4 @@
-"""The versioned wire schema of jobs and results (DESIGN.md §5.1).
+"""The versioned wire schema of jobs and results (docs/design.md §5.1).
 
 Payloads are JSON (so ``mosquitto_pub`` works) or msgpack. Parsing never raises
 anything but :class:`WireError`, whose ``code`` travels back in the error result, and

@@ -14,10 +14,8 @@ then tells every peer ``run``. Everyone takes engines in the same order, so two 
 sharing peers never wait on each other. Every collective has a deadline
 (:class:`~transport.gloo.DeadlineGroup`): a frozen peer or a cut link fails the run in
 seconds, the group is dropped and the job runs locally. A peer's failure is reported with
-``failed``, so the coordinator stops waiting at once.
-
-Each group's messages are handled by that group's own tasks, so a slow group never holds
-up another.
+``failed``, so the coordinator stops waiting at once. Each group's messages are handled by
+that group's own tasks, so a slow group never holds up another.
 """
 
 from __future__ import annotations
@@ -27,18 +25,26 @@ import base64
 import binascii
 import contextlib
 import itertools
-import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 
 from agent.cluster.channel import ControlChannel
-from agent.cluster.group_state import GroupEvent, GroupState, next_state
+from agent.cluster.group import (
+    EarlyKeys,
+    Group,
+    Timing,
+    collective_floor,
+    gather_all,
+    open_descriptors,
+    quietly,
+    release,
+)
+from agent.cluster.group_state import GroupEvent, GroupState
 from agent.cluster.peers import Peer
 from agent.jobs.service import Served
 from agent.node.engine import Engine, Slot
@@ -55,50 +61,8 @@ from transport.sealed import SealedComm, run_key
 log = structlog.get_logger("prism.groups")
 Spawn = Callable[[Coroutine[Any, Any, None], str], "asyncio.Task[None]"]
 
-#: Bytes per value on the wire, for the link share of a collective's deadline.
-_FP32 = 4
-#: Store keys that may wait for their group's ``form`` (messages from different senders race).
-_PENDING_GROUPS = 64
 #: Descriptors over the start's count at which idle groups are dropped (see ``upkeep``).
 FD_SLACK = 512
-
-
-@dataclass(frozen=True, slots=True)
-class Timing:
-    """How long groups may take: formation and reservations, every collective, idle life."""
-
-    group_s: float = 10.0
-    collective_s: float = 2.0
-    idle_s: float = 60.0
-
-
-@dataclass(eq=False)
-class Group:
-    """One group, seen from one member."""
-
-    gid: str
-    members: tuple[str, ...]  # rank order, the coordinator first
-    rank: int
-    store: RelayStore
-    state: GroupState = GroupState.FORMING
-    comm: GlooComm | None = None
-    deadline: DeadlineGroup | None = None
-    formed: asyncio.Event = field(default_factory=asyncio.Event)
-    failed: asyncio.Event = field(default_factory=asyncio.Event)
-    failure: str = ""
-    used_s: float = field(default_factory=time.monotonic)
-    grants: dict[tuple[int, str], asyncio.Future[None]] = field(default_factory=dict)  # coordinator
-    runs: dict[int, asyncio.Future[Run]] = field(default_factory=dict)  # peer: Run per reservation
-    holds: dict[int, asyncio.Task[None]] = field(default_factory=dict)  # peer: reservations held
-
-    @property
-    def coordinator(self) -> str:
-        """The member that runs rank 0."""
-        return self.members[0]
-
-    def move(self, event: GroupEvent) -> None:
-        """Apply ``event`` (group_state.next_state)."""
-        self.state = next_state(self.state, event)
 
 
 class GroupManager:
@@ -129,7 +93,7 @@ class GroupManager:
         self.on_unresponsive = on_unresponsive
         self._mine: dict[tuple[str, ...], Group] = {}  # groups I coordinate, by members
         self._groups: dict[str, Group] = {}  # every live group, by gid
-        self._pending: dict[str, tuple[float, list[tuple[str, str, str]]]] = {}  # gid -> (since, keys)
+        self._early = EarlyKeys()  # store keys that came before their group's form
         self._runs = itertools.count(1)
         self._reaper = ThreadPoolExecutor(max_workers=2, thread_name_prefix="group-reaper")
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -179,7 +143,7 @@ class GroupManager:
         if msg.gid in self._groups:
             return  # a copy: the first one is being formed
         group = self._new_group(msg.gid, members, min(self.timing.group_s, msg.timeout_s))
-        for member, key, value in self._pending.pop(msg.gid, (0.0, []))[1]:
+        for member, key, value in self._early.take(msg.gid):
             self._deliver(group, member, key, value)
         self.spawn(self._join(group), f"group-join-{msg.gid}")
 
@@ -187,11 +151,7 @@ class GroupManager:
         if group is not None:
             self._deliver(group, sender, msg.key, msg.value)
             return
-        if msg.gid not in self._pending and len(self._pending) >= _PENDING_GROUPS:
-            return  # a flood of keys for groups that never form: drop them
-        keys = self._pending.setdefault(msg.gid, (time.monotonic(), []))[1]
-        if len(keys) < 64:
-            keys.append((sender, msg.key, msg.value))
+        self._early.keep(msg.gid, (sender, msg.key, msg.value), time.monotonic())
 
     def _deliver(self, group: Group, sender: str, key: str, value: str) -> None:
         if sender not in group.members or sender == self.node:
@@ -215,7 +175,7 @@ class GroupManager:
             assert self._loop is not None
             msg = StoreSet(gid=gid, key=key, value=base64.b64encode(value).decode())
             sends = [self.channel.tell(m, msg) for m in members if m != self.node]
-            asyncio.run_coroutine_threadsafe(_all(sends), self._loop).result(timeout=self.timing.group_s)
+            asyncio.run_coroutine_threadsafe(gather_all(sends), self._loop).result(timeout=self.timing.group_s)
 
         return publish
 
@@ -243,7 +203,7 @@ class GroupManager:
         self._mine[members] = group
         form = Form(gid=group.gid, members=list(members), timeout_s=self.timing.group_s)
         try:
-            await _all([self.channel.tell(peer, form) for peer in members[1:]])
+            await gather_all([self.channel.tell(peer, form) for peer in members[1:]])
             await self._attach(group)
         except Exception as exc:
             self._drop(group, GroupEvent.FAILED, f"forming failed: {exc}")
@@ -263,8 +223,9 @@ class GroupManager:
         run_id = next(self._runs)
         try:
             async with self._engines(group, run_id) as slot:
-                floor = self._collective_floor(spec, served, peers)
-                await _all(
+                links = [self.link_mbps(p.node) for p in peers]
+                floor = collective_floor(self.timing.collective_s, spec, served.model.adapter.hidden_size, links)
+                await gather_all(
                     [
                         self.channel.tell(
                             p, Run(gid=group.gid, run=run_id, spec=spec_to_dict(spec), collective_s=floor)
@@ -290,15 +251,6 @@ class GroupManager:
             raise GroupError(f"distributed run with {', '.join(members[1:])} failed: {why}") from exc
         assert result is not None
         return result
-
-    def _collective_floor(self, spec: JobSpec, served: Served, peers: list[Peer]) -> float:
-        """A collective's deadline floor: the setting, plus twice the time the largest exchange
-        (a rank's rows at full exchange, to every other rank) takes on the slowest link
-        (unknown links: 10 Mbit/s)."""
-        rows = max(spec.plan.sizes) * spec.batch
-        largest = rows * served.model.adapter.hidden_size * _FP32 * len(peers)
-        mbps = min((self.link_mbps(p.node) or 10.0) for p in peers) if peers else 10.0
-        return self.timing.collective_s + 2 * largest * 8 / (mbps * 1e6)
 
     @contextlib.asynccontextmanager
     async def _engines(self, group: Group, run_id: int) -> AsyncIterator[Slot]:
@@ -406,12 +358,12 @@ class GroupManager:
         log.warning("group_dropped", gid=group.gid, members=list(group.members), reason=why[:200])
         if group.rank == 0 and event is not GroupEvent.TEARDOWN:
             teardown = Teardown(gid=group.gid)
-            self.spawn(_quietly(_all([self.channel.tell(p, teardown) for p in group.members[1:]])), "teardown")
+            self.spawn(quietly(gather_all([self.channel.tell(p, teardown) for p in group.members[1:]])), "teardown")
         comm, deadline = group.comm, group.deadline
         group.comm = group.deadline = None
         # Destroying a ProcessGroupGloo waits for its pending work (up to the GLOO timeout):
         # never on the event loop.
-        self._reaper.submit(_release, comm, deadline)
+        self._reaper.submit(release, comm, deadline)
 
     def membership_changed(self, gone: set[str]) -> None:
         """Drop every group with a member that went away (runs in progress fail at once)."""
@@ -447,29 +399,4 @@ class GroupManager:
             for group in self.groups:
                 if group.state is GroupState.READY and not group.holds and now - group.used_s > self.timing.idle_s:
                     self._drop(group, GroupEvent.IDLE, f"idle for {self.timing.idle_s:g} s")
-            for gid, (since, _keys) in list(self._pending.items()):
-                if now - since > self.timing.group_s:
-                    del self._pending[gid]
-
-
-def open_descriptors() -> int:
-    """This process's open file descriptors (0 where /proc is missing)."""
-    try:
-        return len(os.listdir("/proc/self/fd"))
-    except OSError:
-        return 0
-
-
-def _release(*objects: Any) -> None:
-    """Hold the last references to a group's GLOO objects until this reaper thread drops them."""
-    del objects
-
-
-async def _all(sends: list[Any]) -> None:
-    if sends:
-        await asyncio.gather(*sends)
-
-
-async def _quietly(work: Any) -> None:
-    with contextlib.suppress(Exception):
-        await work
+            self._early.expire(now - self.timing.group_s)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 import structlog
@@ -24,6 +24,7 @@ import structlog
 from agent.cluster.admission import Admission
 from agent.cluster.freshness import STATUS
 from agent.cluster.peers import Peer, PeerTable
+from agent.cluster.probes import answers
 from agent.cluster.trust import Trust
 from transport.health import Health, LinkView, Load, parse_health, parse_status
 from transport.schema import WireError
@@ -64,14 +65,28 @@ class Observer:
         peers: PeerTable,
         trust: Trust,
         on_gone: Callable[[set[str]], None],
-        check: Callable[[str], None] = lambda node: None,
+        spawn: Callable[[Coroutine[Any, Any, None], str], Any] | None = None,
     ) -> None:
         self.me = me
         self.cluster = cluster
         self.peers = peers
         self.trust = trust
         self.on_gone = on_gone
-        self.check = check
+        self.spawn = spawn
+
+    def check(self, node: str) -> None:
+        """A doubtful goodbye of ``node``: ask its probe server; drop it only when nobody answers."""
+        peer = self.peers.get(node)
+        if peer is None or not peer.online or not peer.probe_port or self.spawn is None:
+            return
+        self.spawn(self._check(peer.node, peer.address, peer.probe_port), f"check-{node}")
+
+    async def _check(self, node: str, address: str, port: int) -> None:
+        for _ in range(2):
+            if await answers(address, port):
+                log.info("goodbye_ignored", node=node, why="it still answers")
+                return
+        self.gone(node)
 
     def status(self, node: str, payload: bytes) -> None:
         """``nodes/{node}/status``: a goodbye drops the node (see the module docstring)."""

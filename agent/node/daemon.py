@@ -1,24 +1,20 @@
 """A node's lifecycle (docs/design.md §6): one root task group, supervised loops, a graceful stop.
 
-The node opens its job journal (re-running what a crash interrupted), starts its probe
-server and mDNS advert, then runs under one task group: the broker connection (reconnected
-with capped full-jitter backoff; a refused login is fatal), the watchdog, link probes,
-group upkeep and the map saver, each supervised (agent/node/supervise.py), plus one task per
-job or group duty. Per connection: subscribe (a persistent MQTT 5 session, so the broker
-queues jobs while we are away), publish a retained ``online`` (the Last Will says
-``offline``), then route messages — jobs to the intake, control to the groups, other nodes'
-health and status to the observer — and publish results and health.
-
-Jobs are acknowledged to the broker only once journalled; their tasks outlive connections,
-and results wait in the outbox for the next one. SIGTERM stops intake, lets in-flight jobs
-finish within the grace period, sends their results, publishes ``offline`` and returns.
+The node opens its job journal (re-running what a crash interrupted), starts its probe server
+and mDNS advert, then runs, each supervised (agent/node/supervise.py): the broker connection
+(capped full-jitter backoff; a refused login is fatal), the watchdog, link probes, group
+upkeep and the map saver, plus one task per job or group duty. Per connection it subscribes
+(a persistent MQTT 5 session), publishes a retained ``online`` (the Last Will says
+``offline``), routes messages — jobs to the intake, control to the groups, health and status
+to the observer — and publishes results and health. Jobs are acknowledged only once
+journalled and outlive connections. SIGTERM stops intake, lets in-flight jobs finish within
+the grace period, sends their results, publishes ``offline`` and returns.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import secrets
 import time
 from collections.abc import Callable, Coroutine, Mapping
 from contextlib import AbstractAsyncContextManager
@@ -29,11 +25,12 @@ import structlog
 from agent.cluster.admission import Admission
 from agent.cluster.channel import ControlChannel
 from agent.cluster.discovery import Discovery, advert
-from agent.cluster.groups import GroupManager, Timing
+from agent.cluster.group import Timing
+from agent.cluster.groups import GroupManager
 from agent.cluster.health import Observer, build_health, signed_identity, status_payload
 from agent.cluster.links import LinkTable, probe_loop
 from agent.cluster.peers import Peer, PeerTable
-from agent.cluster.probes import ProbeServer, answers
+from agent.cluster.probes import ProbeServer
 from agent.cluster.trust import Trust
 from agent.compat import BaseExceptionGroup, TaskGroup
 from agent.jobs.auto import AutoPolicy
@@ -88,7 +85,6 @@ class Node:
         self.admission = admission or Admission(None, s.cluster)
         self.notifier = notifier or Notifier(None)
         self.watchdog_s = watchdog_s or s.health_interval_s
-        self.boot = secrets.token_hex(8)
         self.topics = Topics(s.topic_root, s.node_id)
         self.stop = asyncio.Event()
         self.connected = asyncio.Event()  # set while subscribed to the broker
@@ -123,7 +119,7 @@ class Node:
         self.metrics = Metrics(s.node_id, VERSION, self.service.meter)
         self.intake = Intake(self.service, self.journal, self.outbox, self.topics, self._spawn, self.metrics.job_done)
         self.observer = Observer(
-            s.node_id, s.cluster, self.peers, self.trust, self.groups.membership_changed, self._check_peer
+            s.node_id, s.cluster, self.peers, self.trust, self.groups.membership_changed, self._spawn
         )
         self._conn_seq: int | None = None  # the sequence of this connection's online and Last Will
         self.hardware = hardware_fingerprint(s.threads, pick_device(s.device))
@@ -155,8 +151,7 @@ class Node:
         return self.links.report(time.monotonic())
 
     def _link_mbps(self, node: str) -> float | None:
-        estimate = self.links.links.get(node)
-        return estimate.mbps if estimate else None
+        return getattr(self.links.links.get(node), "mbps", None)
 
     # -- tasks --------------------------------------------------------------------------
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
@@ -189,7 +184,7 @@ class Node:
                 def make_info(name: str | None) -> Any:
                     return advert(s.node_id, s.cluster, self.address, probes.port, VERSION, served, trust, name)
 
-                discovery = Discovery(self.peers, make_info, [self.address], self.trust, check=self._check_peer)
+                discovery = Discovery(self.peers, make_info, [self.address], self.trust, check=self.observer.check)
                 async with discovery, TaskGroup() as tg:
                     self._tg = tg
                     await self.intake.recover(recovery)
@@ -348,20 +343,6 @@ class Node:
         elif topic.endswith("/health"):
             self.observer.health(node, payload)
 
-    def _check_peer(self, node: str) -> None:
-        """A doubtful goodbye of ``node``: ask its probe server; drop it only when nobody answers."""
-        peer = self.peers.get(node)
-        if peer is None or not peer.online or not peer.probe_port:
-            return
-        self._spawn(self._check(peer.node, peer.address, peer.probe_port), f"check-{node}")
-
-    async def _check(self, node: str, address: str, port: int) -> None:
-        for _ in range(2):
-            if await answers(address, port):
-                log.info("goodbye_ignored", node=node, why="it still answers")
-                return
-        self.observer.gone(node)
-
     # -- loops --------------------------------------------------------------------------
     def health(self) -> bytes:
         """The retained health document (JSON)."""
@@ -374,7 +355,7 @@ class Node:
             node=self.settings.node_id,
             version=VERSION,
             engine=ENGINE_VERSION,
-            boot=self.boot,
+            boot=self.admission.boot,
             load=read_load(),
             queue=self.engine.depth,
             energy_source=self.service.meter.source,

@@ -131,5 +131,5 @@ async def main_async(settings: Settings) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, node.stop.set)
-        log.info("node_starting", node=settings.node_id, address=address, open_files=files, boot=node.boot)
+        log.info("node_starting", node=settings.node_id, address=address, open_files=files, boot=node.admission.boot)
         await node.run()

@@ -1,0 +1,118 @@
+"""One GLOO group as one member sees it, the timings groups keep, and small helpers.
+
+The life of a group is the state machine of agent/cluster/group_state.py; what a member
+does with it (forming, reserving engines, running) is agent/cluster/groups.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent.cluster.group_state import GroupEvent, GroupState, next_state
+from engine.program import JobSpec
+from transport.control import Run
+from transport.gloo import DeadlineGroup, GlooComm
+from transport.rendezvous import RelayStore
+
+
+@dataclass(frozen=True, slots=True)
+class Timing:
+    """How long groups may take: formation and reservations, every collective, idle life."""
+
+    group_s: float = 10.0
+    collective_s: float = 2.0
+    idle_s: float = 60.0
+
+
+@dataclass(eq=False)
+class Group:
+    """One group, seen from one member."""
+
+    gid: str
+    members: tuple[str, ...]  # rank order, the coordinator first
+    rank: int
+    store: RelayStore
+    state: GroupState = GroupState.FORMING
+    comm: GlooComm | None = None
+    deadline: DeadlineGroup | None = None
+    formed: asyncio.Event = field(default_factory=asyncio.Event)
+    failed: asyncio.Event = field(default_factory=asyncio.Event)
+    failure: str = ""
+    used_s: float = field(default_factory=time.monotonic)
+    grants: dict[tuple[int, str], asyncio.Future[None]] = field(default_factory=dict)  # coordinator
+    runs: dict[int, asyncio.Future[Run]] = field(default_factory=dict)  # peer: Run per reservation
+    holds: dict[int, asyncio.Task[None]] = field(default_factory=dict)  # peer: reservations held
+
+    @property
+    def coordinator(self) -> str:
+        """The member that runs rank 0."""
+        return self.members[0]
+
+    def move(self, event: GroupEvent) -> None:
+        """Apply ``event`` (group_state.next_state)."""
+        self.state = next_state(self.state, event)
+
+
+def collective_floor(base_s: float, spec: JobSpec, hidden: int, links_mbps: list[float | None]) -> float:
+    """A run's floor for every collective's deadline: ``base_s`` plus twice the time the largest
+    exchange (a rank's rows at full exchange in fp32, to every other rank) takes on the slowest
+    link (unknown links count as 10 Mbit/s)."""
+    largest = max(spec.plan.sizes) * spec.batch * hidden * 4 * len(links_mbps)
+    mbps = min((m or 10.0) for m in links_mbps) if links_mbps else 10.0
+    return base_s + 2 * largest * 8 / (mbps * 1e6)
+
+
+class EarlyKeys:
+    """Rendezvous keys that came before their group's ``form`` (messages of different senders
+    race on the broker), bounded: a flood of keys for groups that never form is dropped."""
+
+    GROUPS = 64
+    KEYS = 64
+
+    def __init__(self) -> None:
+        self._keys: dict[str, tuple[float, list[tuple[str, str, str]]]] = {}  # gid -> (since, keys)
+
+    def keep(self, gid: str, key: tuple[str, str, str], now_s: float) -> None:
+        """Hold (sender, key, value) for group ``gid``."""
+        if gid not in self._keys and len(self._keys) >= self.GROUPS:
+            return
+        keys = self._keys.setdefault(gid, (now_s, []))[1]
+        if len(keys) < self.KEYS:
+            keys.append(key)
+
+    def take(self, gid: str) -> list[tuple[str, str, str]]:
+        """What came for ``gid`` (its form is here now)."""
+        return self._keys.pop(gid, (0.0, []))[1]
+
+    def expire(self, before_s: float) -> None:
+        """Forget groups whose first key came before ``before_s``."""
+        for gid in [g for g, (since, _) in self._keys.items() if since < before_s]:
+            del self._keys[gid]
+
+
+def open_descriptors() -> int:
+    """This process's open file descriptors (0 where /proc is missing)."""
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return 0
+
+
+def release(*objects: Any) -> None:
+    """Hold the last references to a group's GLOO objects until this reaper thread drops them."""
+    del objects
+
+
+async def gather_all(sends: list[Any]) -> None:
+    if sends:
+        await asyncio.gather(*sends)
+
+
+async def quietly(work: Any) -> None:
+    with contextlib.suppress(Exception):
+        await work
