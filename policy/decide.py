@@ -45,6 +45,7 @@ class Request:
     method: str | None = None
     min_fidelity: float | None = None
     equal_shares: bool = False
+    deadline_ms: float | None = None  # time left for the job: the energy objective keeps to it
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,6 +253,11 @@ def decide(
         best_fid = max(o.fidelity if o.fidelity is not None else -1.0 for o in options)
         eligible = [o for o in options if (o.fidelity if o.fidelity is not None else -1.0) == best_fid]
         note = f"; no option meets the accuracy floor {floor:g}: the most faithful one allowed"
+    if req.deadline_ms is not None and req.objective == "energy":
+        in_time = [o for o in eligible if o.ms <= req.deadline_ms]
+        if in_time and len(in_time) < len(eligible):
+            eligible = in_time  # the most frugal of the options that make the deadline
+            note += f"; kept to the {fmt_ms(req.deadline_ms)} left of the deadline"
     # On a tie the higher CR wins: fewer bytes on the wire leave more room when the link dips.
     if req.objective == "energy":
         best = min(eligible, key=lambda o: (o.energy_j, o.ms, -(o.cr or 0.0), -(o.fidelity or 0.0)))

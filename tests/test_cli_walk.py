@@ -257,7 +257,7 @@ RESULT_LOCAL = {
         "peers": [],
         "predicted_ms": 0.3,
         "reason": "r",
-        "options": {"local": 0.44, "prism@4": 1.2},
+        "options": {"local": 0.44, "codes@4": 1.2},
         "requested": "auto",
     },
     "fallback": False,

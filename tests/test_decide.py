@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from policy.decide import OBJECTIVES, Decision, PeerLink, Policy, Request, decide
-from policy.perfmap import PerfMap
+from policy.perfmap import Cell, PerfMap
 from policy.predict import predict_fidelity
 from tests.policy_maps import peer as one_peer
 from tests.policy_maps import synthetic_map
@@ -157,3 +157,24 @@ def test_auto_never_picks_an_option_below_the_floor(name: str) -> None:
         assert profiled is not None, got.reason
         assert profiled >= floor, f"floor {floor}, {mbps} Mbit/s, load {load}: {got.reason}"
         assert got.fidelity == profiled
+
+
+def test_the_energy_objective_keeps_to_the_deadline() -> None:
+    """The most frugal option is slow; a deadline it cannot make moves the choice to one that can."""
+    perf = PerfMap(
+        hardware={},
+        models={"m": 1.0},
+        energy_source="cpu-model",
+        cells=[
+            Cell("m", 8, 64, "local", None, 1, 400.0, 400.0, 3, compute_ms=400.0, energy_j=0.1),
+            Cell("m", 8, 64, "full", None, 2, 250.0, 250.0, 3, compute_ms=200.0, energy_j=0.3, wire_bytes=1000),
+        ],
+    )
+    peer = [PeerLink("b", 1000.0)]
+    frugal = decide(Request("m", 8, 64, objective="energy"), perf, peer)
+    hurried = decide(Request("m", 8, 64, objective="energy", deadline_ms=300.0), perf, peer)
+    assert frugal is not None
+    assert hurried is not None
+    assert frugal.option == "local"
+    assert hurried.option == "full"
+    assert "deadline" in hurried.reason

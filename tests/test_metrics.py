@@ -133,7 +133,7 @@ def test_fallback_reasons_become_a_few_codes(reason: str | None, code: str) -> N
 def test_labels_stay_bounded_and_agents_do_not_share_a_registry() -> None:
     first, second = Metrics("a", "1"), Metrics("b", "1")  # the global registry would refuse the second
     for i in range(MAX_OPTIONS + 10):  # a job may ask for any CR: option names must not grow without bound
-        decision = {"requested": "distributed", "option": f"prism@{i + 1}", "mode": "distributed"}
+        decision = {"requested": "distributed", "option": f"codes@{i + 1}", "mode": "distributed"}
         first.job_done(_result(mode="distributed", decision=decision))
     first.job_done(_result(ok=False, mode=None, decision=None))
     first.job_done(_result(fallback=True, decision={"requested": "distributed", "fallback_reason": "went offline"}))

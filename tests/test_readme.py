@@ -184,7 +184,8 @@ def test_the_python_example_runs_as_a_script(tmp_path: Path) -> None:
 @pytest.mark.gloo
 def test_the_profile_and_map_example_runs(tmp_path: Path) -> None:
     shown, plotted, decided = _run_block(_block_with("prism-agent profile --model minilm"), tmp_path, _env())
-    assert "prism@8" in shown
+    assert "codes@8" in shown
+    assert "means@8" in shown
     assert (tmp_path / "minilm-map.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "plot: minilm-map.png" in plotted
     assert re.search(r"predicted [\d.,]+ ms", decided)

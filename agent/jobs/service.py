@@ -125,7 +125,7 @@ class JobService:
             log.exception("job_crashed", job=job.id if job else None)
             return self._fail(job.id if job else None, "internal", f"internal error ({type(exc).__name__})")
 
-    def _choose(self, job: Job, batch: int, seq: int, peers: list[Peer]) -> Decision:
+    def _choose(self, job: Job, batch: int, seq: int, peers: list[Peer], deadline: float | None) -> Decision:
         """The map's decision when it can speak for this model, else the interim rule."""
         hard = job.mode is Mode.LOCAL or job.ranks == 1
         objective = job.objective.value if job.objective is not None else self.settings.objective
@@ -142,6 +142,7 @@ class JobService:
                 method=job.method,
                 min_fidelity=job.min_fidelity,
                 equal_shares=job.peers is not None,  # pinned peers (the profiler's passes) stay comparable
+                deadline_ms=None if deadline is None else max(0.0, (deadline - time.monotonic()) * 1e3),
             )
             links = self.distributor.link_report() if self.distributor else {}
             load = read_load()
@@ -185,7 +186,7 @@ class JobService:
         peers = self._peers(job, served)
         batch = int(next(iter(tensors.values())).shape[0])
         seq = served.model.adapter.shapes(tensors).n_tokens
-        chosen = self._choose(job, batch, seq, peers)
+        chosen = self._choose(job, batch, seq, peers, deadline)
         decision = chosen.as_dict()
         decision.update(requested=job.mode.value, batch=batch, tokens=seq)
         if deadline is not None and chosen.predicted_ms is not None:
