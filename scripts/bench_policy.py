@@ -3,7 +3,8 @@
 Hosts are network namespaces on a bridge, each with a real agent (one torch thread); host 0
 also runs mosquitto and holds the performance map. For every link rate (``tc tbf`` on every
 host's uplink) and batch size, host 0 gets the same job in every mode — local, full exchange,
-PRISM at each CR, and auto — one after another, and the agent's own end-to-end latency is
+each exchange method (Segment Means, codes) at each CR, and auto under the accuracy floor —
+one after another, and the agent's own end-to-end latency is
 recorded (receipt to reply; jobs are sent one at a time, so nothing queues).
 
     python scripts/bench_policy.py --model vit-base --bandwidths 10,20,50,100,200,0 \\
@@ -48,13 +49,14 @@ def option_fields(option: str, ranks: int) -> dict[str, Any]:
     extra = {"ranks": ranks} if ranks > 2 else {}
     if option == "full":
         return {"mode": "distributed", "cr": "full", **extra}
-    return {"mode": "distributed", "cr": float(option.split("@")[1]), **extra}
+    method, cr = option.split("@")
+    return {"mode": "distributed", "method": method, "cr": float(cr), **extra}
 
 
 def profile(args: argparse.Namespace, path: Path) -> None:
     crs = ",".join(["full", *args.crs.split(",")])
     cmd = [sys.executable, "-m", "agent", "profile", "--model", args.model, "--batches", args.batches]
-    cmd += ["--crs", crs, "--out", str(path), "--repeat", str(args.profile_repeat)]
+    cmd += ["--crs", crs, "--methods", args.methods, "--out", str(path), "--repeat", str(args.profile_repeat)]
     if args.seq:
         cmd += ["--seq", str(args.seq)]
     print("profiling:", " ".join(cmd[1:]), file=sys.stderr)
@@ -102,7 +104,8 @@ def main() -> int:
     p.add_argument("--hosts", type=int, default=2)
     p.add_argument("--bandwidths", default="10,20,50,100,200,0", help="Mbit/s; 0 = unshaped")
     p.add_argument("--batches", default="1,2,4,8,16")
-    p.add_argument("--crs", default="3.3,4.95,9.9")
+    p.add_argument("--crs", default="8", help="CRs of each method (codes: 1/CR of full exchange's bytes)")
+    p.add_argument("--methods", default="means,codes", help="exchange methods at each CR")
     p.add_argument("--no-auto", dest="auto", action="store_false", help="fixed options only")
     p.add_argument("--repeat", type=int, default=1, help="runs per cell (each option once per round, interleaved)")
     p.add_argument(
@@ -112,7 +115,9 @@ def main() -> int:
         default=1,
         help="at least this many samples per cell: small batches get more runs (batch 1 with 8: 8 runs)",
     )
-    p.add_argument("--max-cr", dest="max_cr", type=float, default=10.0, help="auto's accuracy floor (max_cr)")
+    p.add_argument(
+        "--min-fidelity", dest="min_fidelity", type=float, default=None, help="auto's floor (default: the agent's)"
+    )
     p.add_argument("--profile-repeat", type=int, default=3)
     p.add_argument("--map", type=Path, default=None, help="use this map instead of profiling")
     p.add_argument("--core-watts", type=float, default=4.0)
@@ -122,19 +127,21 @@ def main() -> int:
     args = p.parse_args()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.rows is not None:
-        rows = [json.loads(line) for line in args.rows.read_text().splitlines() if line.startswith("{")]
-        opts = list(dict.fromkeys(r["option"] for r in rows))
-        args.model, args.hosts = rows[0]["model"], rows[0]["hosts"]
-        seen_b = sorted({r["batch"] for r in rows})
-        seen_r = list(dict.fromkeys(r["mbps"] for r in rows))
+        lines = args.rows.read_text().splitlines()
+        logged: list[dict[str, Any]] = [json.loads(line) for line in lines if line.startswith("{")]
+        opts = list(dict.fromkeys(r["option"] for r in logged))
+        args.model, args.hosts = logged[0]["model"], logged[0]["hosts"]
+        seen_b = sorted({r["batch"] for r in logged})
+        seen_r = list(dict.fromkeys(r["mbps"] for r in logged))
         complete = [m for m in seen_r if all(any(r["mbps"] == m and r["batch"] == b and r["option"] == "auto"
-                                                  for r in rows) for b in seen_b)]  # fmt: skip
-        write_outputs(args, [r for r in rows if r["mbps"] in complete], opts, seen_b, complete)
+                                                  for r in logged) for b in seen_b)]  # fmt: skip
+        write_outputs(args, [r for r in logged if r["mbps"] in complete], opts, seen_b, complete)
         return 0
     map_path = args.map or args.out.with_suffix(".map.json")
     if args.map is None and args.auto:
         profile(args, map_path)
-    options = ["local", "full", *(f"prism@{c}" for c in args.crs.split(",")), *(["auto"] if args.auto else [])]
+    split = [f"{m}@{float(c):g}" for m in args.methods.split(",") for c in args.crs.split(",")]
+    options = ["local", "full", *split, *(["auto"] if args.auto else [])]
     batches = [int(b) for b in args.batches.split(",")]
     rates = [float(b) for b in args.bandwidths.split(",")]
     seq = args.seq or 197
@@ -145,7 +152,8 @@ def main() -> int:
         bed.start_broker()
         for i in range(args.hosts):
             extra = {"PRISM_MAP_FILE": str(map_path.resolve())} if i == 0 and args.auto else {}
-            bed.start_agent(i, env={**env, **extra, "PRISM_MAX_CR": f"{args.max_cr:g}"})
+            floor = {"PRISM_MIN_FIDELITY": f"{args.min_fidelity:g}"} if args.min_fidelity is not None else {}
+            bed.start_agent(i, env={**env, **extra, **floor})
         bed.wait_cluster([f"h{i}" for i in range(args.hosts)])
         for option in options:  # warm-up: model caches, the GLOO group
             run_job(
@@ -190,6 +198,8 @@ def main() -> int:
                                 "chose": r["decision"].get("option"),
                                 "predicted_ms": r["decision"].get("predicted_ms"),
                                 "fallback": r.get("fallback", False),
+                                "min_fidelity": r["decision"].get("min_fidelity"),
+                                "options_fidelity": r["decision"].get("options_fidelity"),
                             }
                         )
                         print(json.dumps(rows[-1]), file=sys.stderr)
@@ -228,11 +238,21 @@ def write_outputs(
             if times < len(rs):
                 chose_note[key[:2]] = f" ({times} of {len(rs)})"
     fixed = [o for o in options if o != "auto"]
-    # auto may only pick CRs up to its accuracy floor: its regret is against those options.
-    allowed = [o for o in fixed if not o.startswith("prism@") or float(o.split("@")[1]) <= args.max_cr]
+    # auto may only pick options whose profiled fidelity meets its floor (local and full are
+    # exact): its regret is against those, as its own decisions reported them.
+    fidelity: dict[str, float] = {}
+    floors = {r["min_fidelity"] for r in rows if r["option"] == "auto" and r.get("min_fidelity") is not None}
+    for r in rows:
+        for o, f in (r.get("options_fidelity") or {}).items():
+            if f is not None:
+                fidelity[o] = min(f, fidelity.get(o, 1.0))
+    floor = min(floors) if floors else None
+    allowed = [o for o in fixed if o in ("local", "full") or floor is None or fidelity.get(o, 0.0) >= floor]
     md = [f"### {args.model}, {args.hosts} hosts: per-sample latency (ms) by link (Mbit/s) and batch", ""]
-    if allowed != fixed:
-        md += [f"(auto's accuracy floor: max_cr {args.max_cr:g}; its regret is against {', '.join(allowed)})", ""]
+    if floor is not None:
+        shown = ", ".join(f"{o} {fidelity[o]:.5f}" for o in fixed if o in fidelity and o not in ("local", "full"))
+        note = f"auto's floor: min_fidelity {floor:g}; profiled fidelity: {shown}"
+        md += [f"{note}; its regret is against {', '.join(allowed)}", ""]
     md.append(
         "| link | batch | " + " | ".join(options) + " | best allowed | auto chose | auto regret | choice regret |"
     )
@@ -275,10 +295,14 @@ def write_outputs(
             "",
             f"choice regret (the chosen option's own fixed run vs the best): mean {mean:+.1f} %, worst {worst:+.1f} %",
         ]
-    md += ["", "PRISM (best CR) vs full exchange, per-sample latency and modelled energy, mean over batches:", ""]
+    md += [
+        "",
+        "Best split (method and CR) vs full exchange, per-sample latency and modelled energy, mean over batches:",
+        "",
+    ]
     md.append("| link | latency reduction | energy reduction | crossover batch (split beats local) |")
     md.append("|---|---|---|---|")
-    prisms = [o for o in fixed if o.startswith("prism")]
+    prisms = [o for o in fixed if "@" in o]
     for mbps in rates:
         lat = [1 - min(cell[(mbps, b, o)] for o in prisms) / cell[(mbps, b, "full")] for b in batches]
         en = [1 - min(energy[(mbps, b, o)] for o in prisms) / energy[(mbps, b, "full")] for b in batches]
