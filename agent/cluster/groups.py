@@ -1,21 +1,19 @@
 """GLOO groups between agents: formed over the control channel, run under reserved engines.
 
-**Forming.** The coordinator (rank 0) picks a group id and tells each peer ``form`` with the
-members in rank order; every member then builds its ProcessGroupGloo over a
-:class:`~transport.rendezvous.RelayStore`, whose keys travel as ``store`` messages: no store
-port is opened anywhere. A formed group is kept for later jobs with the same members, keyed
-by its member tuple, and dropped after ``group_idle_s`` unused (which closes its GLOO
-listeners), on any failure, on a teardown or when a member leaves.
+**Forming.** The coordinator (rank 0) tells each peer ``form`` with a group id and the members
+in rank order; each builds its ProcessGroupGloo over a :class:`~transport.rendezvous.RelayStore`
+(keys travel as ``store`` messages: no store port anywhere). A formed group is kept for jobs
+with the same members, keyed by member tuple, and dropped after ``group_idle_s`` unused
+(closing its GLOO listeners), on any failure, on a teardown or when a member leaves.
 
-**Running.** A run needs every member's engine (agent/node/engine.py) at once. The
-coordinator takes them one by one in node-id order — its own slot when its turn comes, a
-peer's with ``reserve``, answered by ``grant`` once that peer's engine is free — and only
-then tells every peer ``run``. Everyone takes engines in the same order, so two coordinators
-sharing peers never wait on each other. Every collective has a deadline
-(:class:`~transport.gloo.DeadlineGroup`): a frozen peer or a cut link fails the run in
-seconds, the group is dropped and the job runs locally. A peer's failure is reported with
-``failed``, so the coordinator stops waiting at once. Each group's messages are handled by
-that group's own tasks, so a slow group never holds up another.
+**Running.** A run needs every member's engine (agent/node/engine.py) at once. The coordinator
+takes them in node-id order (its own slot in turn, a peer's with ``reserve``, answered by
+``grant`` once that peer's engine is free), then tells every peer ``run``. Everyone takes
+engines in the same order, so two coordinators sharing peers never wait on each other. Every
+collective has a deadline (:class:`~transport.gloo.DeadlineGroup`): a frozen peer or a cut
+link fails the run in seconds, the group is dropped and the job runs locally. A peer's failure
+is reported with ``failed``, so the coordinator stops waiting at once. Each group's messages
+are handled by its own tasks: a slow group never holds up another.
 """
 
 from __future__ import annotations
