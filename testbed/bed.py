@@ -196,7 +196,8 @@ class Testbed(Services):
         return self
 
     def down(self, grace_s: float = 1.0) -> None:
-        """Stop every process of the bed, delete its namespaces, its state file and workdir."""
+        """Stop every process of the bed, delete its namespaces, its state file and workdir (its
+        logs are copied first to ``$PRISM_TESTBED_KEEP_LOGS/{tag}/`` when that is set)."""
         recorded = [(p.pid, p.start) for p in self.procs.values() if pid_alive(p.pid, p.start)]
         for pid, _ in recorded:  # a short grace: agents say "offline", mosquitto saves its state
             with contextlib.suppress(OSError):
@@ -225,6 +226,11 @@ class Testbed(Services):
         self.names.clear()
         with contextlib.suppress(FileNotFoundError):
             self.state_path.unlink()
+        keep = os.environ.get("PRISM_TESTBED_KEEP_LOGS")
+        if keep:  # what the run logged, to see why a test failed
+            with contextlib.suppress(OSError):
+                skip = shutil.ignore_patterns("*.db", "*.sqlite3*")
+                shutil.copytree(self.workdir, Path(keep) / self.tag, ignore=skip)
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     @staticmethod

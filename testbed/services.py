@@ -168,4 +168,16 @@ class Services:
         """Everything the process ``key`` logged so far."""
         return Path(self.procs[key].log).read_text(errors="replace")
 
+    def events(self, key: str, *names: str, last: int = 4) -> str:
+        """The last ``last`` log lines of ``key`` with any of the events ``names`` (to show why)."""
+        lines = [ln for ln in self.log(key).splitlines() if any(f'"{n}"' in ln for n in names)]
+        return "\n".join(lines[-last:])
+
+    def wait_log(self, key: str, needle: str, count: int = 1, timeout_s: float = 60.0) -> None:
+        """Until ``needle`` appears ``count`` times in the log of ``key`` (which survives restarts)."""
+        deadline = time.monotonic() + timeout_s
+        while self.log(key).count(needle) < count:
+            assert time.monotonic() < deadline, f"{key} never logged {needle!r} {count} times in {timeout_s:g} s"
+            time.sleep(0.02)
+
     # -- watching the cluster (from inside host 0) -----------------------------------------

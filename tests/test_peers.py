@@ -38,6 +38,19 @@ def test_an_mdns_refresh_keeps_fingerprints_from_health() -> None:
     assert [p.node for p in table.able("bert", 1.0, now_s=2)] == ["a"]
 
 
+def test_a_silent_peer_sits_out_until_it_is_heard_from_again_or_its_time_is_up() -> None:
+    table = PeerTable("c", me="me", max_age_s=100)
+    table.seen(peer("a"), now_s=0)
+    table.seen(peer("b"), now_s=0)
+    table.suspend("a", until_s=40, heard_after_s=10)  # went silent at 10
+    table.suspend("b", until_s=40)  # failed to form a group
+    assert table.able("bert", 1.0, now_s=11) == []
+    table.seen(peer("a"), now_s=12)
+    table.seen(peer("b"), now_s=12)
+    assert [p.node for p in table.able("bert", 1.0, now_s=13)] == ["a"]  # a is back; b sits out its time
+    assert [p.node for p in table.able("bert", 1.0, now_s=41)] == ["a", "b"]
+
+
 def job(mode: str) -> bytes:
     return json.dumps({"id": "j", "model": "m", "inputs": {"text": "x"}, "mode": mode}).encode()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 
@@ -31,12 +32,12 @@ def relay_stores(size: int, timeout_s: float = 10.0) -> list[RelayStore]:
     return stores
 
 
-def form(stores: list[RelayStore], floor_s: float | None = None) -> list[GlooComm]:
+def form(stores: list[RelayStore], floor_s: float | None = None, timeout_s: float = 10.0) -> list[GlooComm]:
     """One GLOO group over ``stores``, each rank formed in its own thread, as on separate nodes."""
     comms: dict[int, GlooComm] = {}
 
     def rank(r: int) -> None:
-        group = make_group(stores[r], r, len(stores), timeout_s=10, address="127.0.0.1", prefix="g")
+        group = make_group(stores[r], r, len(stores), timeout_s=timeout_s, address="127.0.0.1", prefix="g")
         comms[r] = GlooComm(group if floor_s is None else DeadlineGroup(group, floor_s))
 
     threads = [threading.Thread(target=rank, args=(r,)) for r in range(len(stores))]
@@ -87,3 +88,30 @@ def test_a_silent_peer_fails_the_collective_at_its_deadline_not_the_group_timeou
     with pytest.raises(GroupError, match="timed out"):
         comms[0].reduce_sum({"x": torch.ones(4)})  # rank 1 never joins in
     assert time.monotonic() - start < 3.0  # the group's own timeout is 10 s
+
+
+def _fail_and_free(drain: bool) -> float:
+    """Seconds the thread that frees a group blocks, the group's collective having been given
+    up on (rank 1 never joins in; the group's own timeout is 3 s)."""
+    comms: list[GlooComm | None] = list(form(relay_stores(2), floor_s=0.3, timeout_s=3.0))
+    rank0 = comms[0]
+    assert rank0 is not None
+    with pytest.raises(GroupError, match="timed out"):
+        rank0.reduce_sum({"x": torch.ones(4)})
+    deadline = rank0.group
+    assert isinstance(deadline, DeadlineGroup)
+    if drain:
+        deadline.drain(10.0)  # on an agent: its reaper thread
+    del deadline, rank0
+    gc.collect()
+    start = time.monotonic()
+    comms[0] = None  # rank 0's last reference (rank 1 stays, connected, as a live peer would)
+    return time.monotonic() - start
+
+
+def test_a_given_up_collective_is_drained_so_freeing_its_group_never_blocks() -> None:
+    # A failed run's group is dropped while its collective is still pending inside GLOO (until
+    # the group's own timeout). Whoever drops the last reference waits for it: the event loop
+    # froze for seconds when a traceback held it there. Drained first, the drop is instant.
+    assert _fail_and_free(drain=False) > 1.0  # the hazard
+    assert _fail_and_free(drain=True) < 0.5

@@ -224,8 +224,7 @@ def test_a_name_conflict_on_start_renames_the_instance(bed: Testbed, watch: Watc
     bed.start_agent(1, node="hx", env=env(bed))  # on another host than the squatter's
     try:
         watch.wait_health("hx", lambda h: True, 120)
-        log = bed.log("hx")
-        assert '"mdns_name_taken"' in log
+        bed.wait_log("hx", '"mdns_name_taken"', timeout_s=30)
         assert bed.alive("hx")
     finally:
         bed.stop("hx")

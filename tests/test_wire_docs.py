@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from transport.control import Form, Run, dump_control, parse_control
+from transport.control import Beat, Form, Run, dump_control, parse_control
 from transport.health import Health, parse_health
 from transport.schema import WireError
 
@@ -41,6 +41,7 @@ def test_control_messages_round_trip() -> None:
     msgs = [
         Form(gid="0123456789ab", members=["a", "b", "c"], timeout_s=10),
         Run(gid="0123456789ab", run=3, spec={"model": "bert"}, collective_s=2.5),
+        Beat(gid="0123456789ab"),
     ]
     for msg in msgs:
         assert parse_control(dump_control(msg)) == msg

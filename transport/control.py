@@ -4,8 +4,10 @@ A coordinator forms a GLOO group with ``form`` (the rendezvous itself travels as
 messages, see :mod:`transport.rendezvous`), takes its members' engines in a fixed order with
 ``reserve``/``grant`` (so two coordinators never wait on each other), starts a run with
 ``run`` and gives engines back with ``release``; ``failed`` tells the coordinator a rank gave
-up, ``teardown`` drops the group. Every message names its group (``gid``) and, past
-formation, the run (``run``), so peers handle each group's messages on their own.
+up, ``teardown`` drops the group. While a peer forms a group or holds its engine it says
+``beat`` to the coordinator every half second (agent/cluster/beats.py). Every message names
+its group (``gid``) and, past formation, the run (``run``), so peers handle each group's
+messages on their own.
 """
 
 from __future__ import annotations
@@ -80,13 +82,21 @@ class Failed(_Msg):
     error: str = Field(max_length=500)
 
 
+class Beat(_Msg):
+    """A peer forming group ``gid`` or holding its engine for it is still there."""
+
+    op: Literal["beat"] = "beat"
+
+
 class Teardown(_Msg):
     """Forget group ``gid``."""
 
     op: Literal["teardown"] = "teardown"
 
 
-Control = Annotated[Form | StoreSet | Reserve | Grant | Run | Release | Failed | Teardown, Field(discriminator="op")]
+Control = Annotated[
+    Form | StoreSet | Reserve | Grant | Run | Release | Failed | Beat | Teardown, Field(discriminator="op")
+]
 _ADAPTER: TypeAdapter[Control] = TypeAdapter(Control)
 
 

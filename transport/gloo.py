@@ -12,6 +12,7 @@ flight while the caller computes.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import math
@@ -330,6 +331,21 @@ class DeadlineGroup:
         self.floor_s = floor_s
         self.factor = factor
         self._last = time.perf_counter()
+        self._works: list[Any] = []  # launched, maybe not finished (a given-up wait leaves it running)
+
+    def drain(self, timeout_s: float) -> None:
+        """Wait (without the GIL) until every launched collective has finished or failed, up to
+        ``timeout_s``: destroying a group blocks until its pending work ends, and whatever
+        thread drops the group's last reference (an exception's traceback may hold it on the
+        event loop) must not be the one that waits."""
+        end = time.monotonic() + timeout_s
+        for work in self._works:
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            with contextlib.suppress(Exception):  # it failed: it is finished all the same
+                work.wait(datetime.timedelta(seconds=left))
+        self._works.clear()
 
     def restart(self, floor_s: float | None = None) -> None:
         """A run starts now (its first collective waits for the other ranks to start too)."""
@@ -353,7 +369,9 @@ class DeadlineGroup:
             return attr
 
         def launch(*args: Any, **kwargs: Any) -> _DeadlineWork:
-            return _DeadlineWork(attr(*args, **kwargs), self)
+            work = attr(*args, **kwargs)
+            self._works = [w for w in self._works if not w.is_completed()] + [work]
+            return _DeadlineWork(work, self)
 
         return launch
 

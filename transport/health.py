@@ -33,6 +33,11 @@ class Load(_Doc):
     gpu_load: float | None = None
     power_mode: str | None = None
     queue: int = Field(default=0, ge=0)
+    # Of the queue: ranks held or awaited for each coordinator's runs (a coordinator does not
+    # count its own as a rival when it prices its next split).
+    queue_for: dict[Annotated[str, Field(max_length=128)], Annotated[int, Field(ge=0)]] = Field(
+        default_factory=dict, max_length=64
+    )
 
 
 class LinkView(_Doc):

@@ -133,15 +133,28 @@ class Discovery:
 
     async def _free_name(self, wanted: str) -> str:
         """``wanted``, or ``node-2``, ``node-3``... when another host answers for it. (Probing
-        alone misses a holder that answers late; asking first does not.)"""
+        alone misses a holder that answers late; asking first does not.) A wait that took far
+        longer than asked (this process was starved, e.g. by a busy box while it starts) may
+        have missed the answer: the name is asked for again, up to three times."""
         assert self._zc is not None
         base = wanted.removesuffix(f".{SERVICE}")
         for n in range(1, 10):
             name = wanted if n == 1 else f"{base}-{n}.{SERVICE}"
-            info = AsyncServiceInfo(SERVICE, name)
-            if not await info.async_request(self._zc.zeroconf, NAME_CHECK_MS) and not info.properties:
+            if not await self._answered(name):
                 return name
         return wanted  # let zeroconf's own probing pick one
+
+    async def _answered(self, name: str) -> bool:
+        """Does another host answer for ``name``?"""
+        assert self._zc is not None
+        for _ in range(3):
+            info = AsyncServiceInfo(SERVICE, name)
+            start = time.monotonic()
+            if await info.async_request(self._zc.zeroconf, NAME_CHECK_MS) or info.properties:
+                return True
+            if time.monotonic() - start < 1.5 * NAME_CHECK_MS / 1e3:
+                return False
+        return False
 
     def _own(self, coro: Any, name: str) -> None:
         task = asyncio.get_running_loop().create_task(_logged(coro, name), name=name)

@@ -22,11 +22,14 @@ from transport.rendezvous import RelayStore
 
 @dataclass(frozen=True, slots=True)
 class Timing:
-    """How long groups may take: formation and reservations, every collective, idle life."""
+    """How long groups may take: formation and reservations, every collective, idle life; how
+    often peers say ``beat`` and how long a silent peer is waited for (agent/cluster/beats.py)."""
 
     group_s: float = 10.0
     collective_s: float = 2.0
     idle_s: float = 60.0
+    silence_s: float = 3.0
+    beat_s: float = 0.5
 
 
 @dataclass(eq=False)
@@ -43,6 +46,7 @@ class Group:
     formed: asyncio.Event = field(default_factory=asyncio.Event)
     failed: asyncio.Event = field(default_factory=asyncio.Event)
     failure: str = ""
+    silent: str = ""  # the member whose silence failed it (agent/cluster/beats.py)
     used_s: float = field(default_factory=time.monotonic)
     grants: dict[tuple[int, str], asyncio.Future[None]] = field(default_factory=dict)  # coordinator
     runs: dict[int, asyncio.Future[Run]] = field(default_factory=dict)  # peer: Run per reservation
@@ -103,9 +107,12 @@ def open_descriptors() -> int:
         return 0
 
 
-def release(*objects: Any) -> None:
-    """Hold the last references to a group's GLOO objects until this reaper thread drops them."""
-    del objects
+def release(comm: Any, deadline: DeadlineGroup | None, drain_s: float = 0.0) -> None:
+    """On a reaper thread: let a dropped group's pending collectives end (up to ``drain_s``,
+    its GLOO timeout), then drop these references (the last ones, if no traceback holds any)."""
+    if deadline is not None:
+        deadline.drain(drain_s)
+    del comm, deadline
 
 
 async def gather_all(sends: list[Any]) -> None:

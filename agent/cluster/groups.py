@@ -11,9 +11,10 @@ takes them in node-id order (its own slot in turn, a peer's with ``reserve``, an
 ``grant`` once that peer's engine is free), then tells every peer ``run``. Everyone takes
 engines in the same order, so two coordinators sharing peers never wait on each other. Every
 collective has a deadline (:class:`~transport.gloo.DeadlineGroup`): a frozen peer or a cut
-link fails the run in seconds, the group is dropped and the job runs locally. A peer's failure
-is reported with ``failed``, so the coordinator stops waiting at once. Each group's messages
-are handled by its own tasks: a slow group never holds up another.
+link fails the run in seconds, the group is dropped and the job runs locally; so does a peer
+that stops saying ``beat`` while the coordinator waits on it (agent/cluster/beats.py), in any
+phase. A peer's failure is reported with ``failed``, so the coordinator stops waiting at once.
+Each group's messages are handled by its own tasks: a slow group never holds up another.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from typing import Any
 
 import structlog
 
+from agent.cluster.beats import Silence
 from agent.cluster.channel import ControlChannel
 from agent.cluster.group import (
     EarlyKeys,
@@ -38,7 +40,6 @@ from agent.cluster.group import (
     Timing,
     collective_floor,
     gather_all,
-    open_descriptors,
     quietly,
     release,
 )
@@ -59,9 +60,6 @@ from transport.sealed import SealedComm, run_key
 log = structlog.get_logger("prism.groups")
 Spawn = Callable[[Coroutine[Any, Any, None], str], "asyncio.Task[None]"]
 
-#: Descriptors over the start's count at which idle groups are dropped (see ``upkeep``).
-FD_SLACK = 512
-
 
 class GroupManager:
     """Both sides of distributed jobs for one node (see the module docstring)."""
@@ -78,6 +76,7 @@ class GroupManager:
         link_mbps: Callable[[str], float | None] = lambda node: None,
         data_key: bytes | None = None,
         on_unresponsive: Callable[[str], None] = lambda node: None,
+        on_silent: Callable[[str], None] = lambda node: None,
     ) -> None:
         self.node = node
         self.address = address
@@ -89,9 +88,11 @@ class GroupManager:
         self.link_mbps = link_mbps
         self.data_key = data_key  # with a cluster secret: every run's traffic is sealed
         self.on_unresponsive = on_unresponsive
+        self.on_silent = on_silent
+        self.silence = Silence(self.timing.silence_s, stall_s=3 * self.timing.beat_s)
         self._mine: dict[tuple[str, ...], Group] = {}  # groups I coordinate, by members
         self._groups: dict[str, Group] = {}  # every live group, by gid
-        self._early = EarlyKeys()  # store keys that came before their group's form
+        self.early = EarlyKeys()  # store keys that came before their group's form
         self._runs = itertools.count(1)
         self._reaper = ThreadPoolExecutor(max_workers=2, thread_name_prefix="group-reaper")
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -111,12 +112,13 @@ class GroupManager:
             self._on_store(sender, msg, group)
         elif group is None or sender not in group.members:
             log.info("control_ignored", op=msg.op, gid=msg.gid, sender=sender, why="no such group here")
-        elif isinstance(msg, Grant) and group.rank == 0:
-            granted = group.grants.get((msg.run, sender))
+        elif group.rank == 0:
+            self.silence.heard(group.gid, sender, time.monotonic())
+            granted = group.grants.get((msg.run, sender)) if isinstance(msg, Grant) else None
             if granted is not None and not granted.done():
                 granted.set_result(None)
-        elif isinstance(msg, Failed) and group.rank == 0:
-            self._fail(group, f"{sender}: {msg.error}")
+            elif isinstance(msg, Failed):
+                self.fail(group, f"{sender}: {msg.error}")
         elif sender != group.coordinator:
             log.info("control_ignored", op=msg.op, gid=msg.gid, sender=sender, why="not from the coordinator")
         elif isinstance(msg, Reserve):
@@ -131,7 +133,7 @@ class GroupManager:
             if hold is not None:
                 hold.cancel()
         elif isinstance(msg, Teardown):
-            self._drop(group, GroupEvent.TEARDOWN, "the coordinator tore it down")
+            self.drop(group, GroupEvent.TEARDOWN, "the coordinator tore it down")
 
     def _on_form(self, sender: str, msg: Form) -> None:
         members = tuple(msg.members)
@@ -141,7 +143,7 @@ class GroupManager:
         if msg.gid in self._groups:
             return  # a copy: the first one is being formed
         group = self._new_group(msg.gid, members, min(self.timing.group_s, msg.timeout_s))
-        for member, key, value in self._early.take(msg.gid):
+        for member, key, value in self.early.take(msg.gid):
             self._deliver(group, member, key, value)
         self.spawn(self._join(group), f"group-join-{msg.gid}")
 
@@ -149,7 +151,7 @@ class GroupManager:
         if group is not None:
             self._deliver(group, sender, msg.key, msg.value)
             return
-        self._early.keep(msg.gid, (sender, msg.key, msg.value), time.monotonic())
+        self.early.keep(msg.gid, (sender, msg.key, msg.value), time.monotonic())
 
     def _deliver(self, group: Group, sender: str, key: str, value: str) -> None:
         if sender not in group.members or sender == self.node:
@@ -180,19 +182,26 @@ class GroupManager:
     async def _attach(self, group: Group) -> None:
         """Build this member's ProcessGroupGloo (on a thread: it blocks on the rendezvous)."""
         size, timeout_s = len(group.members), self.timing.group_s
-        pg = await asyncio.to_thread(
-            make_group, group.store, group.rank, size, timeout_s=timeout_s, address=self.address, prefix=group.gid
-        )
+
+        def build() -> Any:
+            pg = make_group(group.store, group.rank, size, timeout_s=timeout_s, address=self.address, prefix=group.gid)
+            if not group.failed.is_set():
+                return pg
+            del pg  # given up on while it was built: freed here (no work pending: at once)
+            raise GroupError(group.failure)
+
+        pg = await self._unless_failed(group, asyncio.to_thread(build))  # the thread ends at its timeout
         group.deadline = DeadlineGroup(pg, self.timing.collective_s)
         group.comm = GlooComm(group.deadline) if self.data_key is None else SealedComm(group.deadline)
         group.move(GroupEvent.FORMED)
+        group.used_s = time.monotonic()  # a peer says beat a while yet: the coordinator may still form
         group.formed.set()
 
     async def _join(self, group: Group) -> None:
         try:
             await self._attach(group)
         except Exception as exc:  # noqa: BLE001 - any failure to form just drops the group
-            self._drop(group, GroupEvent.FAILED, f"forming failed: {exc}")
+            self.drop(group, GroupEvent.FAILED, f"forming failed: {exc}")
             return
         log.info("group_joined", gid=group.gid, rank=group.rank, coordinator=group.coordinator)
 
@@ -200,12 +209,15 @@ class GroupManager:
         group = self._new_group(uuid.uuid4().hex[:12], members, self.timing.group_s)
         self._mine[members] = group
         form = Form(gid=group.gid, members=list(members), timeout_s=self.timing.group_s)
+        for peer in members[1:]:
+            self.silence.watch(group.gid, "form", peer, time.monotonic())
         try:
             await gather_all([self.channel.tell(peer, form) for peer in members[1:]])
             await self._attach(group)
+            self.silence.unwatch(group.gid, "form")
         except Exception as exc:
-            self._drop(group, GroupEvent.FAILED, f"forming failed: {exc}")
-            for peer in members[1:]:
+            self.drop(group, GroupEvent.FAILED, f"forming failed: {group.failure or exc}")
+            for peer in [] if group.silent else members[1:]:  # a silent one sits out already
                 self.on_unresponsive(peer)
             raise GroupError(f"could not form a group with {', '.join(members[1:])}: {exc}") from exc
         log.info("group_formed", gid=group.gid, members=list(members))
@@ -241,12 +253,14 @@ class GroupManager:
                 group.move(GroupEvent.RUN_END)
                 group.used_s = time.monotonic()
         except asyncio.CancelledError:
-            self._drop(group, GroupEvent.FAILED, "the job was cancelled")
+            self.drop(group, GroupEvent.FAILED, "the job was cancelled")
             raise
         except Exception as exc:
             why = group.failure or str(exc) or type(exc).__name__
-            self._drop(group, GroupEvent.FAILED, why)
+            self.drop(group, GroupEvent.FAILED, why)
             raise GroupError(f"distributed run with {', '.join(members[1:])} failed: {why}") from exc
+        finally:
+            self.silence.unwatch(group.gid, run_id)
         assert result is not None
         return result
 
@@ -265,6 +279,7 @@ class GroupManager:
                     fut = asyncio.get_running_loop().create_future()
                     group.grants[(run_id, node)] = fut
                     asked.append(node)
+                    self.silence.watch(group.gid, run_id, node, time.monotonic())
                     await self.channel.tell(node, Reserve(gid=group.gid, run=run_id))
                     try:
                         await self._unless_failed(group, asyncio.wait_for(fut, self.timing.group_s))
@@ -308,7 +323,7 @@ class GroupManager:
         lease_s = self.timing.group_s
         try:
             await asyncio.wait_for(group.formed.wait(), lease_s)
-            async with self.engine.slot(f"rank {group.rank} of {group.gid}", lease_s) as slot:
+            async with self.engine.slot(f"rank {group.rank} of {group.gid}", lease_s, group.coordinator) as slot:
                 fut = group.runs.setdefault(run_id, asyncio.get_running_loop().create_future())
                 await self.channel.tell(group.coordinator, Grant(gid=group.gid, run=run_id))
                 run = await asyncio.wait_for(fut, lease_s)
@@ -326,28 +341,29 @@ class GroupManager:
                 group.used_s = time.monotonic()
         except asyncio.CancelledError:
             if group.state is GroupState.RUNNING:  # released mid-run: the collectives are in an unknown state
-                self._drop(group, GroupEvent.FAILED, "released mid-run")
+                self.drop(group, GroupEvent.FAILED, "released mid-run")
         except Exception as exc:  # noqa: BLE001 - reported to the coordinator, the group is dropped
             why = f"{type(exc).__name__}: {exc}" if not isinstance(exc, asyncio.TimeoutError) else "no run came"
             with contextlib.suppress(Exception):
                 await self.channel.tell(group.coordinator, Failed(gid=group.gid, run=run_id, error=why[:480]))
-            self._drop(group, GroupEvent.FAILED, why)
+            self.drop(group, GroupEvent.FAILED, why)
         finally:
             group.holds.pop(run_id, None)
             group.runs.pop(run_id, None)
 
     # -- dropping ---------------------------------------------------------------------
-    def _fail(self, group: Group, why: str) -> None:
+    def fail(self, group: Group, why: str) -> None:
         group.failure = group.failure or why
         group.failed.set()
 
-    def _drop(self, group: Group, event: GroupEvent, why: str) -> None:
+    def drop(self, group: Group, event: GroupEvent, why: str) -> None:
         """Drop ``group`` for good; its GLOO resources are freed on a reaper thread."""
         if group.state is GroupState.DROPPED:
             return
         group.move(event)
-        self._fail(group, why)
+        self.fail(group, why)
         self._groups.pop(group.gid, None)
+        self.silence.forget(group.gid)
         if self._mine.get(group.members) is group:
             del self._mine[group.members]
         group.store.close(why)
@@ -360,41 +376,17 @@ class GroupManager:
         comm, deadline = group.comm, group.deadline
         group.comm = group.deadline = None
         # Destroying a ProcessGroupGloo waits for its pending work (up to the GLOO timeout):
-        # never on the event loop.
-        self._reaper.submit(release, comm, deadline)
+        # that wait is the reaper's, never the event loop's (agent/cluster/group.py, release).
+        self._reaper.submit(release, comm, deadline, self.timing.group_s)
 
     def membership_changed(self, gone: set[str]) -> None:
         """Drop every group with a member that went away (runs in progress fail at once)."""
         for group in self.groups:
             left = gone & set(group.members)
             if left:
-                self._drop(group, GroupEvent.MEMBER_LEFT, f"{', '.join(sorted(left))} went offline")
+                self.drop(group, GroupEvent.MEMBER_LEFT, f"{', '.join(sorted(left))} went offline")
 
     def drop_all(self, why: str) -> None:
         """Drop every group (at stop, or to free descriptors)."""
         for group in self.groups:
-            self._drop(group, GroupEvent.FAILED, why)
-
-    async def upkeep(self) -> None:
-        """Forever: drop groups idle for ``idle_s`` and store keys whose group never formed, and
-        free descriptors when stray connections pile up on GLOO listeners.
-
-        GLOO keeps every connection to a group's listener that is not one of its members' open
-        until the group is destroyed (nothing closes it otherwise; torch's Python API offers no
-        TLS or filtering for it). So when the node holds :data:`FD_SLACK` more descriptors than
-        it did at the start, every group not running is dropped (a later job forms a new one).
-        """
-        baseline = open_descriptors()
-        while True:
-            await asyncio.sleep(1.0)
-            now = time.monotonic()
-            if open_descriptors() > baseline + FD_SLACK:
-                idle = [g for g in self.groups if g.state is not GroupState.RUNNING and not g.holds]
-                if idle:
-                    log.warning("descriptors_reclaimed", open=open_descriptors(), baseline=baseline, groups=len(idle))
-                for group in idle:
-                    self._drop(group, GroupEvent.IDLE, "too many open descriptors (stray connections)")
-            for group in self.groups:
-                if group.state is GroupState.READY and not group.holds and now - group.used_s > self.timing.idle_s:
-                    self._drop(group, GroupEvent.IDLE, f"idle for {self.timing.idle_s:g} s")
-            self._early.expire(now - self.timing.group_s)
+            self.drop(group, GroupEvent.FAILED, why)

@@ -25,6 +25,7 @@ class Peer:
     load1: float = 0.0
     cpus: int = 1
     queue: int = 0
+    queue_for: dict[str, int] = field(default_factory=dict)  # of queue: ranks held for each coordinator
     probe_port: int = 0
     speed: dict[str, float] = field(default_factory=dict)  # model -> local ms per token (its map)
     engine: int = 0  # engine.program.ENGINE_VERSION of the peer (0: unknown, e.g. mDNS only)
@@ -39,7 +40,7 @@ class PeerTable:
         self.max_age_s = max_age_s
         self.engine = engine
         self._peers: dict[str, Peer] = {}
-        self._suspended: dict[str, float] = {}  # node -> until (monotonic)
+        self._suspended: dict[str, tuple[float, float | None]] = {}  # node -> (until, lifted if heard after)
 
     def seen(self, peer: Peer, now_s: float) -> bool:
         """Record an advert or health message; returns False when it is ignored."""
@@ -65,9 +66,18 @@ class PeerTable:
         fresh = [p for p in self._peers.values() if p.online and now_s - p.last_seen_s <= self.max_age_s]
         return sorted(fresh, key=lambda p: (p.queue, p.load1, p.node))
 
-    def suspend(self, node: str, until_s: float) -> None:
-        """Leave ``node`` out of splits until ``until_s`` (it failed to form a group or to answer)."""
-        self._suspended[node] = until_s
+    def suspend(self, node: str, until_s: float, heard_after_s: float | None = None) -> None:
+        """Leave ``node`` out of splits until ``until_s`` (it failed to form a group or to answer),
+        or, given ``heard_after_s``, until it is heard from after then (it had gone silent)."""
+        self._suspended[node] = (until_s, heard_after_s)
+
+    def suspended(self, node: str, now_s: float) -> bool:
+        """Is ``node`` left out of splits now?"""
+        until_s, lifted_after = self._suspended.get(node, (0.0, None))
+        peer = self._peers.get(node)
+        if lifted_after is not None and peer is not None and peer.last_seen_s > lifted_after:
+            return False
+        return until_s > now_s
 
     def able(self, model: str, fingerprint: float, now_s: float) -> list[Peer]:
         """Alive peers that serve ``model`` with the same weights (and run the same engine version)."""
@@ -76,7 +86,7 @@ class PeerTable:
             theirs = p.models.get(model)
             return theirs is not None and same_weights(fingerprint, theirs) and p.engine == self.engine
 
-        return [p for p in self.alive(now_s) if same(p) and self._suspended.get(p.node, 0.0) <= now_s]
+        return [p for p in self.alive(now_s) if same(p) and not self.suspended(p.node, now_s)]
 
     def all(self) -> list[Peer]:
         """Every peer ever seen, for ``prism-agent peers``."""

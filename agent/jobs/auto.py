@@ -131,7 +131,7 @@ class AutoPolicy:
                 float(links.get(p.node, {}).get("rtt_ms") or 0.0),
                 p.load1,
                 p.cpus,
-                p.queue,
+                max(0, p.queue - p.queue_for.get(self.settings.node_id, 0)),  # my own ranks are no rivals
                 self._peer_speed(p, request.model),
             )
             for p in peers

@@ -32,6 +32,7 @@ from agent.cluster.links import LinkTable, probe_loop
 from agent.cluster.peers import Peer, PeerTable
 from agent.cluster.probes import ProbeServer
 from agent.cluster.trust import Trust
+from agent.cluster.upkeep import upkeep
 from agent.compat import BaseExceptionGroup, TaskGroup
 from agent.jobs.auto import AutoPolicy
 from agent.jobs.intake import Intake
@@ -44,7 +45,7 @@ from agent.node.engine import Engine
 from agent.node.metrics import Metrics
 from agent.node.monitors import read_load
 from agent.node.sdnotify import Notifier
-from agent.node.supervise import RESTARTS, supervise
+from agent.node.supervise import RESTARTS, guarded, supervise
 from engine.adapters import Tensors
 from engine.program import ENGINE_VERSION, JobSpec
 from engine.trace import RunResult
@@ -100,7 +101,7 @@ class Node:
         self.channel = ControlChannel(
             s.node_id, self.trust, self._publish, lambda n: f"{s.topic_root}/nodes/{n}/control"
         )
-        timing = Timing(s.group_timeout_s, s.collective_timeout_s, s.group_idle_s)
+        timing = Timing(s.group_timeout_s, s.collective_timeout_s, s.group_idle_s, s.peer_silence_s)
         self.groups = GroupManager(
             s.node_id,
             address,
@@ -112,6 +113,7 @@ class Node:
             self._link_mbps,
             data_key=None if self.admission.open else self.admission.key("gloo"),
             on_unresponsive=lambda node: self.peers.suspend(node, time.monotonic() + UNRESPONSIVE_S),
+            on_silent=lambda node: self.peers.suspend(node, time.monotonic() + UNRESPONSIVE_S, time.monotonic()),
         )
         fingerprints = {name: served.fingerprint for name, served in models.items()}
         auto = AutoPolicy.load(s, fingerprints)
@@ -159,7 +161,7 @@ class Node:
         if self._tg is None:
             coro.close()
             raise RuntimeError("the node is not running")
-        task = self._tg.create_task(_guarded(coro, name), name=name)
+        task = self._tg.create_task(guarded(coro, name), name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
@@ -191,7 +193,7 @@ class Node:
                     loops = {
                         "watchdog": self._watchdog,
                         "link-probes": lambda: probe_loop(self.peers, self.links, s.probe_interval_s),
-                        "groups": self.groups.upkeep,
+                        "groups": lambda: upkeep(self.groups),
                         "map-saver": self._save_map,
                         "mqtt": self._connections,
                     }
@@ -358,6 +360,7 @@ class Node:
             boot=self.admission.boot,
             load=read_load(),
             queue=self.engine.depth,
+            queue_for=self.engine.depth_for(),
             energy_source=self.service.meter.source,
             jobs=self.service.stats,
             families={name: s.model.adapter.family for name, s in self.service.models.items()},
@@ -391,10 +394,3 @@ class Node:
         while True:
             await asyncio.sleep(self.settings.health_interval_s)
             await asyncio.to_thread(self.service.auto.save_if_due)
-
-
-async def _guarded(coro: Coroutine[Any, Any, None], name: str) -> None:
-    try:
-        await coro
-    except Exception:
-        log.exception("task_crashed", task=name)

@@ -6,7 +6,8 @@ the node's torch threads. Work first takes a *slot* (FIFO), holds it while it ru
 it back; a distributed run holds the slots of all its members at once (taken in a fixed
 order, see agent/cluster/groups.py), which is why taking a slot and running on the thread
 are separate steps. ``depth`` (holders and waiters) is the queue health reports, so peer
-work is counted too.
+work is counted too; ``depth_for`` splits off the ranks held for each coordinator, so a
+coordinator pricing its next split does not count its own previous run as a rival.
 
 A caller that stops waiting for its work (a deadline passed, a peer left) gets control back
 at once, but the slot stays taken until the thread is really done: the next work never
@@ -18,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -54,21 +56,31 @@ class Engine:
         self._lock = asyncio.Lock()
         self._waiting = 0
         self.holder: str | None = None
+        self._owners: Counter[str] = Counter()  # coordinator -> ranks of its runs holding or waiting
 
     @property
     def depth(self) -> int:
         """Work holding or waiting for the engine."""
         return self._waiting + (1 if self._lock.locked() else 0)
 
+    def depth_for(self) -> dict[str, int]:
+        """Of ``depth``: the ranks held or awaited for each other node's runs."""
+        return {node: n for node, n in self._owners.items() if node and n > 0}
+
     @contextlib.asynccontextmanager
-    async def slot(self, what: str, timeout_s: float | None = None) -> AsyncIterator[Slot]:
-        """Hold the engine for ``what``; raises ``TimeoutError`` when it is not free in ``timeout_s``."""
+    async def slot(self, what: str, timeout_s: float | None = None, owner: str = "") -> AsyncIterator[Slot]:
+        """Hold the engine for ``what`` (a rank of ``owner``'s run, if given); raises
+        ``TimeoutError`` when it is not free in ``timeout_s``."""
         self._waiting += 1
+        self._owners[owner] += 1
         try:
             if timeout_s is None:
                 await self._lock.acquire()
             else:
                 await asyncio.wait_for(self._lock.acquire(), timeout_s)
+        except BaseException:
+            self._owners[owner] -= 1
+            raise
         finally:
             self._waiting -= 1
         slot = Slot(self, what)
@@ -78,17 +90,18 @@ class Engine:
         finally:
             busy = slot.busy
             if busy is None:
-                self._release()
+                self._release(owner)
             else:  # abandoned mid-run: the next work starts once the thread is done
-                busy.add_done_callback(self._release_after)
+                busy.add_done_callback(functools.partial(self._release_after, owner))
 
-    def _release_after(self, work: asyncio.Future[Any]) -> None:
+    def _release_after(self, owner: str, work: asyncio.Future[Any]) -> None:
         if not work.cancelled():
             work.exception()  # retrieved: the caller who abandoned it has answered already
-        self._release()
+        self._release(owner)
 
-    def _release(self) -> None:
+    def _release(self, owner: str) -> None:
         self.holder = None
+        self._owners[owner] -= 1
         self._lock.release()
 
     def shutdown(self) -> None:

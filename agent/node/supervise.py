@@ -4,7 +4,8 @@ A node runs a handful of long-lived loops (the broker connection, health, link p
 watchdog, group upkeep). None of them may stop the node: :func:`supervise` runs one, and
 when it raises anything but cancellation (or an exception the caller lets through, such as
 a fatal login refusal), logs ``loop_crashed`` and starts it again after a capped,
-full-jitter backoff that resets once the loop has run well for a while.
+full-jitter backoff that resets once the loop has run well for a while. A one-off task (a
+job, a group duty) runs under :func:`guarded`: its exception is logged, never raised.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 import structlog
 
@@ -52,3 +54,11 @@ async def supervise(
             counter[name] += 1
             log.exception("loop_crashed", loop=name, restart_in_s=round(delay, 3), restarts=counter[name])
         await asyncio.sleep(delay)
+
+
+async def guarded(coro: Coroutine[Any, Any, None], name: str) -> None:
+    """Run a one-off task; its exception is logged (``task_crashed``), never raised."""
+    try:
+        await coro
+    except Exception:
+        log.exception("task_crashed", task=name)
