@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from agent.profiling.peers import job_inputs  # noqa: E402
-from testbed.bed import Testbed  # noqa: E402
+from testbed.bed import Testbed, exit_on_sigterm  # noqa: E402
 
 
 def inputs_for(model: str, batch: int, seq: int) -> dict[str, Any]:
@@ -98,6 +98,7 @@ def run_job(bed: Testbed, job: dict[str, Any]) -> dict[str, Any]:
 
 
 def main() -> int:
+    exit_on_sigterm()  # a killed run takes its bed down
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="vit-base")
     p.add_argument("--seq", type=int, default=None, help="text models: tokens per sample")

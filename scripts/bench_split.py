@@ -42,7 +42,7 @@ from typing import IO, Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from testbed.bed import Testbed  # noqa: E402
+from testbed.bed import Testbed, exit_on_sigterm  # noqa: E402
 
 RANK = str(REPO / "scripts" / "split_rank.py")
 ENV = {"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
@@ -229,6 +229,7 @@ def report(args: argparse.Namespace, cells: dict[tuple[float, int, str], dict[st
 
 
 def main() -> None:
+    exit_on_sigterm()  # a killed run takes its bed down
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="vit-base")
     p.add_argument("--batches", default="1,8")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from testbed.bed import REPO, Testbed, bed_with_agents, netns_unavailable, rss_kib
+from testbed.bed import REPO, Testbed, bed_with_agents, exit_on_sigterm, netns_unavailable, rss_kib
 
 WARMUP_S = 30.0
 
@@ -40,6 +40,7 @@ def flap(bed: Testbed, n: int, cut_s: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    exit_on_sigterm()  # a killed run takes its bed down
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--minutes", type=float, default=10.0)
     p.add_argument("--rate", type=float, default=2.0, help="jobs per second")

@@ -53,6 +53,16 @@ SUBNET = "10.231.0"
 REPO = Path(__file__).resolve().parents[1]
 
 
+def exit_on_sigterm() -> None:
+    """Make SIGTERM (``kill``, a CI timeout) raise SystemExit in the main thread, so a script's
+    ``finally`` takes its bed down instead of leaving namespaces and agents behind."""
+
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 @dataclass
 class Testbed(Services):
     """``hosts`` namespaces on one bridge; host i has address 10.231.0.(i+1)/24 on ``eth0``."""

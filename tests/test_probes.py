@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import socket
 import time
 
 import pytest
 
+from agent.cluster.links import LinkTable, RunsWith, probe_loop
+from agent.cluster.peers import Peer, PeerTable
 from agent.cluster.probes import GREETING, MAX_PROBE_BYTES, MIN_PROBE_BYTES, ProbeServer, probe, probe_bytes
 
 
@@ -100,3 +103,29 @@ async def test_a_bulk_that_outruns_its_time_bounds_the_link_instead_of_failing()
         await probe("127.0.0.1", port, payload_bytes=1 << 20, timeout_s=1.0)
     server.close()
     assert 0 < slow.value.mbps < 1 * 8 / 0.5  # 1 MiB not through in ~1 s: under ~16 Mbit/s
+
+
+async def _probed(peers: PeerTable, runs: RunsWith) -> tuple[LinkTable, float]:
+    """Run the probe loop for half a second with ``runs``; what it measured."""
+    links = LinkTable()
+    task = asyncio.ensure_future(probe_loop(peers, links, 0.01, runs))
+    await asyncio.sleep(0.5)
+    task.cancel()
+    return links, time.monotonic()
+
+
+async def test_the_probe_loop_keeps_off_a_link_a_run_is_using() -> None:
+    # A probe during a split reads only what the run's exchanges leave of the link (a quarter
+    # of a 20 Mbit/s link on the test bed), and the policy priced the next split on that.
+    async with ProbeServer("127.0.0.1") as server:
+        peers = PeerTable("c", me="me")
+        peers.seen(Peer("p", "c", "127.0.0.1", probe_port=server.port), time.monotonic())
+        links, _ = await _probed(peers, lambda node: (True, 1))  # a run is on: no probe
+        assert "p" not in links.links
+        links, _ = await _probed(peers, lambda node: (False, 1))  # the link is free: probed
+        assert links.links["p"].mbps is not None
+        asked = itertools.count()
+        # Free when asked before each probe, a run begun when asked after it: every sample is thrown away.
+        links, _ = await _probed(peers, lambda node: (False, 1) if next(asked) % 2 == 0 else (True, 2))
+        assert next(asked) > 2
+        assert "p" not in links.links

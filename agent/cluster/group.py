@@ -10,6 +10,8 @@ import asyncio
 import contextlib
 import os
 import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,6 +71,30 @@ def collective_floor(base_s: float, spec: JobSpec, hidden: int, links_mbps: list
     largest = max(spec.plan.sizes) * spec.batch * hidden * 4 * len(links_mbps)
     mbps = min((m or 10.0) for m in links_mbps) if links_mbps else 10.0
     return base_s + 2 * largest * 8 / (mbps * 1e6)
+
+
+class LinkUse:
+    """Runs with each peer: on now, and begun so far (the link probes keep off a link in use
+    and throw away a sample a run overlapped, agent/cluster/links.py)."""
+
+    def __init__(self) -> None:
+        self._on: Counter[str] = Counter()
+        self._begun: Counter[str] = Counter()
+
+    def of(self, node: str) -> tuple[bool, int]:
+        """Is a run with ``node`` on now, and how many have begun."""
+        return self._on[node] > 0, self._begun[node]
+
+    @contextlib.contextmanager
+    def during(self, peers: Iterable[str]) -> Iterator[None]:
+        """A run with ``peers``."""
+        others = list(peers)
+        self._on.update(others)
+        self._begun.update(others)
+        try:
+            yield
+        finally:
+            self._on.subtract(others)
 
 
 class EarlyKeys:

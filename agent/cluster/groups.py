@@ -37,6 +37,7 @@ from agent.cluster.channel import ControlChannel
 from agent.cluster.group import (
     EarlyKeys,
     Group,
+    LinkUse,
     Timing,
     collective_floor,
     gather_all,
@@ -94,6 +95,7 @@ class GroupManager:
         self._groups: dict[str, Group] = {}  # every live group, by gid
         self.early = EarlyKeys()  # store keys that came before their group's form
         self._runs = itertools.count(1)
+        self.link_use = LinkUse()  # runs with each peer: the probes keep off a link in use
         self._reaper = ThreadPoolExecutor(max_workers=2, thread_name_prefix="group-reaper")
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -248,8 +250,9 @@ class GroupManager:
                     raise GroupError(group.failure or "the group was dropped")
                 self._begin(group, run_id)
                 group.deadline.restart(floor)
-                work = slot.run(run_rank, group.comm, served.model.adapter, spec, inputs)
-                result = await self._unless_failed(group, work)
+                with self.link_use.during(m for m in group.members if m != self.node):
+                    work = slot.run(run_rank, group.comm, served.model.adapter, spec, inputs)
+                    result = await self._unless_failed(group, work)
                 group.move(GroupEvent.RUN_END)
                 group.used_s = time.monotonic()
         except asyncio.CancelledError:
@@ -336,7 +339,8 @@ class GroupManager:
                 self._begin(group, run_id)
                 group.move(GroupEvent.RUN_START)
                 group.deadline.restart(run.collective_s)
-                await slot.run(run_rank, group.comm, served.model.adapter, spec)
+                with self.link_use.during(m for m in group.members if m != self.node):
+                    await slot.run(run_rank, group.comm, served.model.adapter, spec)
                 group.move(GroupEvent.RUN_END)
                 group.used_s = time.monotonic()
         except asyncio.CancelledError:

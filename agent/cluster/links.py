@@ -3,13 +3,17 @@
 Estimates are EWMA-smoothed and carry their age; a step change (a WiFi rate switch, a
 reshaped link) replaces the estimate at once. The probe loop times a transfer to every
 alive peer every ``probe_interval_s``, sized to the link; an address that is not a prism
-probe server (or does not answer) is left alone for a minute.
+probe server (or does not answer) is left alone for a minute. A peer this node is running a
+split with is not probed, and a probe that a run overlapped is thrown away: it would read
+only what the run's exchanges left of the link (a quarter of a 20 Mbit/s link, measured),
+and the policy would price the next split on that.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,25 +84,35 @@ class LinkTable:
         }
 
 
-async def probe_loop(peers: PeerTable, links: LinkTable, interval_s: float) -> None:
-    """Forever: probe every alive peer (see the module docstring)."""
+#: Whether a run with a node is on now, and how many this node has begun with it so far.
+RunsWith = Callable[[str], tuple[bool, int]]
+
+
+async def probe_loop(
+    peers: PeerTable, links: LinkTable, interval_s: float, runs: RunsWith = lambda node: (False, 0)
+) -> None:
+    """Forever: probe every alive peer (see the module docstring). ``runs(node)``: whether a
+    run with ``node`` is on now, and how many this node has begun with it so far."""
     failed: dict[tuple[str, int], float] = {}
     while True:
         now = time.monotonic()
         for peer in peers.alive(now):
             target = (peer.address, peer.probe_port)
-            if not peer.probe_port or now - failed.get(target, -PROBE_BACKOFF_S) < PROBE_BACKOFF_S:
+            on, begun = runs(peer.node)
+            if not peer.probe_port or on or now - failed.get(target, -PROBE_BACKOFF_S) < PROBE_BACKOFF_S:
                 continue
             estimate = links.links.get(peer.node)
             try:
                 rtt_ms, mbps = await probe(*target, payload_bytes=probe_bytes(estimate.mbps if estimate else None))
             except SlowLink as slow:  # a prism agent on a link that got slower: size down, no backoff
-                links.observe(peer.node, time.monotonic(), mbps=slow.mbps, source="probe-bound")
+                if runs(peer.node) == (False, begun):
+                    links.observe(peer.node, time.monotonic(), mbps=slow.mbps, source="probe-bound")
                 continue
             except (OSError, asyncio.TimeoutError) as exc:
                 failed[target] = time.monotonic()
                 log.info("probe_failed", peer=peer.node, error=str(exc)[:120] or type(exc).__name__)
                 continue
             failed.pop(target, None)
-            links.observe(peer.node, time.monotonic(), rtt_ms=rtt_ms, mbps=mbps, source="probe")
+            if runs(peer.node) == (False, begun):  # no run overlapped it
+                links.observe(peer.node, time.monotonic(), rtt_ms=rtt_ms, mbps=mbps, source="probe")
         await asyncio.sleep(interval_s)
