@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -14,6 +15,15 @@ import torch
 from engine.adapters import Tensors
 from engine.localcluster import ClusterConfig, LocalCluster
 from engine.models import LoadedModel, load
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+# A run killed with SIGTERM (a CI timeout, ``kill``) stops like Ctrl-C: fixtures tear down, so
+# no test bed (namespaces, agents, brokers) is left behind.
+signal.signal(signal.SIGTERM, _interrupt)
 
 
 class Models:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -97,15 +98,13 @@ def test_a_rogue_coordinator_cannot_pull_good_agents_into_a_group(
 ) -> None:
     port, procs = cluster
     wait_admitted(port, "nosecret", "g1")  # running open, it believes anyone
-    got = ask(port, "nosecret", [{"id": "rogue1", "model": "bert", "inputs": {"text": ["x"]}, "mode": "distributed"}])
-    result = got["rogue1"]
+    job = {"id": "rogue1", "model": "bert", "inputs": {"text": ["x"]}, "mode": "distributed", "peers": ["g1"]}
+    result = ask(port, "nosecret", [job])["rogue1"]
     assert result["ok"] is True
     assert result["mode"] == "local"  # the good agent refused to join: the rogue's own job fell back
     assert result["fallback"] is True
-    refused = [
-        line
-        for line in log(procs["g1"]).splitlines() + log(procs["g2"]).splitlines()
-        if '"admission_refused"' in line and '"via": "control"' in line
-    ]
-    assert refused
+    deadline = time.monotonic() + 15
+    while not any('"admission_refused"' in ln and '"via": "control"' in ln for ln in log(procs["g1"]).splitlines()):
+        assert time.monotonic() < deadline, "g1 never refused the rogue's control messages"
+        time.sleep(0.1)
     assert '"coordinator": "nosecret"' not in log(procs["g1"]) + log(procs["g2"])  # never joined its group

@@ -238,7 +238,11 @@ def test_the_probe_port_under_abuse_keeps_serving_and_frees_descriptors(bed: Tes
     pid = bed.procs["h0"].pid
     port = watch.wait_health("h0", lambda h: True, 30)["probe_port"]
     warm = [job(f"pw{k}", batch=4, n=128, mode="distributed") for k in range(4)]
-    run_jobs(bed, 2, warm, node="h0", in_flight=2, timeout_s=120)  # its groups exist: their sockets are counted
+    warmed = run_jobs(
+        bed, 2, warm, node="h0", in_flight=2, timeout_s=120
+    )  # its groups exist: their sockets are counted
+    why = bed.events("h0", "group_dropped", "distributed_fallback", "peer_seen", "peer_suspended", last=12)
+    assert all(r["mode"] == "distributed" for r in warmed["results"].values()), f"{warmed['results']}\n{why}"
     baseline = open_fds(pid)
     script = (
         "import os, socket, sys, time\n"
@@ -268,7 +272,7 @@ def test_the_probe_port_under_abuse_keeps_serving_and_frees_descriptors(bed: Tes
         assert abuser is not None
         abuser.wait(timeout=120)
     results = out["results"]
-    why = bed.events("h0", "group_dropped", "distributed_fallback", "job_done")
+    why = bed.events("h0", "group_dropped", "distributed_fallback", "peer_suspended", "mqtt_reconnect", last=12)
     assert all(r["ok"] and r["mode"] == "distributed" for r in results.values()), f"{results}\n{why}"
     deadline = time.monotonic() + 30
     while open_fds(pid) > baseline + 8:

@@ -232,6 +232,8 @@ class GroupManager:
         group = self._mine.get(members)
         if group is None or group.state is GroupState.DROPPED:
             group = await self._form(members)
+        elif not group.formed.is_set():  # another job is forming it: its run needs it formed
+            await self._unless_failed(group, group.formed.wait())
         run_id = next(self._runs)
         try:
             async with self._engines(group, run_id) as slot:

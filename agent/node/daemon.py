@@ -110,10 +110,10 @@ class Node:
             self.engine,
             self._spawn,
             timing,
-            self._link_mbps,
+            lambda node: getattr(self.links.links.get(node), "mbps", None),
             data_key=None if self.admission.open else self.admission.key("gloo"),
-            on_unresponsive=lambda node: self.peers.suspend(node, time.monotonic() + UNRESPONSIVE_S),
-            on_silent=lambda node: self.peers.suspend(node, time.monotonic() + UNRESPONSIVE_S, time.monotonic()),
+            on_unresponsive=self._sit_out,
+            on_silent=lambda node: self._sit_out(node, until_heard=True),
         )
         fingerprints = {name: served.fingerprint for name, served in models.items()}
         auto = AutoPolicy.load(s, fingerprints)
@@ -152,10 +152,13 @@ class Node:
         """Per-peer link estimates (for the auto policy)."""
         return self.links.report(time.monotonic())
 
-    def _link_mbps(self, node: str) -> float | None:
-        return getattr(self.links.links.get(node), "mbps", None)
-
     # -- tasks --------------------------------------------------------------------------
+    def _sit_out(self, node: str, until_heard: bool = False) -> None:
+        """Leave ``node`` out of splits a while (it failed a group), or until heard from (it went silent)."""
+        now = time.monotonic()
+        self.peers.suspend(node, now + UNRESPONSIVE_S, now if until_heard else None)
+        log.warning("peer_suspended", node=node, seconds=UNRESPONSIVE_S, until_heard=until_heard)
+
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         """A task in the root group; its exceptions are logged, never allowed to stop the node."""
         if self._tg is None:
