@@ -16,6 +16,7 @@ import torch
 
 from engine.codec import rotation
 from engine.errors import BadRequest
+from engine.kernels import linear, uses_onednn
 from engine.wire import compact_tokens
 
 Tensors = dict[str, torch.Tensor]
@@ -56,6 +57,11 @@ class Adapter:
         self.dtype = first.dtype
         self.device = first.device
         self._rotated_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.onednn = uses_onednn(model)  # the model's own linears run oneDNN (engine/kernels.py)
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``F.linear`` with the kernel the model's own ``nn.Linear`` layers use."""
+        return linear(x, weight, bias, onednn=self.onednn)
 
     # -- shapes and inputs ------------------------------------------------------------
     @property
@@ -133,8 +139,8 @@ class Adapter:
         weights (``R^T W``) once per layer and cached, so rotated rows cost what plain
         rows cost.
         """
-        w, b = self._folded_kv(i)
-        kv = y.to(w.dtype) @ w + b  # (B, m, 2D)
+        w, b = self._folded_kv(i)  # (2D, D), (2D)
+        kv = self.linear(y.to(w.dtype), w, b)  # (B, m, 2D)
         k, v = kv.chunk(2, dim=-1)
         d = self.head_dim(i)
         return heads(k, d), heads(v, d)
@@ -147,7 +153,8 @@ class Adapter:
             w, b = self.kv_map(i)
             with torch.no_grad():
                 rot = rotation(w.shape[0]).to(device=w.device, dtype=torch.float64)
-                cached = ((rot.T @ w.detach().double()).to(w.dtype), b.detach().clone())
+                folded = (rot.T @ w.detach().double()).to(w.dtype)  # (D, 2D)
+                cached = (folded.T.contiguous(), b.detach().clone())
             self._rotated_kv[i] = cached
         return cached
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from engine import kernels
 from engine.adapters import Adapter
 from engine.errors import ModelError
 
@@ -94,6 +95,8 @@ def _adapter(family: str, model: Any) -> Adapter:
     from engine.vit import ViTAdapter
 
     cls = {"vit": ViTAdapter, "bert": BertAdapter, "gpt2": GPT2Adapter}[family]
+    if kernels.wanted():
+        kernels.use_onednn(model)  # the local path and the split alike (engine/kernels.py)
     return cls(model)
 
 

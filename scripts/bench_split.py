@@ -52,10 +52,15 @@ CPU_PERIOD_US = 10_000
 def options(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Every option of a round: name plus the request rank 0 gets."""
     out: list[dict[str, Any]] = [{"name": "local", "op": "local"}]
-    modes = {"full": {"cr": None}, "means": {"cr": args.cr}, "codes": {"cr": args.codes_cr, "method": "codes"}}
+    modes: dict[str, dict[str, Any]] = {
+        "full": {"cr": None},
+        "means": {"cr": args.cr},
+        "means-fp16": {"cr": args.cr, "wire_dtype": "fp16"},  # beside fp32 means, interleaved
+        "codes": {"cr": args.codes_cr, "method": "codes"},
+    }
     for mode in args.modes.split(","):
         req = {"op": "split", **modes[mode]}
-        if mode != "codes" and args.wire_dtype:
+        if mode in ("full", "means") and args.wire_dtype:
             req["wire_dtype"] = args.wire_dtype
         label = mode if mode == "full" else f"{mode}@{req['cr']:g}"
         on = {"overlap": True, "chunks": args.chunks} if args.chunks else {"overlap": True}
@@ -234,7 +239,7 @@ def main() -> None:
     p.add_argument("--model", default="vit-base")
     p.add_argument("--batches", default="1,8")
     p.add_argument("--rates", default="20,50,100,0", help="Mbit/s per uplink; 0 = unshaped")
-    p.add_argument("--modes", default="full,means,codes")
+    p.add_argument("--modes", default="full,means,codes", help="of full, means, means-fp16, codes")
     p.add_argument("--cr", type=float, default=9.9, help="Segment Means CR")
     p.add_argument("--codes-cr", type=float, default=9.9, help="codes byte budget (1/CR of full)")
     p.add_argument("--wire-dtype", choices=["fp16", "bf16"], default=None, help="segment rows (full, means)")
