@@ -155,24 +155,44 @@ def dequantise(codes: torch.Tensor, scales: torch.Tensor, b: int) -> torch.Tenso
 
 
 # -- bit packing ----------------------------------------------------------------------------
+# The wire format is a plain bit stream: code n holds bits n*b .. n*b + b - 1, LSB first, and
+# byte m is bits 8m .. 8m + 7. Eight b-bit codes are exactly b bytes, so both directions work
+# on groups of eight codes held in one int64 (its little-endian bytes are the group's bytes):
+# a few whole-tensor ops instead of one per bit.
+_LITTLE = torch.tensor([1], dtype=torch.int64).view(torch.uint8)[0].item() == 1
+
+
 def pack(codes: torch.Tensor, b: int) -> torch.Tensor:
     """Pack b-bit ``codes`` (any shape, uint8 < 2^b) into ``ceil(numel * b / 8)`` bytes, LSB first."""
     flat = codes.reshape(-1)
-    shifts = torch.arange(b, dtype=torch.uint8, device=flat.device)
-    bits = ((flat.unsqueeze(-1) >> shifts) & 1).reshape(-1)  # (numel * b,) of 0/1
-    pad = (-bits.numel()) % 8
+    count = flat.numel()
+    pad = (-count) % 8
     if pad:
-        bits = torch.cat([bits, bits.new_zeros(pad)])
-    weights = torch.arange(8, dtype=torch.uint8, device=flat.device)
-    return (bits.view(-1, 8) << weights).sum(dim=-1, dtype=torch.uint8)
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    shifts = torch.arange(0, 8 * b, b, dtype=torch.int64, device=flat.device)  # (8,)
+    groups = (flat.view(-1, 8).to(torch.int64) << shifts).sum(dim=-1)  # (G,) int64, disjoint bits
+    as_bytes = groups.view(torch.uint8).view(-1, 8) if _LITTLE else _le_bytes(groups)
+    return as_bytes[:, :b].reshape(-1)[: math.ceil(count * b / 8)]
 
 
 def unpack(packed: torch.Tensor, b: int, count: int) -> torch.Tensor:
     """Inverse of :func:`pack`: the first ``count`` b-bit codes, uint8 (count,)."""
-    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
-    bits = ((packed.reshape(-1).unsqueeze(-1) >> shifts) & 1).reshape(-1)[: count * b]
-    weights = torch.arange(b, dtype=torch.uint8, device=packed.device)
-    return (bits.view(count, b) << weights).sum(dim=-1, dtype=torch.uint8)
+    flat = packed.reshape(-1)
+    pad = (-flat.numel()) % b
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    groups = flat.view(-1, b).to(torch.int64)  # (G, b): a group's bytes, least significant first
+    weights = torch.arange(0, 8 * b, 8, dtype=torch.int64, device=flat.device)  # (b,)
+    words = (groups << weights).sum(dim=-1, keepdim=True)  # (G, 1) int64 (wraps at b = 8; masked below)
+    shifts = torch.arange(0, 8 * b, b, dtype=torch.int64, device=flat.device)  # (8,)
+    codes = (words >> shifts) & (2**b - 1)  # (G, 8)
+    return codes.reshape(-1)[:count].to(torch.uint8)
+
+
+def _le_bytes(words: torch.Tensor) -> torch.Tensor:
+    """(G,) int64 -> (G, 8) uint8, least significant byte first (for big-endian hosts)."""
+    shifts = torch.arange(0, 64, 8, dtype=torch.int64, device=words.device)
+    return ((words.unsqueeze(-1) >> shifts) & 0xFF).to(torch.uint8)
 
 
 # -- one payload ----------------------------------------------------------------------------

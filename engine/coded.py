@@ -105,7 +105,7 @@ class CodedRows:
         self.receivers = receivers
         self.chunks = chunks or [slice(0, batch)]
         d, n_layers = adapter.hidden_size, adapter.n_layers
-        self.rot = rotation(d, device=adapter.device)  # (D, D) fp32
+        self.rot_t = rotation(d, device=adapter.device).T.contiguous()  # (D, D) fp32, R^T: y = x R
         ranks = [*senders, rank] if receivers else senders
         whole = {q: payload_bits(plan, comp, batch, q, d, n_layers) for q in ranks} if n_layers > 1 else {}
         self.bits = {q: [chunk_bits(b, batch, c) for c in self.chunks] for q, b in whole.items()}
@@ -116,7 +116,7 @@ class CodedRows:
         self.held = {q: self._rotate(adapter.attn_input(0, adapter.embed(shared, {}, plan.span(q)))) for q in senders}
 
     def _rotate(self, x: torch.Tensor) -> torch.Tensor:
-        return x.float() @ self.rot
+        return self.adapter.linear(x.float(), self.rot_t, None)
 
     def payload_bytes(self, sender: int, i: int, c: int = 0) -> int:
         """Size of ``sender``'s layer-i payload for chunk c (0 for layer 0)."""

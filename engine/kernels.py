@@ -33,6 +33,10 @@ from engine.errors import ModelError
 MODES = ("auto", "onednn", "blas")
 
 
+#: Whether this torch has oneDNN and its fused-linear op.
+_HAS_KERNEL = bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_linear_pointwise")  # type: ignore[no-untyped-call]
+
+
 class OneDnnLinear(nn.Linear):
     """``nn.Linear`` whose CPU fp32 inference forward runs oneDNN's kernel."""
 
@@ -53,10 +57,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, 
     ):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
-
-
-#: Whether this torch has oneDNN and its fused-linear op.
-_HAS_KERNEL = bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_linear_pointwise")  # type: ignore[no-untyped-call]
 
 
 def mode(env: dict[str, str] | None = None) -> str:

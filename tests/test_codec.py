@@ -82,6 +82,20 @@ def test_pack_unpack_round_trip(b: int, count: int) -> None:
     assert torch.equal(codec.unpack(packed, b, count), codes)
 
 
+def _bit_serial_pack(codes: list[int], b: int) -> list[int]:
+    """The wire format spelled out: code n's bits at n*b.., LSB first; 8 bits a byte, LSB first."""
+    stream = [(code >> j) & 1 for code in codes for j in range(b)]
+    stream += [0] * (-len(stream) % 8)
+    return [sum(bit << j for j, bit in enumerate(stream[m : m + 8])) for m in range(0, len(stream), 8)]
+
+
+@pytest.mark.parametrize("b", range(1, MAX_BITS + 1))
+def test_pack_writes_the_bit_serial_wire_format(b: int) -> None:
+    gen = torch.Generator().manual_seed(b)
+    codes = torch.randint(0, 2**b, (77,), generator=gen, dtype=torch.uint8)
+    assert codec.pack(codes, b).tolist() == _bit_serial_pack(codes.tolist(), b)
+
+
 def test_pack_is_lsb_first() -> None:
     assert codec.pack(torch.tensor([1, 0, 1], dtype=torch.uint8), 1).tolist() == [0b101]
     assert codec.pack(torch.tensor([3, 1], dtype=torch.uint8), 2).tolist() == [0b0111]
