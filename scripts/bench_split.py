@@ -101,10 +101,11 @@ class Ranks:
     def __init__(self, bed: Testbed, args: argparse.Namespace) -> None:
         port = random.randint(29600, 29900)
         base = [sys.executable, RANK, "--ranks", "2", "--master", f"{bed.address(0)}:{port}", "--model", args.model]
-        self.follower = bed.spawn("rank1", 1, [*base, "--rank", "1"], ENV)
+        pin = (lambda rank: ["--cpu", str(rank % (os.cpu_count() or 1))]) if args.pin else (lambda rank: [])
+        self.follower = bed.spawn("rank1", 1, [*base, "--rank", "1", *pin(1)], ENV)
         log = (bed.workdir / "rank0.log").open("ab")
         self.proc = subprocess.Popen(
-            bed.run(0, *base, "--rank", "0"),
+            bed.run(0, *base, "--rank", "0", *pin(0)),
             cwd=REPO,
             env={**os.environ, **ENV},
             stdin=subprocess.PIPE,
@@ -247,6 +248,7 @@ def main() -> None:
     p.add_argument("--chunks", type=int, default=None, help="batch pieces with overlap (default: the engine's)")
     p.add_argument("--weights", default=None, help="add weighted plans, e.g. 2,1")
     p.add_argument("--half-speed", action="store_true", help="cap host 1's rank at half a CPU")
+    p.add_argument("--pin", action="store_true", help="each host's rank on a CPU of its own (rank r on CPU r)")
     p.add_argument("--bound-cell", default="50,8", help="link,batch of the bound table")
     p.add_argument("--run-timeout-s", type=float, default=600.0)
     p.add_argument("--start-timeout-s", type=float, default=300.0)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -108,7 +109,10 @@ def main() -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--timeout-s", type=float, default=900.0, help="GLOO collectives and the rendezvous")
+    p.add_argument("--cpu", type=int, default=None, help="pin this process (and its threads) to one CPU")
     args = p.parse_args()
+    if args.cpu is not None:
+        os.sched_setaffinity(0, {args.cpu})  # before torch and GLOO start their threads
     torch.set_num_threads(args.threads)
     model = load(args.model)
     host, port = args.master.rsplit(":", 1)

@@ -20,7 +20,8 @@ def test_every_option_runs_on_a_shaped_and_an_unshaped_link(tmp_path: Path) -> N
     require_netns()
     out = tmp_path / "tiny"
     cmd = [sys.executable, str(SCRIPT), "--model", "tiny-vit", "--runs", "2", "--rates", "50,0", "--batches", "2"]
-    cmd += ["--modes", "full,means,means-fp16,codes", "--weights", "2,1", "--bound-cell", "50,2", "--out", str(out)]
+    cmd += ["--pin", "--modes", "full,means,means-fp16,codes", "--weights", "2,1", "--bound-cell", "50,2"]
+    cmd += ["--out", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
