@@ -147,12 +147,14 @@ class Discovery:
     async def _answered(self, name: str) -> bool:
         """Does another host answer for ``name``?"""
         assert self._zc is not None
-        for _ in range(3):
+        for attempt in range(3):
             info = AsyncServiceInfo(SERVICE, name)
             start = time.monotonic()
             if await info.async_request(self._zc.zeroconf, NAME_CHECK_MS) or info.properties:
                 return True
-            if time.monotonic() - start < 1.5 * NAME_CHECK_MS / 1e3:
+            # A single unanswered ask can miss a holder whose first answer was lost (the
+            # name-conflict bed test failed 2 in 3 that way): the wanted name is always asked twice.
+            if attempt >= 1 and time.monotonic() - start < 1.5 * NAME_CHECK_MS / 1e3:
                 return False
         return False
 
