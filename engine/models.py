@@ -212,6 +212,7 @@ def to_device(model: LoadedModel, device: str) -> LoadedModel:
         return model
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ModelError(f"device {device!r} asked for, but torch sees no CUDA device")
+    kernels.drop_packed(model.adapter.model)  # CPU-only copies (engine/kernels.py)
     model.adapter.model.to(device)
     return LoadedModel(model.name, _adapter(model.adapter.family, model.adapter.model), model.tokenizer)
 

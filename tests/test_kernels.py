@@ -73,3 +73,33 @@ def test_with_gradients_on_the_layer_takes_the_autograd_path() -> None:
     assert x.grad.shape == (3, 8)
     with torch.inference_mode():
         torch.testing.assert_close(layer(x), nn.functional.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not kernels._HAS_PACK, reason="this torch cannot prepack oneDNN weights")
+def test_a_packed_weight_gives_the_same_bits_is_built_once_and_follows_changes_to_the_weight() -> None:
+    layer = nn.Linear(96, 160)
+    with torch.inference_mode():
+        for rows in (1, 10, 99, 197):
+            x = torch.randn(2, rows, 96)
+            unpacked = torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, "none", [], "")
+            assert torch.equal(kernels.linear(x, layer.weight, layer.bias), unpacked)
+        first = kernels.packed(layer.weight)
+        assert kernels.packed(layer.weight) is first  # kept on the weight, not rebuilt per call
+    with torch.no_grad():
+        layer.weight.mul_(2)  # changed in place: the packed copy must not serve the old values
+    with torch.inference_mode():
+        x = torch.randn(4, 96)
+        assert kernels.packed(layer.weight) is not first
+        torch.testing.assert_close(kernels.linear(x, layer.weight, layer.bias), x @ layer.weight.T + layer.bias)
+    view = layer.weight.view(160, 96)
+    assert kernels.packed(view) is view  # a per-call reshape is not worth packing
+
+
+@pytest.mark.skipif(not (X86 and kernels._HAS_PACK), reason="auto picks oneDNN on x86-64 only")
+def test_a_loaded_model_has_its_linear_weights_packed_before_its_first_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PRISM_CPU_LINEAR", raising=False)
+    adapter = build("tiny-vit").adapter
+    linears = [m for m in adapter.model.modules() if isinstance(m, nn.Linear)]
+    assert all(hasattr(m.weight, kernels._PACKED) for m in linears)
+    kernels.drop_packed(adapter.model)  # what engine.models.to_device does before a move
+    assert not any(hasattr(m.weight, kernels._PACKED) for m in linears)
