@@ -3,7 +3,8 @@
 For each job message the intake (1) drops retained copies, (2) tells duplicates by their
 journal key — a copy of a job still running is ignored, a copy of an answered one gets the
 stored result again — (3) journals a new job *before* the broker is acknowledged (the caller
-acks after :meth:`Intake.take` returns) and (4) runs it as a task of the node. The result is
+acks after :meth:`Intake.take` returns) and (4) runs it as a task of the node; (3) and (4)
+happen together even if the connection drops in between. The result is
 encoded off the event loop, journalled, and queued in the outbox, which a sender per
 connection publishes in order. At start, :meth:`Intake.recover` re-runs what a crash
 interrupted and re-sends what it had not sent.
@@ -75,6 +76,12 @@ class Intake:
                 await self._resend(key, route)
             return
         entry = Entry(key, None, route[0], route[1], payload)
+        # Journalled and started as one step: if the connection drops while the journal
+        # writes, this handler is cancelled, and a job journalled as taken but never started
+        # would be ignored as "running" when the broker redelivers it: lost until a restart.
+        await asyncio.shield(self._take(entry))
+
+    async def _take(self, entry: Entry) -> None:
         await self.journal.take(entry)
         self._start(entry)
 
