@@ -196,10 +196,14 @@ def _le_bytes(words: torch.Tensor) -> torch.Tensor:
 
 
 # -- one payload ----------------------------------------------------------------------------
-def encode(rows: torch.Tensor, bits: Bits) -> tuple[torch.Tensor, torch.Tensor]:
-    """Code ``rows`` (R, D) -> (payload uint8 (bits.nbytes,), the receivers' reconstruction fp32 (R, D))."""
+def encode(rows: torch.Tensor, bits: Bits, scales: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Code ``rows`` (R, D) -> (payload uint8 (bits.nbytes,), the receivers' reconstruction fp32 (R, D)).
+
+    ``scales`` (R,) fp16 are the per-row scales that travel (default :func:`row_scales`).
+    """
     assert rows.shape == (bits.rows, bits.d), (tuple(rows.shape), bits)
-    scales = row_scales(rows)  # (R,) fp16
+    if scales is None:
+        scales = row_scales(rows)  # (R,) fp16
     parts, recon = [scales.view(torch.uint8)], []
     for lo, hi, b in ((0, bits.k, bits.b + 1), (bits.k, bits.rows, bits.b)):
         if hi > lo:

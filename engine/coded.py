@@ -20,6 +20,8 @@ unchunked, bit for bit, and so is the number of bytes when D is a multiple of 8.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from engine.adapters import Adapter, Tensors
@@ -37,16 +39,18 @@ def payload_bits(plan: PartitionPlan, comp: Compression, batch: int, sender: int
     """Code widths of ``sender``'s payload in every coded layer (1..L-1) of a job.
 
     Raises ``BadRequest`` when the budget cannot carry 1-bit codes of every row.
+    Under ``kv`` a payload holds two coded rows per token (its V rows, then its K rows).
     """
     assert comp.cr is not None
     rows = batch * plan.sizes[sender]
     full = rows * d * FULL_BYTES_PER_VALUE
+    coded = rows * (2 if comp.uses_kv else 1)
     try:
-        return bits_for_budget(rows, d, layer_budget(full, comp.cr, n_layers))
+        return bits_for_budget(coded, d, layer_budget(full, comp.cr, n_layers))
     except BadRequest:
-        floor = Bits(rows, d, 1, 0).nbytes * (n_layers - 1)
+        floor = Bits(coded, d, 1, 0).nbytes * (n_layers - 1)
         raise BadRequest(
-            f"CR {comp.cr:g} is too tight for method 'codes' on this model: 1-bit codes of every row "
+            f"CR {comp.cr:g} is too tight for method '{comp.method.value}' on this model: 1-bit codes of every row "
             f"need 1/{full * n_layers / floor:.1f} of full exchange"
         ) from None
 
@@ -68,59 +72,73 @@ def chunk_bits(bits: Bits, batch: int, chunk: slice) -> Bits:
 
 def check_budget(plan: PartitionPlan, comp: Compression, batch: int, d: int, n_layers: int) -> None:
     """Raise ``BadRequest`` unless every rank's budget fits (call before any rank runs)."""
-    if comp.uses_codes and n_layers > 1:
+    if comp.coded and n_layers > 1:
         for q in range(plan.ranks):
             payload_bits(plan, comp, batch, q, d, n_layers)
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
+def position_major(x: torch.Tensor) -> torch.Tensor:
     """(B, n, D) -> (n * B, D), position-major."""
     return x.transpose(0, 1).reshape(-1, x.shape[-1])
 
 
-def _unrows(rows: torch.Tensor, batch: int) -> torch.Tensor:
-    """Inverse of :func:`_rows`: (n * B, D) -> (B, n, D)."""
+def batch_major(rows: torch.Tensor, batch: int) -> torch.Tensor:
+    """Inverse of :func:`position_major`: (n * B, D) -> (B, n, D)."""
     return rows.view(-1, batch, rows.shape[-1]).transpose(0, 1)
 
 
-class CodedRows:
-    """One rank's encoder (for its receivers) and decoders (one per sender) for one job."""
+@dataclass(frozen=True, slots=True)
+class CoderArgs:
+    """What one rank's coder needs of its job: who sends to it, who it sends to, the chunks."""
 
-    def __init__(
-        self,
-        adapter: Adapter,
-        plan: PartitionPlan,
-        comp: Compression,
-        batch: int,
-        rank: int,
-        senders: list[int],
-        receivers: list[int],
-        shared: Tensors,
-        chunks: list[slice] | None = None,
-    ) -> None:
-        self.adapter = adapter
-        self.batch = batch
-        self.rank = rank
-        self.senders = senders
-        self.receivers = receivers
-        self.chunks = chunks or [slice(0, batch)]
+    adapter: Adapter
+    plan: PartitionPlan
+    comp: Compression
+    batch: int
+    rank: int
+    senders: list[int]
+    receivers: list[int]
+    shared: Tensors  # the inputs every rank holds (layer 0 is rebuilt from them)
+    chunks: list[slice]
+
+
+class Coder:
+    """What every coded method shares: the payload widths of every sender and chunk."""
+
+    def __init__(self, job: CoderArgs) -> None:
+        self.adapter = adapter = job.adapter
+        self.batch = job.batch
+        self.rank = job.rank
+        self.senders = job.senders
+        self.receivers = job.receivers
+        self.chunks = job.chunks
         d, n_layers = adapter.hidden_size, adapter.n_layers
-        self.rot_t = rotation(d, device=adapter.device).T.contiguous()  # (D, D) fp32, R^T: y = x R
-        ranks = [*senders, rank] if receivers else senders
-        whole = {q: payload_bits(plan, comp, batch, q, d, n_layers) for q in ranks} if n_layers > 1 else {}
-        self.bits = {q: [chunk_bits(b, batch, c) for c in self.chunks] for q, b in whole.items()}
-        # (B, n, D) fp32: what the receivers hold of my rows; chunk c's samples are written
-        # at layer 0 and updated in place, one chunk at a time.
-        self.own = torch.zeros(batch, plan.sizes[rank], d, device=adapter.device)
-        # Layer 0 of every sender's rows, rebuilt here from the inputs (same call as the sender's).
-        self.held = {q: self._rotate(adapter.attn_input(0, adapter.embed(shared, {}, plan.span(q)))) for q in senders}
-
-    def _rotate(self, x: torch.Tensor) -> torch.Tensor:
-        return self.adapter.linear(x.float(), self.rot_t, None)
+        ranks = [*job.senders, job.rank] if job.receivers else job.senders
+        whole = {q: payload_bits(job.plan, job.comp, job.batch, q, d, n_layers) for q in ranks} if n_layers > 1 else {}
+        self.bits = {q: [chunk_bits(b, job.batch, c) for c in self.chunks] for q, b in whole.items()}
 
     def payload_bytes(self, sender: int, i: int, c: int = 0) -> int:
         """Size of ``sender``'s layer-i payload for chunk c (0 for layer 0)."""
         return 0 if i == 0 else self.bits[sender][c].nbytes
+
+
+class CodedRows(Coder):
+    """One rank's encoder (for its receivers) and decoders (one per sender) for one job."""
+
+    def __init__(self, job: CoderArgs) -> None:
+        super().__init__(job)
+        adapter, plan, d = job.adapter, job.plan, job.adapter.hidden_size
+        self.rot_t = rotation(d, device=adapter.device).T.contiguous()  # (D, D) fp32, R^T: y = x R
+        # (B, n, D) fp32: what the receivers hold of my rows; chunk c's samples are written
+        # at layer 0 and updated in place, one chunk at a time.
+        self.own = torch.zeros(job.batch, plan.sizes[job.rank], d, device=adapter.device)
+        # Layer 0 of every sender's rows, rebuilt here from the inputs (same call as the sender's).
+        self.held = {
+            q: self._rotate(adapter.attn_input(0, adapter.embed(job.shared, {}, plan.span(q)))) for q in self.senders
+        }
+
+    def _rotate(self, x: torch.Tensor) -> torch.Tensor:
+        return self.adapter.linear(x.float(), self.rot_t, None)
 
     def encode(self, i: int, x: torch.Tensor, c: int = 0) -> torch.Tensor:
         """This rank's layer-i payload (uint8) from chunk c's attention input x (b, n, D)."""
@@ -133,8 +151,8 @@ class CodedRows:
             self.own[s] = y  # the receivers rebuild it themselves
             return empty
         own = self.own[s]
-        payload, recon = encode(_rows(y - own), self.bits[self.rank][c])
-        self.own[s] = own + _unrows(recon, y.shape[0])
+        payload, recon = encode(position_major(y - own), self.bits[self.rank][c])
+        self.own[s] = own + batch_major(recon, y.shape[0])
         return payload
 
     def remote_kv(
@@ -147,7 +165,7 @@ class CodedRows:
         for n, q in enumerate(self.senders):
             held = self.held[q][s]
             if i > 0:
-                held = held + _unrows(decode(payloads[n], self.bits[q][c]), held.shape[0])
+                held = held + batch_major(decode(payloads[n], self.bits[q][c]), held.shape[0])
                 self.held[q][s] = held
             k, v = self.adapter.rotated_kv(i, held)
             keys.append(k)

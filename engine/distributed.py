@@ -76,7 +76,7 @@ def _layers(comm: Comm, prog: RankProgram, trace: RankTrace, whole: torch.Tensor
         prepared: Prepared | None = None
         if overlap:  # the local rows' Q/K/V while the remote rows are still on their way
             with computing(trace, device):
-                prepared = prog.prepare(i, xs[c])
+                prepared = prog.prepare(i, xs[c], c)
         remote: list[torch.Tensor] = []
         if prog.exchanges(i):
             remote = comm.finish_exchange(pending[c]) if overlap else pending[c]

@@ -22,8 +22,9 @@ import torch
 
 from engine.adapters import Adapter, Shapes, Task, Tensors, place_rows
 from engine.attention import attend, key_bias
-from engine.coded import CodedRows, check_budget
+from engine.coded import CodedRows, CoderArgs, check_budget
 from engine.errors import BadRequest
+from engine.kvcoded import CodedKV
 from engine.plan import PartitionPlan
 from engine.segments import Compression, Method, SegmentLayout, layout
 from engine.wire import widen_tokens
@@ -76,8 +77,8 @@ class JobSpec:
 
     @property
     def every_row_inputs(self) -> bool:
-        """Every rank needs the inputs of every row (``codes`` rebuilds layer 0 from them)."""
-        return self.comp.uses_codes
+        """Every rank needs the inputs of every row (``codes`` and ``kv`` rebuild layer 0 from them)."""
+        return self.comp.coded
 
 
 def split_inputs(adapter: Adapter, spec: JobSpec, inputs: Tensors) -> tuple[Tensors, list[Tensors]]:
@@ -92,7 +93,9 @@ class RankProgram:
 
     What travels per layer is :meth:`send`'s second value: segment means (b, L, D) in the
     wire dtype (``Compression.wire``), or under method ``codes`` a uint8 payload of coded
-    rows (:mod:`engine.coded`; none at layer 0). Every rank knows every payload's shape.
+    rows (:mod:`engine.coded`; none at layer 0), or under ``kv`` one of the coded K and V of
+    this rank's rows (:mod:`engine.kvcoded`; none at layer 0). Every rank knows every
+    payload's shape.
     """
 
     def __init__(self, adapter: Adapter, spec: JobSpec, rank: int, shared: Tensors, local: Tensors) -> None:
@@ -126,10 +129,17 @@ class RankProgram:
         self._mine = [self.my_layout.samples(s) for s in self.chunks]
         self._bias = [self.bias[s] for s in self.chunks]
         self.coded: CodedRows | None = None
+        self.kv: CodedKV | None = None
+        # Under ``kv`` :meth:`send` computes the local rows' Q/K/V (it codes K and V), kept
+        # here per chunk for :meth:`prepare`.
+        self._prepared: list[Prepared | None] = [None] * len(self.chunks)
+        job = CoderArgs(
+            adapter, spec.plan, spec.comp, spec.batch, rank, self.senders, self.receivers, shared, self.chunks
+        )
         if spec.comp.uses_codes:
-            self.coded = CodedRows(
-                adapter, spec.plan, spec.comp, spec.batch, rank, self.senders, self.receivers, shared, self.chunks
-            )
+            self.coded = CodedRows(job)
+        elif spec.comp.uses_kv:
+            self.kv = CodedKV(job)
 
     @property
     def my_layout(self) -> SegmentLayout:
@@ -141,13 +151,14 @@ class RankProgram:
         return self.layouts[sender].n_segments
 
     def exchanges(self, i: int) -> bool:
-        """Whether layer i moves anything between ranks (``codes`` rebuilds layer 0 instead)."""
-        return self.coded is None or i > 0
+        """Whether layer i moves anything between ranks (``codes`` and ``kv`` rebuild layer 0 instead)."""
+        return (self.coded is None and self.kv is None) or i > 0
 
     def recv_shape(self, i: int, sender: int, c: int = 0) -> tuple[int, ...]:
         """Shape of what this rank receives from ``sender`` at layer i for chunk c."""
-        if self.coded is not None:
-            return (self.coded.payload_bytes(sender, i, c),)
+        coder = self.coded or self.kv
+        if coder is not None:
+            return (coder.payload_bytes(sender, i, c),)
         s = self.chunks[c]
         return (s.stop - s.start, self.rows_from(sender), self.adapter.hidden_size)
 
@@ -160,11 +171,16 @@ class RankProgram:
         x = self.adapter.attn_input(i, h)
         if self.coded is not None:
             return x, self.coded.encode(i, x, c)
+        if self.kv is not None:
+            _, k, v = self._prepared[c] = self.adapter.project(i, x, x)
+            return x, self.kv.encode(i, k, v, c)
         return x, self._mine[c].means(x).to(self.wire)
 
-    def prepare(self, i: int, x: torch.Tensor) -> Prepared:
-        """Q, K and V of the local rows of layer i: what needs nothing from other ranks."""
-        return self.adapter.project(i, x, x)
+    def prepare(self, i: int, x: torch.Tensor, c: int = 0) -> Prepared:
+        """Q, K and V of the local rows of layer i (chunk c): what needs nothing from other
+        ranks (under ``kv`` computed by :meth:`send` already)."""
+        prepared, self._prepared[c] = self._prepared[c], None
+        return prepared if prepared is not None else self.adapter.project(i, x, x)
 
     def finish(
         self,
@@ -177,9 +193,11 @@ class RankProgram:
     ) -> torch.Tensor:
         """Layer i of chunk c given what was received from ``self.senders`` (in that order)
         and, when it ran already, :meth:`prepare`'s result."""
-        q, k, v = prepared if prepared is not None else self.prepare(i, x)
+        q, k, v = prepared if prepared is not None else self.prepare(i, x, c)
         if self.coded is not None:
             keys, values = self.coded.remote_kv(i, remote, c)  # (b, h, n_q, d) per sender
+        elif self.kv is not None:
+            keys, values = self.kv.remote_kv(i, remote, c)  # (b, h, n_q, d) per sender, decoded
         elif remote:
             rows = torch.cat([r.to(self.adapter.dtype) for r in remote], dim=1)  # (b, sum L_q, D)
             _, k_remote, v_remote = self.adapter.project(i, rows[:, :0], rows)
@@ -231,7 +249,7 @@ def plan_job(
 
 #: Version of what ranks exchange about a job: the spec's fields, the step order and the trace.
 #: Nodes split jobs only with peers of the same version (it travels in their health).
-ENGINE_VERSION = 2
+ENGINE_VERSION = 3  # 3: method kv
 
 
 def spec_to_dict(spec: JobSpec) -> dict[str, Any]:

@@ -33,10 +33,11 @@ class Method(str, enum.Enum):
 
     MEANS = "means"  # Segment Means: ceil(n / CR) mean rows per rank (docs/design.md §3.3)
     CODES = "codes"  # every row, rotated, b-bit codes in 1/CR of the bytes (research/codec.md)
+    KV = "kv"  # every row's K and V, rotated per head, b-bit codes in 1/CR of the bytes (research/kvcodes.md)
 
     @classmethod
     def parse(cls, value: str | Method) -> Method:
-        """``"means"`` / ``"codes"`` (or a Method) -> Method; anything else is a BadRequest."""
+        """``"means"`` / ``"codes"`` / ``"kv"`` (or a Method) -> Method; anything else is a BadRequest."""
         try:
             return cls(value)
         except ValueError:
@@ -59,6 +60,8 @@ class Compression:
     * ``codes``: CR is a byte budget, each rank sends at most 1/CR of its full-exchange
       bytes (over the layers); every row travels in few bits. ``keep_first``,
       ``keep_last`` and ``count_bias`` do not apply.
+    * ``kv``: the same byte budget, but a rank sends the K and V it computed for its own
+      rows (two coded rows per token) and receivers project nothing (engine/kvcoded.py).
 
     ``wire_dtype`` (``fp16``, ``bf16`` or ``fp32``; ``None``: the model's dtype) is what
     segment rows (means, or full exchange's rows) are cast to on the wire; receivers cast
@@ -82,8 +85,10 @@ class Compression:
             if self.wire_dtype not in WIRE_DTYPES:
                 names = ", ".join(WIRE_DTYPES)
                 raise BadRequest(f"unknown wire dtype {self.wire_dtype!r} (known: {names})")
-            if self.uses_codes:
-                raise BadRequest("a wire dtype does not apply to method 'codes' (its payload is already bytes)")
+            if self.coded:
+                raise BadRequest(
+                    f"a wire dtype does not apply to method '{self.method.value}' (its payload is already bytes)"
+                )
 
     def wire(self, model_dtype: torch.dtype) -> torch.dtype:
         """The dtype segment rows travel in for a model computing in ``model_dtype``."""
@@ -96,14 +101,25 @@ class Compression:
 
     @property
     def uses_codes(self) -> bool:
-        """True when ranks send coded rows (method ``codes`` at some CR)."""
+        """True when ranks send coded hidden rows (method ``codes`` at some CR)."""
         return self.method is Method.CODES and self.cr is not None
+
+    @property
+    def uses_kv(self) -> bool:
+        """True when ranks send coded K/V rows (method ``kv`` at some CR)."""
+        return self.method is Method.KV and self.cr is not None
+
+    @property
+    def coded(self) -> bool:
+        """True when every row travels as low-bit codes (``codes`` or ``kv`` at some CR):
+        the payload is bytes within a budget and layer 0 is rebuilt from the inputs."""
+        return self.uses_codes or self.uses_kv
 
     def label(self) -> str:
         """Short human name: ``full``, ``cr=8`` (Segment Means) or ``codes cr=8``."""
         name = "full"
         if self.cr is not None:
-            name = f"codes cr={self.cr:g}" if self.uses_codes else f"cr={self.cr:g}"
+            name = f"{self.method.value} cr={self.cr:g}" if self.coded else f"cr={self.cr:g}"
         return name if self.wire_dtype is None else f"{name} {self.wire_dtype}"
 
 
@@ -160,11 +176,11 @@ def last_real_positions(mask: torch.Tensor) -> torch.Tensor:
 def layout(plan: PartitionPlan, rank: int, mask: torch.Tensor, comp: Compression) -> SegmentLayout:
     """Segments rank ``rank`` sends for a batch whose real tokens are ``mask`` (B, N) bool.
 
-    Full exchange and ``codes`` send every row: their layout is the identity.
+    Full exchange, ``codes`` and ``kv`` send every row: their layout is the identity.
     """
     span = plan.span(rank)
     local_mask = mask[:, span.start : span.stop]  # (B, n)
-    if comp.cr is None or comp.uses_codes:
+    if comp.cr is None or comp.coded:
         return SegmentLayout(assign=None, counts=local_mask.to(torch.float32))
 
     batch, n = local_mask.shape

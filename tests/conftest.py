@@ -84,6 +84,11 @@ def inputs_for(family: str, batch: int = 3, n: int = 37) -> Tensors:
     return token_inputs(batch, n)
 
 
+def rel_diff(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """|got - ref| / |ref| over every element (Frobenius norms)."""
+    return float((got.float() - ref.float()).norm() / ref.float().norm())
+
+
 def max_diff(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> float:
     """max |a - b|, over real tokens only when ``mask`` (B, N) is given."""
     if mask is not None:

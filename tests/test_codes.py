@@ -15,7 +15,7 @@ from engine.plan import PartitionPlan
 from engine.program import RankProgram, plan_job, spec_from_dict, spec_to_dict, split_inputs
 from engine.segments import Compression, Method
 from engine.sim import run_local, run_simulated
-from tests.conftest import Models, inputs_for, max_diff
+from tests.conftest import Models, inputs_for, max_diff, rel_diff
 
 CASES = [
     ("tiny-vit", Task.CLASSIFY, "logits"),
@@ -27,10 +27,6 @@ CASES = [
 
 def codes(cr: float | None) -> Compression:
     return Compression(cr=cr, method=Method.CODES)
-
-
-def rel_diff(got: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((got.float() - ref.float()).norm() / ref.float().norm())
 
 
 # -- the method as data -------------------------------------------------------------------------
@@ -204,11 +200,12 @@ def test_planned_bytes_are_the_measured_bytes(models: Models, name: str, task: T
             assert planned_bytes(model.adapter, spec, inputs) == measured
 
 
-def test_gpt2_rank0_stays_exact_and_the_last_rank_sends_nothing(models: Models) -> None:
+@pytest.mark.parametrize("comp", [codes(32), Compression(cr=8, method=Method.KV)])
+def test_gpt2_rank0_stays_exact_and_the_last_rank_sends_nothing(models: Models, comp: Compression) -> None:
     model = models("tiny-gpt2")
     inputs = inputs_for("gpt2")
     ref = run_local(model.adapter, Task.NEXT_TOKEN, inputs).outputs
-    spec = plan_job(model.adapter, "tiny-gpt2", Task.NEXT_TOKEN, inputs, ranks=3, comp=codes(32), gather_hidden=True)
+    spec = plan_job(model.adapter, "tiny-gpt2", Task.NEXT_TOKEN, inputs, ranks=3, comp=comp, gather_hidden=True)
     got = run_simulated(model.adapter, spec, inputs)
     first = spec.plan.span(0)
     hidden = got.outputs["hidden"]

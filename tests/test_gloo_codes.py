@@ -1,4 +1,4 @@
-"""Method ``codes`` over real GLOO processes: packed uint8 payloads, same numbers as in-process."""
+"""Methods ``codes`` and ``kv`` over real GLOO processes: packed uint8 payloads, same numbers as in-process."""
 
 from __future__ import annotations
 
@@ -24,14 +24,17 @@ FAMILIES = [
 
 
 @pytest.mark.parametrize(("name", "task", "key"), FAMILIES)
-@pytest.mark.parametrize(("ranks", "cr"), [(2, 8.0), (3, 32.0), (4, 9.9)])
+@pytest.mark.parametrize(
+    ("method", "ranks", "cr"),
+    [(Method.CODES, 2, 8.0), (Method.CODES, 3, 32.0), (Method.CODES, 4, 9.9), (Method.KV, 2, 4.0), (Method.KV, 4, 9.9)],
+)
 def test_gloo_matches_in_process_runner_with_codes(
-    cluster: LocalCluster, models: Models, name: str, task: Task, key: str, ranks: int, cr: float
+    cluster: LocalCluster, models: Models, name: str, task: Task, key: str, method: Method, ranks: int, cr: float
 ) -> None:
     model = models(name)
     adapter = model.adapter
     inputs = inputs_for(adapter.family)
-    spec = plan_job(adapter, name, task, inputs, ranks=ranks, comp=Compression(cr=cr, method=Method.CODES))
+    spec = plan_job(adapter, name, task, inputs, ranks=ranks, comp=Compression(cr=cr, method=method))
     sim = run_simulated(adapter, spec, inputs)
     real = cluster.run(model, spec, inputs)
     assert max_diff(real.outputs[key], sim.outputs[key]) <= 1e-5

@@ -76,7 +76,7 @@ class Job:
     peers: tuple[str, ...] | None = None  # split over exactly these nodes (then ranks = peers + 1)
     objective: Objective | None = None  # None: the node's setting
     deadline_ms: float | None = None
-    method: str | None = None  # "means" | "codes": how a split compresses (None: auto's choice)
+    method: str | None = None  # "means" | "codes" | "kv": how a split compresses (None: auto's choice)
     min_fidelity: float | None = None  # the job's accuracy floor for auto (a cosine vs local)
 
     @property
@@ -284,7 +284,7 @@ def _deadline(value: Any, job_id: str) -> float | None:
     return number
 
 
-METHODS = ("means", "codes")
+METHODS = ("means", "codes", "kv")
 
 
 def _method(value: Any, job_id: str) -> str | None:

@@ -17,6 +17,7 @@ from typing import Any
 from agent.cli import args, output
 from agent.cli.args import Parser, parse_cr
 from engine.errors import PrismError
+from transport.schema import METHODS
 
 __all__ = ["build_parser", "main", "parse_cr", "run"]
 
@@ -38,7 +39,7 @@ def _job_options(p: argparse.ArgumentParser, *, batch_required: bool) -> None:
     p.add_argument("--no-keep-first", action="store_true", help="average CLS like any token (paper setting)")
     p.add_argument("--keep-last", action="store_true", help="send each sample's last real token exactly")
     p.add_argument("--no-count-bias", action="store_true", help="drop the log(count) logit bias (ablation)")
-    p.add_argument("--method", choices=["means", "codes"], default="means", help="what ranks send (default means)")
+    p.add_argument("--method", choices=METHODS, default="means", help="what ranks send (default means)")
     p.add_argument("--wire-dtype", choices=["fp16", "bf16", "fp32"], help="segment rows on the wire (default: model's)")
     p.add_argument("--no-overlap", action="store_true", help="wait for each exchange before computing on")
     p.add_argument("--chunks", type=args.positive, help="batch pieces (default: min(batch, 4); 1 without overlap)")

@@ -10,6 +10,7 @@ from typing import Any
 from agent.cli import args, output
 from agent.cli.args import Parser
 from engine.errors import BadRequest
+from transport.schema import METHODS
 
 
 def batch_list(text: str) -> tuple[int, ...]:
@@ -24,10 +25,10 @@ def batch_list(text: str) -> tuple[int, ...]:
 
 
 def method_list(text: str) -> tuple[str, ...]:
-    """``means,codes``: exchange methods, each once."""
+    """``means,codes,kv``: exchange methods, each once."""
     out = tuple(part.strip() for part in text.split(","))
-    if not out or any(m not in ("means", "codes") for m in out) or len(set(out)) != len(out):
-        raise argparse.ArgumentTypeError(f"expected means and/or codes, comma-separated, got {text!r}")
+    if not out or any(m not in METHODS for m in out) or len(set(out)) != len(out):
+        raise argparse.ArgumentTypeError(f"expected some of {', '.join(METHODS)}, comma-separated, got {text!r}")
     return out
 
 
@@ -48,9 +49,7 @@ def add_cli(sub: Any) -> None:
     pro.add_argument(
         "--crs", type=cr_list, default=(None, 2.0, 4.0, 8.0, 16.0), help="comma-separated CRs; 'full' is full exchange"
     )
-    pro.add_argument(
-        "--methods", type=method_list, default=("means", "codes"), help="exchange methods to profile at each CR"
-    )
+    pro.add_argument("--methods", type=method_list, default=METHODS, help="exchange methods to profile at each CR")
     pro.add_argument("--seq", type=args.positive, default=None, help="sequence length (text models)")
     pro.add_argument(
         "--repeat", type=args.positive, default=None, help="timed passes per cell (default: ~200 passes in all)"
@@ -99,7 +98,7 @@ def add_cli(sub: Any) -> None:
         default=None,
         help="accuracy floor: the least cosine vs local an option may have (default 0.999)",
     )
-    dec.add_argument("--method", choices=["means", "codes"], default=None, help="only this exchange method")
+    dec.add_argument("--method", choices=METHODS, default=None, help="only this exchange method")
     dec.add_argument(
         "--peer-speed", dest="peer_speed", type=args.positive_float, default=None, help="the peer's ms per token"
     )

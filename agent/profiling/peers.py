@@ -316,7 +316,7 @@ def _check(result: dict[str, Any], mode: str, method: str | None, label: str, no
     node cannot run it at all (a codes CR too tight for the model, codes on an old agent)."""
     error = result.get("error") or {}
     why = str((result.get("decision") or {}).get("fallback_reason") or error.get("message") or "")
-    if method == "codes" and "too tight" in why:
+    if method in ("codes", "kv") and "too tight" in why:
         raise Skip(why)
     if not result.get("ok"):
         raise ProfileError(f"{label}: '{node}' answered {error.get('code')}: {error.get('message')}")
