@@ -141,17 +141,17 @@ def row_scales(x: torch.Tensor) -> torch.Tensor:
 def quantise(x: torch.Tensor, scales: torch.Tensor, b: int) -> torch.Tensor:
     """b-bit mid-rise codes of ``x`` (R, D) with per-row ``scales`` (R,) -> uint8 (R, D)."""
     step = scales.float().unsqueeze(-1) * GAUSSIAN_STEP[b]  # (R, 1)
-    safe = torch.where(step > 0, step, torch.ones_like(step))
-    half = 2 ** (b - 1)
-    codes = torch.floor(x.float() / safe) + half
-    codes = torch.where(step > 0, codes, torch.full_like(codes, half))
-    return codes.clamp(0, 2**b - 1).to(torch.uint8)
+    # 1 / step, and 0 for an all-zero row (its codes are then the middle code, 0 decoded as ±step/2)
+    inverse = torch.where(step > 0, 1.0 / step.clamp(min=torch.finfo(torch.float32).tiny), 0.0)
+    codes = torch.mul(x.float(), inverse).floor_().add_(2 ** (b - 1))
+    return codes.clamp_(0, 2**b - 1).to(torch.uint8)
 
 
-def dequantise(codes: torch.Tensor, scales: torch.Tensor, b: int) -> torch.Tensor:
-    """Inverse of :func:`quantise` (to the cell centres): uint8 (R, D) -> fp32 (R, D)."""
+def dequantise(codes: torch.Tensor, scales: torch.Tensor, b: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Inverse of :func:`quantise` (to the cell centres): uint8 (R, D) -> fp32 (R, D), written
+    into ``out`` when given."""
     step = scales.float().unsqueeze(-1) * GAUSSIAN_STEP[b]
-    return (codes.float() - (2 ** (b - 1) - 0.5)) * step
+    return torch.mul(codes.float().sub_(2 ** (b - 1) - 0.5), step, out=out)
 
 
 # -- bit packing ----------------------------------------------------------------------------
@@ -166,6 +166,8 @@ def pack(codes: torch.Tensor, b: int) -> torch.Tensor:
     """Pack b-bit ``codes`` (any shape, uint8 < 2^b) into ``ceil(numel * b / 8)`` bytes, LSB first."""
     flat = codes.reshape(-1)
     count = flat.numel()
+    if 8 % b == 0:  # whole codes per byte (b = 1, 2, 4, 8): bytes of uint8 shifts, no int64 groups
+        return _pack_whole(flat, b)
     pad = (-count) % 8
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
@@ -178,6 +180,8 @@ def pack(codes: torch.Tensor, b: int) -> torch.Tensor:
 def unpack(packed: torch.Tensor, b: int, count: int) -> torch.Tensor:
     """Inverse of :func:`pack`: the first ``count`` b-bit codes, uint8 (count,)."""
     flat = packed.reshape(-1)
+    if 8 % b == 0:
+        return _unpack_whole(flat, b, count)
     pad = (-flat.numel()) % b
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
@@ -189,6 +193,31 @@ def unpack(packed: torch.Tensor, b: int, count: int) -> torch.Tensor:
     return codes.reshape(-1)[:count].to(torch.uint8)
 
 
+def _pack_whole(flat: torch.Tensor, b: int) -> torch.Tensor:
+    """:func:`pack` for b dividing 8: each byte holds 8 / b codes, the first in its low bits."""
+    per = 8 // b
+    pad = (-flat.numel()) % per
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    if per == 1:
+        return flat.clone()
+    lanes = flat.view(-1, per)  # (bytes, per) uint8
+    out = lanes[:, 0].clone()
+    for j in range(1, per):  # codes < 2^b, so shifted lanes never overlap: OR is a sum
+        out |= lanes[:, j] << (j * b)
+    return out
+
+
+def _unpack_whole(flat: torch.Tensor, b: int, count: int) -> torch.Tensor:
+    """:func:`unpack` for b dividing 8."""
+    per = 8 // b
+    if per == 1:
+        return flat[:count].clone()
+    shifts = torch.arange(0, 8, b, dtype=torch.uint8, device=flat.device)  # (per,)
+    codes = (flat.unsqueeze(-1) >> shifts) & (2**b - 1)  # (bytes, per) uint8
+    return codes.reshape(-1)[:count]
+
+
 def _le_bytes(words: torch.Tensor) -> torch.Tensor:
     """(G,) int64 -> (G, 8) uint8, least significant byte first (for big-endian hosts)."""
     shifts = torch.arange(0, 64, 8, dtype=torch.int64, device=words.device)
@@ -196,23 +225,33 @@ def _le_bytes(words: torch.Tensor) -> torch.Tensor:
 
 
 # -- one payload ----------------------------------------------------------------------------
-def encode(rows: torch.Tensor, bits: Bits, scales: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Code ``rows`` (R, D) -> (payload uint8 (bits.nbytes,), the receivers' reconstruction fp32 (R, D)).
+def _groups(bits: Bits) -> list[tuple[int, int, int]]:
+    """(first row, end row, width) of the payload's non-empty groups: the wide rows, then the rest."""
+    return [(lo, hi, b) for lo, hi, b in ((0, bits.k, bits.b + 1), (bits.k, bits.rows, bits.b)) if hi > lo]
 
-    ``scales`` (R,) fp16 are the per-row scales that travel (default :func:`row_scales`).
-    """
+
+def _code(rows: torch.Tensor, bits: Bits) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """(payload, scales, codes of each group) of ``rows`` (R, D)."""
     assert rows.shape == (bits.rows, bits.d), (tuple(rows.shape), bits)
-    if scales is None:
-        scales = row_scales(rows)  # (R,) fp16
-    parts, recon = [scales.view(torch.uint8)], []
-    for lo, hi, b in ((0, bits.k, bits.b + 1), (bits.k, bits.rows, bits.b)):
-        if hi > lo:
-            codes = quantise(rows[lo:hi], scales[lo:hi], b)
-            parts.append(pack(codes, b))
-            recon.append(dequantise(codes, scales[lo:hi], b))
+    scales = row_scales(rows)  # (R,) fp16
+    codes = [quantise(rows[lo:hi], scales[lo:hi], b) for lo, hi, b in _groups(bits)]
+    parts = [scales.view(torch.uint8)] + [pack(c, b) for c, (_, _, b) in zip(codes, _groups(bits), strict=True)]
     payload = torch.cat(parts)
     assert payload.numel() == bits.nbytes
-    out = torch.cat(recon) if recon else rows.new_zeros(0, bits.d, dtype=torch.float32)
+    return payload, scales, codes
+
+
+def payload_of(rows: torch.Tensor, bits: Bits) -> torch.Tensor:
+    """The payload uint8 (bits.nbytes,) of ``rows`` (R, D), for a sender that keeps no reconstruction."""
+    return _code(rows, bits)[0]
+
+
+def encode(rows: torch.Tensor, bits: Bits) -> tuple[torch.Tensor, torch.Tensor]:
+    """Code ``rows`` (R, D) -> (payload uint8 (bits.nbytes,), the receivers' reconstruction fp32 (R, D))."""
+    payload, scales, codes = _code(rows, bits)
+    out = rows.new_empty(bits.rows, bits.d, dtype=torch.float32)
+    for c, (lo, hi, b) in zip(codes, _groups(bits), strict=True):
+        dequantise(c, scales[lo:hi], b, out=out[lo:hi])
     return payload, out
 
 
@@ -222,10 +261,11 @@ def decode(payload: torch.Tensor, bits: Bits) -> torch.Tensor:
     flat = payload.reshape(-1)
     head = SCALE_BYTES * bits.rows
     scales = flat[:head].clone().view(torch.float16)  # clone: the piece may start at an odd offset
-    out, offset = [], head
-    for lo, hi, b, size in ((0, bits.k, bits.b + 1, bits.wide_bytes), (bits.k, bits.rows, bits.b, bits.narrow_bytes)):
-        if hi > lo:
-            codes = unpack(flat[offset : offset + size], b, (hi - lo) * bits.d).view(hi - lo, bits.d)
-            out.append(dequantise(codes, scales[lo:hi], b))
+    out = torch.empty(bits.rows, bits.d, device=payload.device)
+    offset = head
+    for lo, hi, b in _groups(bits):
+        size = math.ceil((hi - lo) * bits.d * b / 8)
+        codes = unpack(flat[offset : offset + size], b, (hi - lo) * bits.d).view(hi - lo, bits.d)
+        dequantise(codes, scales[lo:hi], b, out=out[lo:hi])
         offset += size
-    return torch.cat(out) if out else torch.zeros(0, bits.d, device=payload.device)
+    return out

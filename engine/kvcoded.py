@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.codec import decode, encode, rotation
+from engine.codec import decode, payload_of, rotation
 from engine.coded import Coder, CoderArgs, batch_major, position_major
 
 
@@ -63,8 +63,7 @@ class CodedKV(Coder):
         kb, vb = self.bias(i)
         parts = [self._rotate(t.transpose(1, 2).float() - b) for t, b in ((v, vb), (k, kb))]  # (b, n, D) each
         rows = position_major(torch.cat(parts, dim=1))  # (2n * b, D): V positions, then K positions
-        payload, _ = encode(rows, self.bits[self.rank][c])
-        return payload
+        return payload_of(rows, self.bits[self.rank][c])
 
     def remote_kv(
         self, i: int, payloads: list[torch.Tensor], c: int = 0

@@ -8,7 +8,7 @@ rate (``tc tbf`` on both uplinks; 0 = unshaped) and batch, every option runs onc
 rounds interleaved (the order rotates), ``--runs`` rounds after one untimed warm-up round:
 
 - ``local``: the plain model on host 0;
-- ``full``, ``means@CR``, ``codes@CR``: split over both hosts, each with overlap on and off
+- ``full``, ``means@CR``, ``codes@CR``, ``kv@CR``: split over both hosts, each with overlap on and off
   (``--weights`` adds weighted plans of each split, overlap on).
 
 Per cell: median per-sample ms and spread (IQR / median). For ``--bound-cell`` (default
@@ -57,6 +57,7 @@ def options(args: argparse.Namespace) -> list[dict[str, Any]]:
         "means": {"cr": args.cr},
         "means-fp16": {"cr": args.cr, "wire_dtype": "fp16"},  # beside fp32 means, interleaved
         "codes": {"cr": args.codes_cr, "method": "codes"},
+        "kv": {"cr": args.kv_cr, "method": "kv"},
     }
     for mode in args.modes.split(","):
         req = {"op": "split", **modes[mode]}
@@ -240,9 +241,10 @@ def main() -> None:
     p.add_argument("--model", default="vit-base")
     p.add_argument("--batches", default="1,8")
     p.add_argument("--rates", default="20,50,100,0", help="Mbit/s per uplink; 0 = unshaped")
-    p.add_argument("--modes", default="full,means,codes", help="of full, means, means-fp16, codes")
+    p.add_argument("--modes", default="full,means,codes", help="of full, means, means-fp16, codes, kv")
     p.add_argument("--cr", type=float, default=9.9, help="Segment Means CR")
     p.add_argument("--codes-cr", type=float, default=9.9, help="codes byte budget (1/CR of full)")
+    p.add_argument("--kv-cr", type=float, default=4.0, help="kv byte budget (1/CR of full)")
     p.add_argument("--wire-dtype", choices=["fp16", "bf16"], default=None, help="segment rows (full, means)")
     p.add_argument("--runs", type=int, default=16, help="timed rounds per cell")
     p.add_argument("--chunks", type=int, default=None, help="batch pieces with overlap (default: the engine's)")
