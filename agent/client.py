@@ -40,11 +40,17 @@ def build_job(
     images: list[Path] | None = None,
     token_ids: list[list[int]] | None = None,
     mode: str = "auto",
-    cr: str | None = None,
+    cr: float | str | None = None,
     task: str | None = None,
     job_id: str | None = None,
+    method: str | None = None,
+    ranks: int | None = None,
+    peers: list[str] | None = None,
+    min_fidelity: float | None = None,
+    objective: str | None = None,
+    deadline_ms: float | None = None,
 ) -> dict[str, Any]:
-    """The JSON job for the given inputs (exactly one kind)."""
+    """The JSON job for the given inputs (exactly one kind); options left at None are not sent."""
     given = [x for x in (text, images, token_ids) if x]
     if len(given) != 1:
         raise BadRequest("give exactly one of --text, --image or --token-ids")
@@ -67,8 +73,16 @@ def build_job(
     }
     if cr is not None:
         job["cr"] = cr if cr == "full" else float(cr)
-    if task:
-        job["task"] = task
+    options = {
+        "task": task,
+        "method": method,
+        "ranks": ranks,
+        "peers": peers,
+        "min_fidelity": min_fidelity,
+        "objective": objective,
+        "deadline_ms": deadline_ms,
+    }
+    job.update({k: v for k, v in options.items() if v is not None})
     return job
 
 
@@ -94,6 +108,55 @@ async def submit(
         await link.subscribe(reply)
         await link.publish(target, json.dumps(job).encode(), response_topic=reply, correlation=job["id"].encode())
         return await asyncio.wait_for(_result(link, job["id"]), timeout_s)
+
+
+async def submit_all(
+    broker: Broker,
+    cluster: str,
+    jobs: Sequence[dict[str, Any]],
+    *,
+    on_result: Callable[[dict[str, Any]], None],
+    node: str | None = None,
+    in_flight: int = 4,
+    idle_s: float = 60.0,
+    auth: Auth | None = None,
+) -> int:
+    """Run ``jobs`` over one :func:`stream`, ``on_result`` called for each result as it comes.
+
+    Gives up when no result came for ``idle_s`` (returns how many results came, fewer than
+    ``jobs``). An unreachable broker raises :class:`TransportError` at once, as :func:`submit` does.
+    """
+    async with MqttLink(broker.host, broker.port, client_id=f"prism-submit-{uuid.uuid4().hex[:8]}", **(auth or {})):
+        pass  # stream() retries a broker it cannot reach; a person at a prompt wants to hear at once
+    progress = asyncio.Event()
+    count = 0
+
+    def took(result: dict[str, Any]) -> None:
+        nonlocal count
+        count += 1
+        progress.set()
+        on_result(result)
+
+    async def idle() -> None:
+        while True:
+            progress.clear()
+            await asyncio.wait_for(progress.wait(), idle_s)
+
+    try:
+        async with TaskGroup() as tg:
+            watch = tg.create_task(idle(), name="idle-watch")
+            await stream(
+                broker, cluster, jobs, node=node, in_flight=in_flight, timeout_s=1e9, auth=auth,
+                on_result=took, keep_results=False,
+            )  # fmt: skip
+            watch.cancel()
+    except BaseExceptionGroup as group:
+        inner = group.exceptions[0]
+        while isinstance(inner, BaseExceptionGroup):
+            inner = inner.exceptions[0]
+        if not isinstance(inner, asyncio.TimeoutError):
+            raise inner from None
+    return count
 
 
 @dataclass

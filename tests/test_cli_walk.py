@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from agent.cli import args, cluster_cmds, demo, main, policy_cmds
+from agent.cli import args, demo, main, policy_cmds, submit_cmd
 from agent.cli.main import build_parser
 from agent.cli.output import result_lines
 from engine.localcluster import free_port
@@ -75,7 +75,16 @@ BAD_BY_TYPE: dict[Callable[[str], Any], list[str]] = {
     policy_cmds.method_list: ["abc", "means,means", "means,"],
     args.fraction: [*_NUMBER, "1.5", "-0.1"],
     demo._crs: ["abc", "0.5"],
-    cluster_cmds._token_ids: ["a,b", "-1"],
+    submit_cmd.token_ids: ["a,b", "-1"],
+    args.existing_dir: ["/nonexistent/dir"],
+    args.file_or_stdin: ["/nonexistent/file"],
+    # Job fields, as the agents' schema checks them.
+    args.job_id: ["a/b", "x" * 129],
+    args.job_cr: ["abc", "0.5", "2e6"],
+    args.job_ranks: ["abc", "0", "65"],
+    args.job_peers: ["a/b", "a,,b", "a,a"],
+    args.deadline_ms: ["abc", "0", "1e9"],
+    args.min_fidelity: [*_NUMBER, "1.5"],
 }
 #: Untyped (string) arguments: a value that is bad for that argument, by command and dest.
 BAD_STRINGS: dict[tuple[str, str], list[str]] = {

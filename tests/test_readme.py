@@ -127,6 +127,7 @@ def test_every_readme_command_is_run_somewhere() -> None:
 def test_every_prism_agent_command_in_the_readme_parses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     (tmp_path / "minilm.map.json").write_text("{}")  # files the examples read exist by then
+    _submit_files(tmp_path)
     parser = build_parser()
     shown = [w[1:] if w[0] == "sudo" else w for w in readme_commands()]
     for words in [w for w in shown if w[0].endswith("prism-agent")]:
@@ -200,15 +201,28 @@ def test_the_fidelity_example_runs(tmp_path: Path) -> None:
     assert "None" not in out
 
 
+def _submit_files(folder: Path) -> None:
+    """The input files the submit example names: a sentence a line, and the job line it shows."""
+    (folder / "questions.txt").write_text("Which box runs this?\nCan two boxes share it?\nAnd a third?\n")
+    shown = re.search(r"`(\{\"model\".*?\})`", README)
+    assert shown, "the README shows a job line for jobs.jsonl"
+    (folder / "jobs.jsonl").write_text(shown.group(1) + "\n")
+
+
 @pytest.mark.mqtt
 def test_the_submit_and_peers_example_runs(tmp_path: Path) -> None:
+    _submit_files(tmp_path)
     with mosquitto() as port, agent(port, "default", "readme-a", "minilm=minilm"):
         broker = f"mqtt://127.0.0.1:{port}"  # the README's port 1883 may be taken here
-        submitted, listed = _run_block(
+        submitted, from_file, from_jobs, listed = _run_block(
             _block_with("prism-agent submit"), tmp_path, _env(), {"mqtt://127.0.0.1:1883": broker}
         )
     assert "answered by readme-a" in submitted
     assert "embedding 2 x 384 numbers" in submitted
+    file_results = [json.loads(line) for line in from_file.splitlines()]
+    assert [len(r["output"]["embedding"]) for r in file_results] == [2, 1]  # --batch 2: three lines, two jobs
+    (job_result,) = [json.loads(line) for line in from_jobs.splitlines()]
+    assert (job_result["ok"], job_result["mode"]) == (True, "local")
     assert re.search(r"readme-a\s+online\s+127\.0\.0\.1", listed)
     for text in (submitted, listed):
         for repr_bit in ("None", "[]", "{'"):

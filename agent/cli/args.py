@@ -7,9 +7,12 @@ argparse prints ``prism-agent: error: argument --flag: <message>`` for an
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
+
+from engine.errors import PrismError
 
 
 class Parser(argparse.ArgumentParser):
@@ -17,6 +20,12 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"prism-agent: error: {message}\n")
+
+
+class UsageError(PrismError):
+    """A command line that means nothing, found after parsing (an empty input file, say): exit status 2."""
+
+    code = "usage"
 
 
 def parse_cr(text: str) -> float | None:
@@ -182,3 +191,74 @@ def writable_path(text: str) -> Path:
     if not path.parent.is_dir():
         raise argparse.ArgumentTypeError(f"the directory of {text!r} does not exist")
     return path
+
+
+def existing_dir(text: str) -> Path:
+    """A path to a directory."""
+    path = Path(text).expanduser()
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"no such directory: {text!r}")
+    return path
+
+
+def file_or_stdin(text: str) -> str:
+    """A readable file, or ``-`` for standard input (kept as text)."""
+    return text if text == "-" else str(existing_file(text))
+
+
+# Job fields: the value a job will carry, checked by the agents' own schema (transport.schema).
+
+
+def _job_field(name: str, value: Any, text: str) -> Any:
+    from transport.schema import Limits, WireError, parse_job
+
+    probe = {"id": "x", "model": "m", "inputs": {"text": "x"}, name: value}
+    try:
+        parse_job(json.dumps(probe).encode(), Limits())
+    except WireError as exc:
+        message = str(exc).removeprefix(f"field '{name}' ")
+        raise argparse.ArgumentTypeError(message if "got" in message else f"{message}, got {text!r}") from None
+    return value
+
+
+def job_id(text: str) -> str:
+    """A job id as the schema takes it (1-128 of ``A-Za-z0-9._:-``)."""
+    return str(_job_field("id", text, text))
+
+
+def job_cr(text: str) -> float | str:
+    """A job's ``cr``: ``full`` or a number from 1 to the schema's ceiling."""
+    if text.strip().lower() == "full":
+        return "full"
+    try:
+        value = _number(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1 or 'full', got {text!r}") from None
+    return float(_job_field("cr", value, text))
+
+
+def job_ranks(text: str) -> int:
+    """A job's ``ranks``: the devices to use, as many as the schema allows."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    return int(_job_field("ranks", value, text))
+
+
+def job_peers(text: str) -> list[str]:
+    """A job's ``peers``: comma-separated, distinct node ids."""
+    names = [p.strip() for p in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"expected comma-separated node ids, got {text!r}")
+    return list(_job_field("peers", names, text))
+
+
+def deadline_ms(text: str) -> float:
+    """A job's ``deadline_ms``: milliseconds > 0, at most a day."""
+    return float(_job_field("deadline_ms", _number(text), text))
+
+
+def min_fidelity(text: str) -> float:
+    """A job's ``min_fidelity``: a cosine floor from 0 to 1."""
+    return float(_job_field("min_fidelity", _number(text), text))

@@ -1,4 +1,4 @@
-"""The cluster commands: ``run`` (the daemon), ``submit`` (one job) and ``peers`` (who is there).
+"""The cluster commands: ``run`` (the daemon), ``submit`` (jobs; :mod:`agent.cli.submit_cmd`) and ``peers``.
 
 ``submit``, ``peers`` and ``profile --peers`` find the broker and cluster the way the agent
 does: flags win, then ``PRISM_BROKER`` / ``PRISM_CLUSTER`` (and the other ``PRISM_*`` login
@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -69,25 +68,17 @@ def add_cli(sub: Any) -> None:
         "--metrics-port", dest="metrics_port", type=args.port, default=None, help="Prometheus endpoint port (0: off)"
     )
 
-    sm = sub.add_parser("submit", help="publish one job over MQTT and print its result")
-    _broker_flags(sm)
-    sm.add_argument("--model", type=args.non_blank, required=True, help="model name as the agents serve it")
-    sm.add_argument("--text", action="append", default=None, help="input text (repeat for a batch)")
-    sm.add_argument("--image", action="append", type=args.existing_file, default=None, help="image file (repeatable)")
-    sm.add_argument("--token-ids", dest="token_ids", action="append", type=_token_ids, default=None, help="1,2,3")
-    sm.add_argument("--mode", choices=["auto", "local", "distributed"], default="auto")
-    sm.add_argument("--cr", type=args.cr_text, default=None, help="compression rate (>= 1) or 'full'")
-    sm.add_argument("--task", choices=["classify", "features", "embed", "next_token", "loglik"], default=None)
-    sm.add_argument("--node", type=args.name, default=None, help="send to this node only")
-    sm.add_argument("--timeout", type=args.seconds, default=60.0, help="seconds to wait for the result")
-    sm.add_argument("--json", action="store_true", help="print the result object")
+    from agent.cli import submit_cmd  # it uses this module's broker flags and settings
+
+    submit_cmd.add_parser(sub)
 
     pe = sub.add_parser("peers", help="list the cluster's nodes: status, address, load, models, peers")
-    _broker_flags(pe)
+    broker_flags(pe)
     pe.add_argument("--json", action="store_true", help="print a JSON list of nodes")
 
 
-def _broker_flags(p: argparse.ArgumentParser) -> None:
+def broker_flags(p: argparse.ArgumentParser) -> None:
+    """``--broker`` and ``--cluster`` of a client command."""
     p.add_argument(
         "--broker",
         type=args.broker,
@@ -95,16 +86,6 @@ def _broker_flags(p: argparse.ArgumentParser) -> None:
         help=f"mqtt://host:port (default: $PRISM_BROKER, else {DEFAULT_BROKER})",
     )
     p.add_argument("--cluster", type=args.name, default=None, help="cluster (default: $PRISM_CLUSTER, else default)")
-
-
-def _token_ids(text: str) -> list[int]:
-    try:
-        ids = [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not ids or min(ids) < 0:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 0, got {text!r}")
-    return ids
 
 
 def client_settings(broker: str | None, cluster: str | None) -> tuple[Settings, Broker]:
@@ -157,31 +138,6 @@ def run_daemon(ns: argparse.Namespace) -> int:
     torch.set_num_threads(settings.threads)
     asyncio.run(main.main_async(settings))
     return 0
-
-
-def submit(ns: argparse.Namespace) -> int:
-    """``prism-agent submit``: exit 0 when ok, 1 for an error result, 3 when no result came in time."""
-    from agent.client import build_job, client_auth
-    from agent.client import submit as send
-
-    job = build_job(
-        ns.model, text=ns.text, images=ns.image, token_ids=ns.token_ids, mode=ns.mode, cr=ns.cr, task=ns.task
-    )
-    settings, broker = client_settings(ns.broker, ns.cluster)
-    try:
-        result = asyncio.run(
-            send(broker, settings.cluster, job, node=ns.node, timeout_s=ns.timeout, auth=client_auth(settings))
-        )
-    except (asyncio.TimeoutError, TimeoutError):
-        where = f"node {ns.node}" if ns.node else f"any agent serving '{ns.model}'"
-        print(
-            f"prism-agent: error: no result for job {job['id']} within {ns.timeout:g} s from {where} in cluster "
-            f"'{settings.cluster}' on {broker_text(broker)}",
-            file=sys.stderr,
-        )
-        return 3
-    print(json.dumps(result) if ns.json else output.result_lines(result))
-    return 0 if result.get("ok") else 1
 
 
 def peers(ns: argparse.Namespace) -> int:

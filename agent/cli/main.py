@@ -130,9 +130,9 @@ def run(argv: Sequence[str] | None = None) -> int:
 
         return testbed.run_cli(ns)
     if ns.command in ("submit", "peers", "run"):
-        from agent.cli import cluster_cmds
+        from agent.cli import cluster_cmds, submit_cmd
 
-        handlers = {"submit": cluster_cmds.submit, "peers": cluster_cmds.peers, "run": cluster_cmds.run_daemon}
+        handlers = {"submit": submit_cmd.run, "peers": cluster_cmds.peers, "run": cluster_cmds.run_daemon}
         return handlers[ns.command](ns)
     if ns.command in ("profile", "map"):
         from agent.cli import policy_cmds
@@ -165,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 141  # 128 + SIGPIPE, what a shell tool killed by the closed pipe returns
     except PrismError as exc:
         print(f"prism-agent: error: {exc}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(exc, args.UsageError) else 1
     except OSError as exc:  # a file we could not read or write, a socket we could not open
         where = f": {exc.filename}" if exc.filename else ""
         print(f"prism-agent: error: {exc.strerror or exc}{where}", file=sys.stderr)
