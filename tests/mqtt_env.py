@@ -164,8 +164,10 @@ def agent(
     env: dict[str, str] | None = None,
     extra: list[str] | None = None,
     no_broker: bool = False,
+    online: bool = True,
 ) -> Iterator[subprocess.Popen[str]]:
-    """A real ``prism-agent run`` process, online when yielded; SIGTERMed after.
+    """A real ``prism-agent run`` process, online when yielded (unless ``online`` is False:
+    then as soon as it is launched); SIGTERMed after.
 
     ``no_broker`` starts it without --broker (zero-config); ``port`` is then where the
     broker is expected to end up, to wait for the node to come online.
@@ -183,7 +185,8 @@ def agent(
     proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.DEVNULL, stderr=log, text=True)
     proc.log_path = Path(log.name)  # type: ignore[attr-defined]
     try:
-        wait_online(port, cluster, node)
+        if online:
+            wait_online(port, cluster, node)
         yield proc
     finally:
         if proc.poll() is None:

@@ -8,12 +8,14 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.mqtt_env import REPO, agent, mosquitto, pub, sub
+from engine.localcluster import free_port
+from tests.mqtt_env import REPO, agent, mosquitto, pub, sub, wait_online
 
 pytestmark = pytest.mark.mqtt
 
@@ -190,3 +192,39 @@ def test_agent_reconnects_and_resubscribes_after_the_broker_restarts() -> None:
         if first is not None:
             first.__exit__(None, None, None)
     assert '"event": "mqtt_reconnect"' in log
+
+
+def notified(listener: socket.socket, until: Callable[[list[str]], bool], deadline: float) -> list[str]:
+    """What the agent tells its NOTIFY_SOCKET, until ``until(seen)`` holds; fails at ``deadline`` (monotonic)."""
+    seen: list[str] = []
+    while not until(seen):
+        listener.settimeout(max(deadline - time.monotonic(), 0.001))
+        try:
+            seen.append(listener.recv(256).decode())
+        except TimeoutError:
+            pytest.fail(f"the agent only said {seen} by the deadline")
+    return seen
+
+
+def test_ready_before_any_broker_and_jobs_once_one_appears() -> None:
+    """Under Type=notify, an agent whose broker is not up yet must still say READY=1 (systemd
+    would kill and restart it) and keep feeding the watchdog; it serves once the broker comes."""
+    port = free_port()  # where the broker will be; nothing listens there yet
+    with tempfile.TemporaryDirectory() as tmp:
+        address = str(Path(tmp) / "notify")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        listener.bind(address)
+        # WATCHDOG_USEC as systemd sets it for WatchdogSec=1: a ping every half second.
+        env = {"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "1000000", "PRISM_RECONNECT_MAX_S": "2"}
+        launched = time.monotonic()
+        with agent(port, CLUSTER, "n4", "bert=tiny-bert", env=env, online=False) as proc:
+            seen = notified(listener, lambda seen: "READY=1" in seen, launched + 15.0)
+            seen += notified(listener, lambda more: more.count("WATCHDOG=1") >= 3, time.monotonic() + 10.0)
+            assert "STOPPING=1" not in seen
+            assert proc.poll() is None
+            with mosquitto(port):
+                wait_online(port, CLUSTER, "n4", timeout_s=30)
+                job = {"id": "late-broker", "model": "bert", "inputs": {"text": ["the broker came later"]}}
+                got = ask(port, [(f"prism/v1/{CLUSTER}/nodes/n4/jobs", json.dumps(job))], 1)
+            assert got["late-broker"]["ok"] is True
+        listener.close()

@@ -51,6 +51,31 @@ def test_unit_is_hardened(unit: Path) -> None:
         assert line in text
 
 
+def unit_section(text: str, section: str) -> dict[str, set[str]]:
+    """The space-separated values of each key in ``[section]`` (repeated keys add up, as in systemd)."""
+    out: dict[str, set[str]] = {}
+    current = None
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("["):
+            current = line.strip("[]")
+        elif current == section and "=" in line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            out.setdefault(key, set()).update(value.split())
+    return out
+
+
+def test_unit_starts_after_the_network_and_the_clock_are_up(unit: Path) -> None:
+    """Adverts, health and boots are signed with wall-clock times: a box that starts before
+    NTP has set its clock (a Jetson without an RTC battery) would be refused by its peers."""
+    deps = unit_section(unit.read_text(), "Unit")
+    assert {"network-online.target", "time-sync.target"} <= deps["After"]
+    assert "network-online.target" in deps["Wants"]
+    # A passive target: units that need the time order after it but never pull it in
+    # (systemd.special(7)); the NTP client or systemd-time-wait-sync does.
+    assert "time-sync.target" not in deps["Wants"] | deps.get("Requires", set())
+
+
 def test_install_writes_config_env_and_unit(tmp_path: Path) -> None:
     done = install(unit_dir=tmp_path, config_dir=tmp_path / "etc", user=False)
     assert (tmp_path / "prism-agent.service").read_text() == render_unit()

@@ -27,6 +27,7 @@ from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZerocon
 
 from agent.cluster.peers import Peer, PeerTable
 from agent.cluster.trust import Trust
+from agent.node.supervise import supervise
 
 SERVICE = "_prism._tcp.local."
 RESOLVE_TIMEOUT_MS = 3000
@@ -61,8 +62,14 @@ def advert(
     props = {"node": node, "cluster": cluster, "version": version, "models": ",".join(models), "addr": address}
     if trust is not None:
         props = trust.admission.sign(props, time.time())
+    instance = name or f"{node}.{SERVICE}"
+    # The host the SRV record names. zeroconf registers a record without one under its
+    # instance name but refuses to update it (``ServiceInfo must have a server``), so it is
+    # set here, to that same name: every re-signed record keeps the host of the first, and
+    # it is unique wherever the instance name is (a node id may be the box's own host name,
+    # which Avahi already answers for).
     return AsyncServiceInfo(
-        SERVICE, name or f"{node}.{SERVICE}", addresses=[socket.inet_aton(address)], port=port, properties=props
+        SERVICE, instance, server=instance, addresses=[socket.inet_aton(address)], port=port, properties=props
     )
 
 
@@ -95,6 +102,7 @@ class Discovery:
         self.table = table
         self.make_info = make_info  # a fresh (re-signed) record, under a given instance name
         self.info = make_info(None)
+        self._signed_s = time.monotonic()  # when ``info`` was signed
         self.interfaces = interfaces
         self.trust = trust
         self.on_change = on_change or (lambda: None)
@@ -110,12 +118,13 @@ class Discovery:
         name = await self._free_name(wanted)
         if name != wanted:
             self.info = self.make_info(name)
+            self._signed_s = time.monotonic()
         await self._zc.async_register_service(self.info, allow_name_change=True)
         if self.info.name != wanted:
             log.warning("mdns_name_taken", wanted=wanted, now=self.info.name, hint="another host holds the name")
         self._browser = AsyncServiceBrowser(self._zc.zeroconf, SERVICE, handlers=[self._changed])
         if not self.trust.open:
-            self._own(self._refresh(), "mdns-refresh")
+            self._own(supervise("mdns-refresh", self._refresh), "mdns-refresh")
         log.info("mdns_started", interfaces=self.interfaces, name=self.info.name)
         return self
 
@@ -164,12 +173,19 @@ class Discovery:
         task.add_done_callback(self._tasks.discard)
 
     async def _refresh(self) -> None:
-        """Re-sign the advert now and then, so the signed one is always recent."""
+        """Re-sign the advert every :data:`ADVERT_REFRESH_S`, so the signed one is always recent.
+        Supervised: a failed update is logged and retried after a short backoff, at once
+        (the advert is overdue by then), not after another full period."""
         while True:
-            await asyncio.sleep(ADVERT_REFRESH_S)
+            due_s = self._signed_s + ADVERT_REFRESH_S - time.monotonic()
+            if due_s > 0:
+                await asyncio.sleep(due_s)
             assert self._zc is not None
             self.info = self.make_info(self.info.name)
-            await self._zc.async_update_service(self.info)
+            broadcast = await self._zc.async_update_service(self.info)
+            self._signed_s = time.monotonic()
+            await broadcast
+            log.debug("mdns_advert_signed", name=self.info.name)
 
     def _changed(self, zeroconf: Any, service_type: str, name: str, state_change: ServiceStateChange) -> None:
         if name == self.info.name:

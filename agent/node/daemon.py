@@ -129,7 +129,6 @@ class Node:
         self._link: MqttLink | None = None
         self._tg: TaskGroup | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._ready = False
 
     # -- the distributor the job service uses -------------------------------------------
     def peers_for(self, model: str, fingerprint: float) -> list[Peer]:
@@ -202,6 +201,10 @@ class Node:
                         "mqtt": self._connections,
                     }
                     tasks = [tg.create_task(supervise(n, body), name=n) for n, body in loops.items()]
+                    # Models loaded, journal recovered, intake and watchdog running: the node is
+                    # up, and takes jobs once a broker answers (which may be much later; under
+                    # Type=notify a READY held back until then made systemd kill and restart it).
+                    self.notifier.notify("READY=1")
                     await self.stop.wait()
                     await self._stop_serving()
                     for task in [*tasks, *self._tasks]:
@@ -299,9 +302,6 @@ class Node:
         self.connected.set()
         try:
             log.info("mqtt_connected", node=self.settings.node_id, results_queued=len(self.outbox))
-            if not self._ready:
-                self._ready = True
-                self.notifier.notify("READY=1")
             async with TaskGroup() as tg:
                 tg.create_task(supervise("results", lambda: self.intake.send(link), passthrough=(TransportError,)))
                 tg.create_task(supervise("health", lambda: self._health(link), passthrough=(TransportError,)))
