@@ -8,6 +8,7 @@ import subprocess
 from collections.abc import Iterator
 
 import pytest
+import torch
 
 from tests.mqtt_env import agent, ask_node, mosquitto, wait_peer
 
@@ -55,6 +56,15 @@ def test_agents_discover_each_other_and_split_jobs(
             },
             {"id": "auto1", "model": "bert", "inputs": {"text": ["small batch"]}},
             {
+                "id": "dist3",
+                "model": "bert",
+                "inputs": {"text": ["hello world", "two"]},
+                "mode": "distributed",
+                "cr": 4,
+                "method": "kv",
+            },
+            {"id": "loc2", "model": "bert", "inputs": {"text": ["hello world", "two"]}, "mode": "local"},
+            {
                 "id": "loc1",
                 "model": "gpt",
                 "inputs": {"token_ids": [list(range(5, 40))]},
@@ -76,6 +86,19 @@ def test_agents_discover_each_other_and_split_jobs(
     assert dist_ll == pytest.approx(local_ll, abs=1e-3)
     assert got["auto1"]["mode"] == "local"
     assert "batch 1 < 8" in got["auto1"]["decision"]["reason"]  # type: ignore[index]
+    # Method kv through the agents: coded K/V of every row, an answer close to the local one.
+    assert got["dist3"]["method"] == "kv"
+    assert got["dist3"]["fallback"] is False
+    kv_logits = torch.tensor(got["dist3"]["output"]["logits"])  # type: ignore[index]
+    local_logits = torch.tensor(got["loc2"]["output"]["logits"])  # type: ignore[index]
+    assert float(torch.cosine_similarity(kv_logits, local_logits, dim=1).min()) >= 0.99
+    # Forming the group and waiting for the peer's engine (busy with the other splits here) are
+    # their own field, not the split's cost: what is left is the run, which holds the compute.
+    for split in ("dist1", "dist2", "dist3"):
+        ms = got[split]["latency_ms"]
+        assert ms["peer_wait"] > 0  # type: ignore[index,operator]
+        assert ms["compute"] <= ms["engine"] - ms["peer_wait"] < ms["engine"]  # type: ignore[index,operator]
+    assert got["loc1"]["latency_ms"]["peer_wait"] == 0  # type: ignore[index]
 
 
 def test_peers_command_lists_both_nodes(pair: tuple[int, subprocess.Popen[str], subprocess.Popen[str]]) -> None:

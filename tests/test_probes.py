@@ -7,10 +7,11 @@ import itertools
 import os
 import socket
 import time
+from collections.abc import Callable
 
 import pytest
 
-from agent.cluster.links import LinkTable, RunsWith, probe_loop
+from agent.cluster.links import STALE_ROUNDS, LinkTable, RunsWith, probe_loop
 from agent.cluster.peers import Peer, PeerTable
 from agent.cluster.probes import GREETING, MAX_PROBE_BYTES, MIN_PROBE_BYTES, ProbeServer, probe, probe_bytes
 
@@ -129,3 +130,32 @@ async def test_the_probe_loop_keeps_off_a_link_a_run_is_using() -> None:
         links, _ = await _probed(peers, lambda node: (False, 1) if next(asked) % 2 == 0 else (True, 2))
         assert next(asked) > 2
         assert "p" not in links.links
+
+
+async def test_the_probe_loop_holds_back_while_the_engine_works_until_the_estimate_is_stale() -> None:
+    # A probe's bulk transfer costs a running job CPU: while the engine works a known link is
+    # left alone, an unknown or stale one is still measured.
+    async with ProbeServer("127.0.0.1") as server:
+        peers = PeerTable("c", me="me")
+        peers.seen(Peer("p", "c", "127.0.0.1", probe_port=server.port), time.monotonic())
+        links = LinkTable()
+        interval_s = 0.05
+        task = asyncio.ensure_future(probe_loop(peers, links, interval_s, busy=lambda: True))
+        try:
+            await _until(lambda: "p" in links.links, 5.0)  # unknown: probed although busy
+            first = links.links["p"].measured_s
+            assert first is not None
+            stale_s = STALE_ROUNDS * interval_s
+            await _until(lambda: links.links["p"].measured_s != first, 5.0)  # re-probed once stale
+            second = links.links["p"].measured_s
+            assert second is not None
+            assert second - first >= stale_s
+        finally:
+            task.cancel()
+
+
+async def _until(condition: Callable[[], bool], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)

@@ -25,6 +25,8 @@ from agent.cluster.probes import SlowLink, probe, probe_bytes
 log = structlog.get_logger("prism.links")
 #: How long an address whose probe failed is left alone.
 PROBE_BACKOFF_S = 60.0
+#: While the engine works, a link is probed only once its estimate is this many rounds old.
+STALE_ROUNDS = 5
 
 
 @dataclass(slots=True)
@@ -89,10 +91,16 @@ RunsWith = Callable[[str], tuple[bool, int]]
 
 
 async def probe_loop(
-    peers: PeerTable, links: LinkTable, interval_s: float, runs: RunsWith = lambda node: (False, 0)
+    peers: PeerTable,
+    links: LinkTable,
+    interval_s: float,
+    runs: RunsWith = lambda node: (False, 0),
+    busy: Callable[[], bool] = lambda: False,
 ) -> None:
     """Forever: probe every alive peer (see the module docstring). ``runs(node)``: whether a
-    run with ``node`` is on now, and how many this node has begun with it so far."""
+    run with ``node`` is on now, and how many this node has begun with it so far. ``busy()``:
+    whether this node's engine is working; then a peer whose estimate is younger than
+    :data:`STALE_ROUNDS` rounds is left for later (a probe's bulk transfer costs the job CPU)."""
     failed: dict[tuple[str, int], float] = {}
     while True:
         now = time.monotonic()
@@ -102,6 +110,9 @@ async def probe_loop(
             if not peer.probe_port or on or now - failed.get(target, -PROBE_BACKOFF_S) < PROBE_BACKOFF_S:
                 continue
             estimate = links.links.get(peer.node)
+            measured = None if estimate is None else estimate.measured_s
+            if measured is not None and busy() and now - measured < STALE_ROUNDS * interval_s:
+                continue
             try:
                 rtt_ms, mbps = await probe(*target, payload_bytes=probe_bytes(estimate.mbps if estimate else None))
             except SlowLink as slow:  # a prism agent on a link that got slower: size down, no backoff

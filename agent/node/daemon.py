@@ -192,10 +192,10 @@ class Node:
                 async with discovery, TaskGroup() as tg:
                     self._tg = tg
                     await self.intake.recover(recovery)
-                    use = self.groups.link_use.of
+                    use, working = self.groups.link_use.of, self.engine.working
                     loops = {
                         "watchdog": self._watchdog,
-                        "link-probes": lambda: probe_loop(self.peers, self.links, s.probe_interval_s, use),
+                        "link-probes": lambda: probe_loop(self.peers, self.links, s.probe_interval_s, use, working),
                         "groups": lambda: upkeep(self.groups),
                         "map-saver": self._save_map,
                         "mqtt": self._connections,

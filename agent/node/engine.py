@@ -63,6 +63,10 @@ class Engine:
         """Work holding or waiting for the engine."""
         return self._waiting + (1 if self._lock.locked() else 0)
 
+    def working(self) -> bool:
+        """Whether any work holds or waits for the engine (the link probes then hold back)."""
+        return self.depth > 0
+
     def depth_for(self) -> dict[str, int]:
         """Of ``depth``: the ranks held or awaited for each other node's runs."""
         return {node: n for node, n in self._owners.items() if node and n > 0}

@@ -33,7 +33,7 @@ LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10
 #: Measured engine time over the map's prediction.
 RATIO_BUCKETS = (0.25, 0.5, 0.67, 0.8, 0.9, 1.1, 1.25, 1.5, 2.0, 4.0)
 #: Parts of a job's latency that get a histogram (``latency_ms`` keys of a result).
-STAGES = ("total", "queue", "engine", "compute", "comm", "staging", "overhead")
+STAGES = ("total", "queue", "engine", "peer_wait", "compute", "comm", "staging", "overhead")
 #: Error codes a result may carry (transport.schema, the job service); others count as ``other``.
 ERROR_CODES = frozenset(
     {

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from engine.adapters import Task, Tensors
+from engine.errors import BadRequest
 from engine.fidelity import full_bytes, planned_bytes
 from engine.models import LoadedModel
 from engine.program import plan_job
@@ -203,8 +204,9 @@ def equal_bytes_settings(
     ranks: Sequence[int],
     fractions: Sequence[float],
 ) -> list[Setting]:
-    """Full exchange, then per P and byte fraction f: codes at CR 1/f and Segment Means at
-    the CR whose measured bytes are closest to (not above) f of full exchange's."""
+    """Full exchange, then per P and byte fraction f: codes and kv at CR 1/f (kv where its
+    two rows per token fit in 1-bit codes) and Segment Means at the CR whose measured bytes
+    are closest to (not above) f of full exchange's."""
     out: list[Setting] = []
     for p in ranks:
         out.append(Setting(p, Compression()))
@@ -215,6 +217,13 @@ def equal_bytes_settings(
             variant = "default" if reached else "not reachable"
             out.append(Setting(p, Compression(cr=cr), variant, label))
             out.append(Setting(p, Compression(cr=1 / f, method=Method.CODES), "default", label))
+            kv = Compression(cr=1 / f, method=Method.KV)
+            try:
+                for inputs in batches:
+                    plan_job(model.adapter, model.name, task, inputs, ranks=p, comp=kv)
+            except BadRequest:
+                continue  # too tight for two coded rows per token
+            out.append(Setting(p, kv, "default", label))
     return out
 
 

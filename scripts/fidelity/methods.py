@@ -1,9 +1,11 @@
-"""Segment Means vs codes at equal measured bytes: MiniLM, the digits ViT, the text GPT-2.
+"""Segment Means vs codes vs kv at equal measured bytes: MiniLM, the digits ViT, the text GPT-2.
 
 For each target fraction f of full exchange's bytes (default 1/4, 1/8, 1/16, 1/32) and
-each rank count P, two runs of the same data:
+each rank count P, three runs of the same data:
 
 * ``codes`` at CR = 1/f (every row, closed-loop delta codes, layer 0 rebuilt);
+* ``kv`` at CR = 1/f (the K and V of every row, coded; layer 0 rebuilt), where two rows
+  per token fit in 1-bit codes (not at 1/32);
 * ``means`` (Segment Means) at the CR whose measured exchange bytes are the largest not
   above f of full exchange's (found from the plan, then checked against the run). Where
   even one segment per rank sends more, the row says ``not reachable`` and shows the
@@ -52,6 +54,8 @@ from scripts.fidelity.common import (
 from scripts.fidelity.data import digits_split, heldout_windows, text_split
 
 Cell = Callable[[Row], str]
+#: The methods side by side, in this order.
+METHODS = ("means", "codes", "kv")
 
 
 def fraction_cell(row: Row) -> str:
@@ -71,12 +75,15 @@ def side_by_side(rows: list[Row], group: str | None, cells: dict[str, Cell]) -> 
                 pair = {r["method"]: r for r in mine if r["P"] == p and r.get("target") == target}
                 line: list[object] = [] if group is None else [g]
                 line += [p, target]
-                for method in ("means", "codes"):
-                    r = pair[method]
+                for method in METHODS:
+                    r = pair.get(method)
+                    if r is None:  # kv: too tight for two rows per token
+                        line += ["too tight", *("" for _ in cells)]
+                        continue
                     line += [fraction_cell(r), *(cell(r) for cell in cells.values())]
                 lines.append(line)
     heads = [*([] if group is None else [group]), "P", "target"]
-    for method in ("means", "codes"):
+    for method in METHODS:
         heads += [f"{method} bytes"] + [f"{method} {name}" for name in cells]
     return markdown_table(heads, lines)
 
@@ -112,14 +119,14 @@ def run_minilm(args: argparse.Namespace) -> list[Row]:
         "cos mean (min)": minilm.cosine_cell,
         "NN %": lambda r: f"{100 * r['nn_agree']:.1f}",
     }
-    print("\n### MiniLM: Segment Means vs codes at equal bytes (fraction of full exchange, measured)\n")
+    print("\n### MiniLM: Segment Means vs codes vs kv at equal bytes (fraction of full exchange, measured)\n")
     print(side_by_side(rows, "data", cells))
     return rows
 
 
 # -- digits ViT ---------------------------------------------------------------------------
 def whole_image_bytes(model: LoadedModel, images: torch.Tensor, ranks: int) -> int:
-    """Input bytes codes add on ViT: ranks 1..P-1 receive the whole image (to rebuild layer 0)
+    """Input bytes codes and kv add on ViT: ranks 1..P-1 receive the whole image (to rebuild layer 0)
     instead of only their own patches' pixels, as the inputs travel today (fp32)."""
     plan = PartitionPlan.equal(model.adapter.shapes({"pixel_values": images}).n_tokens, ranks)
     per_image = images[0].numel() * images.element_size()
@@ -143,7 +150,7 @@ def run_vit(args: argparse.Namespace) -> list[Row]:
     add_bytes_fraction(rows, [])
     full = {r["P"]: r["exchange_bytes"] for r in rows if r["CR"] == "full"}
     for r in rows:
-        if r["method"] == "codes" and r["CR"] != "full":
+        if r["method"] in ("codes", "kv") and r["CR"] != "full":
             r["image_bytes_fraction"] = whole_image_bytes(model, data.test_x, r["P"]) / full[r["P"]]
     cells: dict[str, Cell] = {
         "top-1 % (pts)": vit_digits.acc_cell,
