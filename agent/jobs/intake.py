@@ -95,12 +95,12 @@ class Intake:
         self.idle.clear()
         try:
             result = await self.service.handle(entry.payload)
-        finally:
+            self.on_result(result)
+            await self._reply(entry.key, entry.payload, (entry.topic, entry.correlation), result)
+        finally:  # idle only once the result is queued: a stop waits for idle, then flushes the outbox
             self.running -= 1
             if not self.running:
                 self.idle.set()
-        self.on_result(result)
-        await self._reply(entry.key, entry.payload, (entry.topic, entry.correlation), result)
 
     async def _reply(self, key: bytes, payload: bytes, route: tuple[str | None, bytes | None], result: Result) -> None:
         topic = route[0] or (self.topics.result(result.id) if result.id else None)
