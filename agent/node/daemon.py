@@ -8,7 +8,7 @@ upkeep and the map saver, plus one task per job or group duty. Per connection it
 ``offline``), routes messages — jobs to the intake, control to the groups, health and status
 to the observer — and publishes results and health. Jobs are acknowledged only once
 journalled and outlive connections. SIGTERM stops intake, lets in-flight jobs finish within
-the grace period, sends their results, publishes ``offline`` and returns.
+the grace period, sends their results, tells peers its groups are gone, says ``offline``.
 """
 
 from __future__ import annotations
@@ -208,7 +208,7 @@ class Node:
                         task.cancel()
                 self._tg = None
         finally:
-            self.groups.drop_all("the node is stopping")
+            self.groups.drop_all("the node is stopping", tell=False)  # _stop_serving told the peers
             self.notifier.notify("STOPPING=1")
             await self.journal.close()
             self.engine.shutdown()
@@ -217,7 +217,7 @@ class Node:
             raise self.failure
 
     async def _stop_serving(self) -> None:
-        """Leave the job topics, finish admitted jobs, send their results, say goodbye."""
+        """Leave the job topics, finish admitted jobs, send their results, drop groups, say goodbye."""
         self.accepting = False
         link = self._link
         if link is not None:
@@ -232,6 +232,10 @@ class Node:
         if link is not None:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.outbox.flushed(), FLUSH_S)
+        telling = self.groups.drop_all("the node is stopping")  # spawned: while the task group runs
+        if telling:
+            await asyncio.wait(telling, timeout=FLUSH_S)
+        if link is not None:
             with contextlib.suppress(TransportError, asyncio.TimeoutError):
                 await asyncio.wait_for(link.unsubscribe(*self._watched), 2.0)
                 offline = status_payload(self.trust, self.settings.node_id, "offline")
