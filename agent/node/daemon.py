@@ -117,7 +117,7 @@ class Node:
         auto = AutoPolicy.load(s, {name: served.fingerprint for name, served in models.items()})
         self.service = JobService(s, models, self, meter or find_meter(), auto, self.engine)
         self.metrics = Metrics(s.node_id, VERSION, self.service.meter)
-        self.intake = Intake(self.service, self.journal, self.outbox, self.topics, self._spawn, self.metrics.job_done)
+        self.intake = Intake(self.service, self.journal, self.outbox, self.topics, self._spawn, self.metrics)
         self.observer = Observer(
             s.node_id, s.cluster, self.peers, self.trust, self.groups.membership_changed, self._spawn
         )
