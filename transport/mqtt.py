@@ -30,6 +30,9 @@ from engine.errors import PrismError
 AUTH_CODES = {4, 5, 134, 135, 138, 140}
 #: PUBACK reason code (MQTT 5): accepted, but no subscription matched, so nobody gets it.
 NO_SUBSCRIBERS = 16
+#: PUBACK reason codes (MQTT 5) from this one on: the broker refused the message and dropped
+#: it (0x87 not authorized: an ACL; 0x90 topic name invalid; 0x97 quota exceeded; ...).
+REFUSED = 0x80
 _LAST_MID: contextvars.ContextVar[int] = contextvars.ContextVar("prism_last_mid", default=-1)
 
 
@@ -256,6 +259,14 @@ class MqttLink:
             while not queue.empty():
                 yield queue.get_nowait()
             raise TransportError(f"connection lost: {exc}") from exc
+
+
+def reason_name(code: int) -> str:
+    """The MQTT 5 name of a PUBACK reason code (``"Not authorized"``), or its number."""
+    try:
+        return str(ReasonCode(PacketTypes.PUBACK, identifier=code).getName())
+    except (KeyError, ValueError):
+        return f"reason code {code}"
 
 
 def transport_error(exc: BaseException) -> TransportError | None:

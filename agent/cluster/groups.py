@@ -362,10 +362,10 @@ class GroupManager:
         group.failure = group.failure or why
         group.failed.set()
 
-    def drop(self, group: Group, event: GroupEvent, why: str) -> None:
-        """Drop ``group`` for good; its GLOO resources are freed on a reaper thread."""
+    def drop(self, group: Group, event: GroupEvent, why: str, *, tell: bool = True) -> asyncio.Task[None] | None:
+        """Drop ``group`` for good (GLOO freed on a reaper thread); returns the task telling peers."""
         if group.state is GroupState.DROPPED:
-            return
+            return None
         group.move(event)
         self.fail(group, why)
         self._groups.pop(group.gid, None)
@@ -376,14 +376,16 @@ class GroupManager:
         for hold in group.holds.values():
             hold.cancel()
         log.warning("group_dropped", gid=group.gid, members=list(group.members), reason=why[:200])
-        if group.rank == 0 and event is not GroupEvent.TEARDOWN:
-            teardown = Teardown(gid=group.gid)
-            self.spawn(quietly(gather_all([self.channel.tell(p, teardown) for p in group.members[1:]])), "teardown")
+        telling = None
+        if tell and group.rank == 0 and event is not GroupEvent.TEARDOWN:
+            sends = [self.channel.tell(p, Teardown(gid=group.gid)) for p in group.members[1:]]
+            telling = self.spawn(quietly(gather_all(sends)), f"teardown-{group.gid}")
         comm, deadline = group.comm, group.deadline
         group.comm = group.deadline = None
         # Destroying a ProcessGroupGloo waits for its pending work (up to the GLOO timeout):
         # that wait is the reaper's, never the event loop's (agent/cluster/group.py, release).
         self._reaper.submit(release, comm, deadline, self.timing.group_s)
+        return telling
 
     def membership_changed(self, gone: set[str]) -> None:
         """Drop every group with a member that went away (runs in progress fail at once)."""
@@ -392,7 +394,7 @@ class GroupManager:
             if left:
                 self.drop(group, GroupEvent.MEMBER_LEFT, f"{', '.join(sorted(left))} went offline")
 
-    def drop_all(self, why: str) -> None:
-        """Drop every group (at stop, or to free descriptors)."""
-        for group in self.groups:
-            self.drop(group, GroupEvent.FAILED, why)
+    def drop_all(self, why: str, *, tell: bool = True) -> list[asyncio.Task[None]]:
+        """Drop every group (at stop, or to free descriptors); returns the tasks telling peers."""
+        telling = (self.drop(group, GroupEvent.FAILED, why, tell=tell) for group in self.groups)
+        return [task for task in telling if task is not None]

@@ -8,6 +8,11 @@ happen together even if the connection drops in between. The result is
 encoded off the event loop, journalled, and queued in the outbox, which a sender per
 connection publishes in order. At start, :meth:`Intake.recover` re-runs what a crash
 interrupted and re-sends what it had not sent.
+
+A result the broker refuses (a PUBACK reason code >= 0x80, such as an ACL's "not
+authorized" on the job's response topic) is not taken for sent: it is logged
+(``result_refused``), counted, and replaced by the error ``result_refused`` on the job's
+default results topic (see :meth:`Intake._refused`).
 """
 
 from __future__ import annotations
@@ -15,14 +20,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
 from agent.jobs.journal import Entry, Journal, Recovery, State
 from agent.jobs.replies import TRANSIENT, Outbox, Reply, job_key
 from agent.jobs.service import JobService
-from transport.mqtt import MqttLink, Topics, TransportError
+from transport.mqtt import REFUSED, MqttLink, Topics, TransportError, reason_name
 from transport.schema import Limits, Result, WireError, decode
 
 log = structlog.get_logger("prism.intake")
@@ -39,6 +44,16 @@ def _job_id(payload: bytes) -> str | None:
     return value if isinstance(value, str) else None
 
 
+class Counts(Protocol):
+    """What the intake reports (agent/node/metrics.py)."""
+
+    def job_done(self, result: Result) -> None:
+        """One job answered."""
+
+    def result_refused(self, reason: str) -> None:
+        """One result the broker refused, with the name of its reason code."""
+
+
 class Intake:
     """Jobs in, results out (see the module docstring)."""
 
@@ -49,10 +64,10 @@ class Intake:
         outbox: Outbox,
         topics: Topics,
         spawn: Spawn,
-        on_result: Callable[[Result], None] = lambda result: None,
+        counts: Counts | None = None,
     ) -> None:
         self.service = service
-        self.on_result = on_result
+        self.counts = counts
         self.journal = journal
         self.outbox = outbox
         self.topics = topics
@@ -95,12 +110,13 @@ class Intake:
         self.idle.clear()
         try:
             result = await self.service.handle(entry.payload)
-        finally:
+            if self.counts is not None:
+                self.counts.job_done(result)
+            await self._reply(entry.key, entry.payload, (entry.topic, entry.correlation), result)
+        finally:  # idle only once the result is queued: a stop waits for idle, then flushes the outbox
             self.running -= 1
             if not self.running:
                 self.idle.set()
-        self.on_result(result)
-        await self._reply(entry.key, entry.payload, (entry.topic, entry.correlation), result)
 
     async def _reply(self, key: bytes, payload: bytes, route: tuple[str | None, bytes | None], result: Result) -> None:
         topic = route[0] or (self.topics.result(result.id) if result.id else None)
@@ -165,12 +181,42 @@ class Intake:
         while True:
             reply = await self.outbox.first()
             payload = reply.payload if reply.payload is not None else await self.journal.result(reply.key)
+            code = 0
             if payload is not None:
                 try:
-                    await link.publish(reply.topic, payload, correlation=reply.correlation)
+                    code = await link.publish(reply.topic, payload, correlation=reply.correlation)
                 except TransportError as exc:
                     if not isinstance(exc.__cause__, ValueError):
                         raise  # the connection is gone: the next one sends it
                     log.warning("reply_failed", job=reply.job, error=str(exc))
+            if payload is not None and code >= REFUSED:
+                await self._refused(reply, payload, code)
+                continue
             await self.journal.sent(reply.key, forget=reply.transient)
             self.outbox.sent(reply)
+
+    async def _refused(self, reply: Reply, payload: bytes, code: int) -> None:
+        """The broker refused ``reply``: answer on the job's results topic with an error instead.
+
+        The error, not the result: a topic may be denied to keep an output off the broker, and
+        whoever reads ``results/#`` should not get it round the ACL. The error is transient:
+        once the broker has it the job is forgotten (never journalled as sent), so a retry runs
+        again. Refused on the results topic too, the job is forgotten with nothing sent.
+        """
+        reason = reason_name(code)
+        job_id = reply.job or _job_id(payload)
+        fallback = self.topics.result(job_id) if job_id else None
+        if fallback == reply.topic:
+            fallback = None
+        log.warning("result_refused", job=job_id, topic=reply.topic[:200], reason=reason, code=code, answer_on=fallback)
+        if self.counts is not None:
+            self.counts.result_refused(reason)
+        if fallback is None:
+            await self.journal.sent(reply.key, forget=True)
+            self.outbox.sent(reply)
+            return
+        message = f"the broker refused this job's result on its response topic {reply.topic[:200]} ({reason})"
+        error = Result.failure(job_id, "result_refused", message, node=self.service.settings.node_id)
+        encoded = error.encode(not payload.lstrip().startswith(b"{"))  # in the result's own format
+        await self.journal.answer(reply.key, encoded)  # a copy of the job gets the error, not the result
+        self.outbox.replace(reply, Reply(reply.key, fallback, encoded, reply.correlation, job_id, transient=True))

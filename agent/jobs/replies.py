@@ -2,10 +2,11 @@
 
 A sender takes :meth:`Outbox.first`, publishes it and calls :meth:`Outbox.sent` once the
 broker acknowledged it, so a result whose publish failed is still first on the next
-connection. Every result is also in the job journal (agent/jobs/journal.py), so the outbox
-keeps the encoded bytes in memory only while they fit its budget; past it a reply carries
-just its journal key and the sender reads the bytes back when its turn comes. Nothing is
-ever dropped. Transport-free, so it is tested without a broker.
+connection; one the broker refused is replaced (:meth:`Outbox.replace`) by an error for the
+job's results topic (agent/jobs/intake.py). Every result is also in the job journal
+(agent/jobs/journal.py), so the outbox keeps the encoded bytes in memory only while they fit
+its budget; past it a reply carries just its journal key and the sender reads the bytes back
+when its turn comes. Nothing is ever dropped. Transport-free, so it is tested without a broker.
 """
 
 from __future__ import annotations
@@ -70,6 +71,13 @@ class Outbox:
         if self._items and self._items[0] is reply:
             self._items.popleft()
             self.bytes -= len(reply.payload or b"")
+            self._changed.set()
+
+    def replace(self, reply: Reply, new: Reply) -> None:
+        """Put ``new`` where ``reply`` (the first) is: it is sent next instead (a re-routed answer)."""
+        if self._items and self._items[0] is reply:
+            self._items[0] = new
+            self.bytes += len(new.payload or b"") - len(reply.payload or b"")
             self._changed.set()
 
     async def flushed(self) -> None:

@@ -1,14 +1,13 @@
 """A node's lifecycle (docs/design.md §6): one root task group, supervised loops, a graceful stop.
 
-The node opens its job journal (re-running what a crash interrupted), starts its probe server
-and mDNS advert, then runs, each supervised (agent/node/supervise.py): the broker connection
-(capped full-jitter backoff; a refused login is fatal), the watchdog, link probes, group
-upkeep and the map saver, plus one task per job or group duty. Per connection it subscribes
-(a persistent MQTT 5 session), publishes a retained ``online`` (the Last Will says
-``offline``), routes messages — jobs to the intake, control to the groups, health and status
-to the observer — and publishes results and health. Jobs are acknowledged only once
-journalled and outlive connections. SIGTERM stops intake, lets in-flight jobs finish within
-the grace period, sends their results, publishes ``offline`` and returns.
+The node opens its job journal (re-running what a crash interrupted), starts its probe server and
+mDNS advert, then runs, each supervised (agent/node/supervise.py): the broker connection (capped
+full-jitter backoff; a refused login is fatal), the watchdog, link probes, group upkeep and the
+map saver, plus one task per job or group duty. Per connection it subscribes (a persistent MQTT 5
+session), publishes a retained ``online`` (the Last Will says ``offline``), routes messages — jobs
+to the intake, control to the groups, health and status to the observer — and publishes results
+and health. Jobs are acknowledged once journalled and outlive connections. SIGTERM: see
+:meth:`Node._stop_serving`; then ``STOPPING=1``, and the journal and the engine are closed.
 """
 
 from __future__ import annotations
@@ -115,11 +114,10 @@ class Node:
             on_unresponsive=self._sit_out,
             on_silent=lambda node: self._sit_out(node, until_heard=True),
         )
-        fingerprints = {name: served.fingerprint for name, served in models.items()}
-        auto = AutoPolicy.load(s, fingerprints)
+        auto = AutoPolicy.load(s, {name: served.fingerprint for name, served in models.items()})
         self.service = JobService(s, models, self, meter or find_meter(), auto, self.engine)
         self.metrics = Metrics(s.node_id, VERSION, self.service.meter)
-        self.intake = Intake(self.service, self.journal, self.outbox, self.topics, self._spawn, self.metrics.job_done)
+        self.intake = Intake(self.service, self.journal, self.outbox, self.topics, self._spawn, self.metrics)
         self.observer = Observer(
             s.node_id, s.cluster, self.peers, self.trust, self.groups.membership_changed, self._spawn
         )
@@ -140,8 +138,7 @@ class Node:
         result = await self.groups.run(served, spec, inputs, peers)
         mine = result.traces[0]
         if mine.link_s > 0 and mine.exchange_bytes_recv > 0:
-            # Bytes over the time an exchange was in flight: a lower bound on the link (it
-            # includes waiting for the slower rank), kept beside the probes' figure, never mixed in.
+            # Bytes over exchange time: a lower bound (it waits for the slower rank), kept beside the probes'.
             mbps = (mine.exchange_bytes_recv + mine.exchange_bytes_sent) * 8 / mine.link_s / 1e6
             for peer in peers:
                 self.links.observe_gloo(peer.node, time.monotonic(), mbps)
@@ -211,7 +208,7 @@ class Node:
                         task.cancel()
                 self._tg = None
         finally:
-            self.groups.drop_all("the node is stopping")
+            self.groups.drop_all("the node is stopping", tell=False)  # _stop_serving told the peers
             self.notifier.notify("STOPPING=1")
             await self.journal.close()
             self.engine.shutdown()
@@ -220,7 +217,7 @@ class Node:
             raise self.failure
 
     async def _stop_serving(self) -> None:
-        """Leave the job topics, finish admitted jobs, send their results, say goodbye."""
+        """Leave the job topics, finish admitted jobs, send their results, drop groups, say goodbye."""
         self.accepting = False
         link = self._link
         if link is not None:
@@ -235,6 +232,9 @@ class Node:
         if link is not None:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.outbox.flushed(), FLUSH_S)
+        if telling := self.groups.drop_all("the node is stopping"):  # spawned: the task group still runs
+            await asyncio.wait(telling, timeout=FLUSH_S)
+        if link is not None:
             with contextlib.suppress(TransportError, asyncio.TimeoutError):
                 await asyncio.wait_for(link.unsubscribe(*self._watched), 2.0)
                 offline = status_payload(self.trust, self.settings.node_id, "offline")

@@ -1,7 +1,8 @@
 """Prometheus metrics of one agent (``metrics_port``; 0 or unset: off).
 
-The daemon calls three things: :meth:`Metrics.job_done` once per answered job with its
-:class:`~transport.schema.Result`, :meth:`Metrics.health_tick` once per health period with the
+The daemon calls four things: :meth:`Metrics.job_done` once per answered job with its
+:class:`~transport.schema.Result`, :meth:`Metrics.result_refused` per result the broker
+refused, :meth:`Metrics.health_tick` once per health period with the
 health document it publishes, and :meth:`Metrics.serving` around its life (the HTTP server
 runs in a thread of ``prometheus-client``; scrapes never touch the event loop). Every label
 takes values from a small set: free-text fallback reasons become a few codes, error codes
@@ -122,6 +123,13 @@ class Metrics:
         self.fallbacks = Counter(
             "prism_fallbacks", "Distributed jobs that ran locally instead, by reason code.", ["reason"], registry=r
         )
+        self.refused = Counter(
+            "prism_results_refused",
+            "Results the broker refused (PUBACK reason code >= 0x80), by reason; each is answered with the "
+            "error result_refused on the job's results topic where that is a different topic.",
+            ["reason"],
+            registry=r,
+        )
         self.decisions = Counter(
             "prism_decisions",
             "Mode decisions by requested mode, chosen option and basis (map: the performance map; rule: the "
@@ -189,6 +197,10 @@ class Metrics:
         energy = result.energy or {}
         if energy.get("joules") is not None:
             self.energy.labels(str(energy.get("source") or "unknown")).inc(max(0.0, float(energy["joules"])))
+
+    def result_refused(self, reason: str) -> None:
+        """Count one result the broker refused; ``reason`` is its MQTT 5 reason code's name."""
+        self.refused.labels(reason.lower().replace(" ", "_")[:40]).inc()
 
     # -- per health period -----------------------------------------------------------------
     def health_tick(self, health: Mapping[str, Any], corrections: Mapping[str, float] | None = None) -> None:
