@@ -1,24 +1,40 @@
-"""Local vs split on two namespace hosts, overlap on and off, per link rate (root).
+"""Local vs split on P namespace hosts, overlap on and off, per link rate (root).
 
     sudo .venv/bin/python scripts/bench_split.py --model vit-base --out runs/split/vit-base
+    sudo .venv/bin/python scripts/bench_split.py --model vit-base --hosts 4 --cap 0.5 --batches 8 --rates 0 \
+        --modes means-fp16,kv,codes --codes-cr 8 --runs 16 --out runs/p4/vit-base
 
-Two hosts of the test bed (testbed/bed.py), each running one GLOO rank of
+``--hosts P`` hosts of the test bed (testbed/bed.py; default 2), each running one GLOO rank of
 ``scripts/split_rank.py`` with one torch thread; no agent, broker or policy. For every link
-rate (``tc tbf`` on both uplinks; 0 = unshaped) and batch, every option runs once per round,
+rate (``tc tbf`` on every uplink; 0 = unshaped) and batch, every option runs once per round,
 rounds interleaved (the order rotates), ``--runs`` rounds after one untimed warm-up round:
 
-- ``local``: the plain model on host 0;
-- ``full``, ``means@CR``, ``codes@CR``, ``kv@CR``: split over both hosts, each with overlap on and off
+- ``local``: the plain model on host 0 (rank 0's process);
+- ``full``, ``means@CR``, ``codes@CR``, ``kv@CR``: split over all P hosts, each with overlap on and off
   (``--weights`` adds weighted plans of each split, overlap on).
 
 Per cell: median per-sample ms and spread (IQR / median). For ``--bound-cell`` (default
 50 Mbit/s, batch 8) each split run is set against max(compute / P, bytes / bandwidth) from its
 own trace: compute summed over ranks / P, bytes the busiest uplink carried (exchange + inputs).
 
-``--half-speed`` puts host 1's rank in a CPU cgroup capped at half of one CPU (cgroup v2
-``cpu.max`` or v1 ``cpu.cfs_quota_us``, 5 ms per 10 ms period): an exact, steady half that
-needs no competing process (a busy-loop competitor under ``taskset`` would give about half, as
-fair as the scheduler is, and would share caches). With it, ``--weights`` defaults to 2,1.
+Beside every split figure, per (hosts, cap, link, batch), the cost model's prediction:
+
+    predicted ms = max(local ms x busiest rank's block MACs / one device's, bytes / bandwidth)
+    predicted x  = local ms / predicted ms
+
+per sample, with the MACs of ``engine.cost.rank_macs`` / ``block_macs_local`` under the run's own
+plan (rank 0 sends them with its answer; each rank's scaled by rank 0's CPU share over its own,
+which matters under ``--half-speed`` only) and bytes / bandwidth the link term of the bound
+above (0 unshaped). It leaves out what MACs do not count (codecs' O(n·D) work, Python and GLOO
+overheads, every layer waiting for the slowest rank, TCP's ramp-up), so a measured speed-up
+below it says how much those cost.
+
+``--cap F`` puts every rank's process, rank 0 included (so ``local`` too), in a CPU cgroup of
+its own capped at F of one CPU (testbed/cpucap.py: cgroup v2 ``cpu.max`` or v1 cfs quota, per
+10 ms period): P boxes of that speed, each against local on one such box. ``--half-speed``
+caps host 1's rank alone at half a CPU; with it, ``--weights`` defaults to 2 for every host
+but host 1, which gets 1. Every row of the jsonl names the cgroups in force (``cgroups``: rank,
+path, quota, and how many periods the kernel has throttled it so far).
 
 Writes ``OUT.jsonl`` (every run) and ``OUT.md`` (the tables).
 """
@@ -35,7 +51,6 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -43,10 +58,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from testbed.bed import Testbed, exit_on_sigterm  # noqa: E402
+from testbed.cpucap import CpuCap, cpu_cap  # noqa: E402
 
 RANK = str(REPO / "scripts" / "split_rank.py")
 ENV = {"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-CPU_PERIOD_US = 10_000
 
 
 def options(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -71,39 +86,17 @@ def options(args: argparse.Namespace) -> list[dict[str, Any]]:
     return out
 
 
-@contextlib.contextmanager
-def half_speed(pid: int, tag: str) -> Iterator[str]:
-    """Cap process ``pid`` (all its threads) at half of one CPU; undone on exit."""
-    v2 = Path("/sys/fs/cgroup/cgroup.controllers")
-    if v2.is_file() and "cpu" in v2.read_text().split():
-        group = Path(f"/sys/fs/cgroup/prism-half-{tag}")
-        group.mkdir()
-        (group / "cpu.max").write_text(f"{CPU_PERIOD_US // 2} {CPU_PERIOD_US}")
-        root = Path("/sys/fs/cgroup")
-    else:
-        root = Path("/sys/fs/cgroup/cpu")
-        group = root / f"prism-half-{tag}"
-        group.mkdir()
-        (group / "cpu.cfs_period_us").write_text(str(CPU_PERIOD_US))
-        (group / "cpu.cfs_quota_us").write_text(str(CPU_PERIOD_US // 2))
-    (group / "cgroup.procs").write_text(str(pid))
-    try:
-        yield str(group)
-    finally:
-        with contextlib.suppress(OSError):
-            (root / "cgroup.procs").write_text(str(pid))
-        with contextlib.suppress(OSError):
-            group.rmdir()
-
-
 class Ranks:
-    """Rank 1 spawned on host 1 (logged by the bed), rank 0 on host 0 with a request pipe."""
+    """Rank r > 0 spawned on host r (logged by the bed), rank 0 on host 0 with a request pipe."""
 
     def __init__(self, bed: Testbed, args: argparse.Namespace) -> None:
         port = random.randint(29600, 29900)
-        base = [sys.executable, RANK, "--ranks", "2", "--master", f"{bed.address(0)}:{port}", "--model", args.model]
+        ranks = str(bed.hosts)
+        base = [sys.executable, RANK, "--ranks", ranks, "--master", f"{bed.address(0)}:{port}", "--model", args.model]
         pin = (lambda rank: ["--cpu", str(rank % (os.cpu_count() or 1))]) if args.pin else (lambda rank: [])
-        self.follower = bed.spawn("rank1", 1, [*base, "--rank", "1", *pin(1)], ENV)
+        self.followers = {
+            f"rank{r}": bed.spawn(f"rank{r}", r, [*base, "--rank", str(r), *pin(r)], ENV) for r in range(1, bed.hosts)
+        }
         log = (bed.workdir / "rank0.log").open("ab")
         self.proc = subprocess.Popen(
             bed.run(0, *base, "--rank", "0", *pin(0)),
@@ -119,6 +112,10 @@ class Ranks:
         if not ready.get("ready"):
             raise RuntimeError(f"rank 0 did not start: {ready}; see {bed.workdir}/rank0.log")
 
+    def pid(self, rank: int) -> int:
+        """The process id of ``rank`` (``ip netns exec`` execs it, so the id is the rank's own)."""
+        return self.proc.pid if rank == 0 else self.followers[f"rank{rank}"].pid
+
     def _read(self, timeout_s: float) -> dict[str, Any]:
         out: IO[str] | None = self.proc.stdout
         assert out is not None
@@ -127,8 +124,10 @@ class Ranks:
             line = out.readline()
             if line:
                 return dict(json.loads(line))
-            if self.proc.poll() is not None or not self.bed.alive("rank1"):
-                raise RuntimeError(f"a rank exited; see {self.bed.workdir}/rank0.log and rank1.log")
+            if self.proc.poll() is not None or not all(self.bed.alive(key) for key in self.followers):
+                raise RuntimeError(
+                    f"a rank exited; see rank0.log .. rank{self.bed.hosts - 1}.log in {self.bed.workdir}"
+                )
         raise RuntimeError(f"no answer from rank 0 in {timeout_s} s")
 
     def ask(self, req: dict[str, Any], timeout_s: float) -> dict[str, Any]:
@@ -163,7 +162,21 @@ def bound(row: dict[str, Any], mbps: float) -> dict[str, float]:
     return {"compute_over_p_ms": compute_ms, "link_ms": link_ms, "bound_ms": max(compute_ms, link_ms)}
 
 
-def run_cell(ranks: Ranks, args: argparse.Namespace, mbps: float, batch: int, out: IO[str]) -> list[dict[str, Any]]:
+def pace(macs: dict[str, Any], share: dict[int, float], hosts: int) -> float:
+    """The busiest rank's block MACs over one device's (rank 0's, where ``local`` runs), each rank's
+    scaled by how much smaller its CPU share is than rank 0's (uncapped: 1 CPU)."""
+    slowness = [share.get(0, 1.0) / share.get(r, 1.0) for r in range(hosts)]
+    return max(m * s for m, s in zip(macs["ranks"], slowness, strict=True)) / float(macs["local"])
+
+
+def cap_state(caps: dict[int, CpuCap]) -> list[dict[str, Any]]:
+    """The cgroups in force, per rank, with the periods each has been throttled so far."""
+    return [{"rank": r, **cap.as_dict(), "throttled": cap.throttled()} for r, cap in sorted(caps.items())]
+
+
+def run_cell(
+    ranks: Ranks, args: argparse.Namespace, caps: dict[int, CpuCap], mbps: float, batch: int, out: IO[str]
+) -> list[dict[str, Any]]:
     opts = options(args)
     rows = []
     for rnd in range(-1, args.runs):  # round -1 warms up every option (TCP, caches), untimed
@@ -174,9 +187,11 @@ def run_cell(ranks: Ranks, args: argparse.Namespace, mbps: float, batch: int, ou
             if rnd < 0:
                 continue
             row = {"mbps": mbps, "batch": batch, "option": opt["name"], "round": rnd, **answer}
+            row.update(hosts=args.hosts, cap=args.cap, cgroups=cap_state(caps))
             row["per_sample_ms"] = answer["ms"] / batch
             if opt["op"] == "split":
                 row.update(bound(row, mbps))
+                row["macs_ratio"] = pace(answer["macs"], shares(args), args.hosts)
             rows.append(row)
             out.write(json.dumps(row) + "\n")
             out.flush()
@@ -198,6 +213,7 @@ def summary(rows: list[dict[str, Any]]) -> dict[tuple[float, int, str], dict[str
             cell["compute_over_p_ms"] = statistics.median(r["compute_over_p_ms"] for r in rs)
             cell["link_ms"] = statistics.median(r["link_ms"] for r in rs)
             cell["wall_ms"] = statistics.median(r["ms"] for r in rs)
+            cell["macs_ratio"] = statistics.median(r["macs_ratio"] for r in rs)
         out[key] = cell
     return out
 
@@ -206,10 +222,52 @@ def ms(value: float) -> str:
     return f"{value:.0f}" if value >= 10 else f"{value:.2f}"
 
 
+def shares(args: argparse.Namespace) -> dict[int, float]:
+    """The CPU share each capped rank gets (ranks left out run uncapped)."""
+    if args.cap:
+        return dict.fromkeys(range(args.hosts), args.cap)
+    return {1: 0.5} if args.half_speed else {}
+
+
+def capped(args: argparse.Namespace) -> str:
+    """How the hosts' CPUs were capped, in words."""
+    if args.cap:
+        return f"every rank capped at {args.cap:g} CPU"
+    return "host 1 capped at half a CPU" if args.half_speed else "no cap"
+
+
+def predicted(args: argparse.Namespace, cells: dict[tuple[float, int, str], dict[str, float]]) -> list[str]:
+    """A table per (hosts, cap, link, batch): every option measured beside the cost model's figure."""
+    names = [o["name"] for o in options(args)]
+    lines = []
+    for mbps, batch in sorted({(m, b) for m, b, _ in cells}, key=lambda k: (k[0] == 0, k)):
+        local = cells.get((mbps, batch, "local"))
+        if local is None:
+            continue
+        where = "unshaped" if not mbps else f"{mbps:g} Mbit/s"
+        lines += ["", f"P = {args.hosts}, {capped(args)}, {where}, batch {batch}: measured and predicted, per sample"]
+        lines += ["", "| option | ms (spread) | speed-up | MACs busiest / local | bytes / bandwidth ms |"]
+        lines[-1] += " predicted ms | predicted x |"
+        lines.append("|---|---|---|---|---|---|---|")
+        lines.append(f"| local | {ms(local['median'])} ({100 * local['spread']:.0f} %) | 1.00x | 1 | - | - | - |")
+        for n in names[1:]:
+            c = cells.get((mbps, batch, n))
+            if c is None:
+                continue
+            link_ms = c["link_ms"] / batch
+            pred_ms = max(local["median"] * c["macs_ratio"], link_ms)
+            lines.append(
+                f"| {n} | {ms(c['median'])} ({100 * c['spread']:.0f} %) | {local['median'] / c['median']:.2f}x | "
+                f"{c['macs_ratio']:.3f} | {ms(link_ms)} | {ms(pred_ms)} | {local['median'] / pred_ms:.2f}x |"
+            )
+    return lines
+
+
 def report(args: argparse.Namespace, cells: dict[tuple[float, int, str], dict[str, float]]) -> list[str]:
     names = [o["name"] for o in options(args)]
     link = {m: ("unshaped" if not m else f"{m:g}") for m, _, _ in cells}
-    lines = [f"{args.model}, P = 2: per-sample ms, median (spread = IQR / median), {args.runs} interleaved runs a cell"]
+    lines = [f"{args.model}, P = {args.hosts}, {capped(args)}: per-sample ms, median (spread = IQR / median), "]
+    lines[0] += f"{args.runs} interleaved runs a cell"
     lines += ["", "| link | batch | " + " | ".join(names) + " | best split | local / best |"]
     lines.append("|---|---|" + "---|" * (len(names) + 2))
     for mbps, batch in sorted({(m, b) for m, b, _ in cells}, key=lambda k: (k[0] == 0, k)):
@@ -232,7 +290,7 @@ def report(args: argparse.Namespace, cells: dict[tuple[float, int, str], dict[st
                 f"| {n} | {ms(c['wall_ms'])} | {ms(c['compute_over_p_ms'])} | {ms(c['link_ms'])} | "
                 f"{ms(c['bound_ms'])} | {c['wall_over_bound']:.2f} |"
             )
-    return lines
+    return lines + predicted(args, cells)
 
 
 def main() -> None:
@@ -248,31 +306,41 @@ def main() -> None:
     p.add_argument("--wire-dtype", choices=["fp16", "bf16"], default=None, help="segment rows (full, means)")
     p.add_argument("--runs", type=int, default=16, help="timed rounds per cell")
     p.add_argument("--chunks", type=int, default=None, help="batch pieces with overlap (default: the engine's)")
-    p.add_argument("--weights", default=None, help="add weighted plans, e.g. 2,1")
-    p.add_argument("--half-speed", action="store_true", help="cap host 1's rank at half a CPU")
+    p.add_argument("--weights", default=None, help="add weighted plans, one weight a host, e.g. 2,1")
+    p.add_argument("--hosts", type=int, default=2, help="P: namespace hosts, one rank each")
+    cpu = p.add_mutually_exclusive_group()
+    cpu.add_argument("--half-speed", action="store_true", help="cap host 1's rank at half a CPU")
+    cpu.add_argument("--cap", type=float, default=None, help="cap every rank (local too) at this fraction of a CPU")
     p.add_argument("--pin", action="store_true", help="each host's rank on a CPU of its own (rank r on CPU r)")
     p.add_argument("--bound-cell", default="50,8", help="link,batch of the bound table")
     p.add_argument("--run-timeout-s", type=float, default=600.0)
     p.add_argument("--start-timeout-s", type=float, default=300.0)
     p.add_argument("--out", type=Path, default=Path("runs/split/bench"))
     args = p.parse_args()
+    if args.hosts < 2:
+        p.error("--hosts: a split needs 2 or more")
     if args.half_speed and not args.weights:
-        args.weights = "2,1"
+        args.weights = ",".join("1" if h == 1 else "2" for h in range(args.hosts))
     args.weight_list = [float(w) for w in args.weights.split(",")] if args.weights else None
+    if args.weight_list and len(args.weight_list) != args.hosts:
+        p.error(f"--weights: one a host, {args.hosts} of them")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
-    with Testbed(hosts=2) as bed, (args.out.with_suffix(".jsonl")).open("a") as out:
+    with Testbed(hosts=args.hosts) as bed, (args.out.with_suffix(".jsonl")).open("a") as out:
         ranks = Ranks(bed, args)
-        quota = half_speed(ranks.follower.pid, bed.tag) if args.half_speed else contextlib.nullcontext("")
         try:
-            with quota as group:
-                if group:
-                    print(f"host 1's rank capped at half a CPU ({group})", file=sys.stderr)
+            with contextlib.ExitStack() as stack:
+                caps = {
+                    r: stack.enter_context(cpu_cap(ranks.pid(r), f, f"prism-cap-{bed.tag}-r{r}"))
+                    for r, f in shares(args).items()
+                }
+                for r, cap in caps.items():
+                    print(f"rank {r} capped at {cap.fraction:g} CPU ({cap.group})", file=sys.stderr)
                 for mbps in (float(r) for r in args.rates.split(",")):
                     shape(bed, mbps)
                     for batch in (int(b) for b in args.batches.split(",")):
                         start = time.monotonic()
-                        rows += run_cell(ranks, args, mbps, batch, out)
+                        rows += run_cell(ranks, args, caps, mbps, batch, out)
                         took = time.monotonic() - start
                         print(f"{mbps:g} Mbit/s, batch {batch}: {took:.0f} s", file=sys.stderr, flush=True)
         finally:

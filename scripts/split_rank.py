@@ -10,8 +10,10 @@ Rank 0 takes one JSON request per line on stdin and answers one JSON line on std
   outside the timed run);
 - ``{"op": "stop"}``.
 
-Answers carry the wall ms of the run and every rank's trace. Images are random raw uint8 pixels
-(the compact form jobs cross the group in); one torch thread per rank.
+Answers carry the wall ms of the run and every rank's trace; split answers also carry the cost
+model's block MACs (engine/cost.py) of one device (``local``) and of every rank under the job's
+plan (``ranks``), what ``bench_split.py`` predicts its speed-up from. Images are random raw uint8
+pixels (the compact form jobs cross the group in); one torch thread per rank.
 """
 
 from __future__ import annotations
@@ -29,10 +31,11 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from engine.cost import block_macs_local, rank_macs  # noqa: E402
 from engine.distributed import run_rank  # noqa: E402
 from engine.inputs import make_inputs  # noqa: E402
 from engine.models import LoadedModel, load  # noqa: E402
-from engine.program import plan_job, spec_from_dict, spec_to_dict  # noqa: E402
+from engine.program import JobSpec, plan_job, spec_from_dict, spec_to_dict  # noqa: E402
 from engine.segments import Compression  # noqa: E402
 from engine.sim import run_local  # noqa: E402
 from transport.gloo import GlooComm, connect_store, make_group  # noqa: E402
@@ -47,6 +50,18 @@ def control(comm: GlooComm, message: dict[str, Any] | None) -> dict[str, Any]:
         payload = {"json": torch.frombuffer(bytearray(json.dumps(message).encode()), dtype=torch.uint8)}
     got = comm.broadcast_tensors(payload)
     return dict(json.loads(bytes(got["json"].tolist()).decode()))
+
+
+def macs(model: LoadedModel, spec: JobSpec) -> dict[str, Any]:
+    """Block MACs of one device over all the tokens and of every rank of ``spec``'s plan."""
+    adapter = model.adapter
+    d = adapter.hidden_size
+    f = (
+        float(getattr(adapter.config, "intermediate_size", None) or getattr(adapter.config, "n_inner", None) or 4 * d)
+        / d
+    )
+    ranks = rank_macs(spec.plan, spec.comp, d, f, adapter.causal, adapter.head_dim(0))
+    return {"local": block_macs_local(spec.plan.n_tokens, d, f), "ranks": ranks}
 
 
 def split(comm: GlooComm, model: LoadedModel, req: dict[str, Any]) -> dict[str, Any]:
@@ -69,7 +84,7 @@ def split(comm: GlooComm, model: LoadedModel, req: dict[str, Any]) -> dict[str, 
     result = run_rank(comm, adapter, spec, inputs)
     ms = (time.perf_counter() - start) * 1e3
     assert result is not None
-    return {"ms": ms, "chunks": spec.chunks, "traces": [t.as_dict() for t in result.traces]}
+    return {"ms": ms, "chunks": spec.chunks, "traces": [t.as_dict() for t in result.traces], "macs": macs(model, spec)}
 
 
 def local(model: LoadedModel, req: dict[str, Any]) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""scripts/bench_split.py end to end on two namespace hosts, with a tiny model (root, else skipped)."""
+"""scripts/bench_split.py end to end on namespace hosts, with a tiny model (root, else skipped)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,15 +17,19 @@ pytestmark = [pytest.mark.netns, pytest.mark.gloo]
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_split.py"
 
 
-def test_every_option_runs_on_a_shaped_and_an_unshaped_link(tmp_path: Path) -> None:
+def bench(out: Path, *flags: str) -> list[dict[str, Any]]:
+    """Run the script with tiny-vit, two timed rounds, batch 2; every row of its jsonl."""
     require_netns()
-    out = tmp_path / "tiny"
-    cmd = [sys.executable, str(SCRIPT), "--model", "tiny-vit", "--runs", "2", "--rates", "50,0", "--batches", "2"]
-    cmd += ["--pin", "--modes", "full,means,means-fp16,codes", "--weights", "2,1", "--bound-cell", "50,2"]
-    cmd += ["--out", str(out)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    cmd = [sys.executable, str(SCRIPT), "--model", "tiny-vit", "--runs", "2", "--batches", "2", *flags]
+    done = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    rows = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+
+
+def test_every_option_runs_on_a_shaped_and_an_unshaped_link(tmp_path: Path) -> None:
+    out = tmp_path / "tiny"
+    flags = ["--rates", "50,0", "--pin", "--modes", "full,means,means-fp16,codes", "--weights", "2,1"]
+    rows = bench(out, *flags, "--bound-cell", "50,2")
     options = {r["option"] for r in rows}
     assert options == {
         "local",
@@ -43,3 +48,23 @@ def test_every_option_runs_on_a_shaped_and_an_unshaped_link(tmp_path: Path) -> N
     assert "| 50 | 2 |" in table
     assert "| unshaped | 2 |" in table
     assert "wall / bound" in table
+
+
+def test_three_capped_hosts_against_local_at_the_same_cap(tmp_path: Path) -> None:
+    out = tmp_path / "p3"
+    rows = bench(out, "--hosts", "3", "--cap", "0.5", "--rates", "0", "--modes", "means,kv")
+    assert {r["option"] for r in rows} == {"local", "means@9.9 on", "means@9.9 off", "kv@4 on", "kv@4 off"}
+    assert len(rows) == 2 * 5
+    for row in rows:  # every rank, rank 0 and so local included, in a cgroup of its own at half a CPU
+        assert (row["hosts"], row["cap"]) == (3, 0.5)
+        assert [c["rank"] for c in row["cgroups"]] == [0, 1, 2]
+        assert len({c["cgroup"] for c in row["cgroups"]}) == 3
+        assert all((c["quota_us"], c["period_us"]) == (5000, 10000) for c in row["cgroups"])
+    split = [r for r in rows if r["option"] != "local"]
+    assert all(len(r["traces"]) == 3 and 0 < r["macs_ratio"] < 1 for r in split)
+    kv = [r for r in split if r["option"].startswith("kv@4")]
+    assert all(t["exchange_bytes_sent"] > 0 for r in kv for t in r["traces"])
+    table = out.with_suffix(".md").read_text()
+    assert "P = 3, every rank capped at 0.5 CPU, unshaped, batch 2" in table
+    assert "predicted x |" in table
+    assert all(f"| {name} |" in table for name in ("local", "means@9.9 on", "kv@4 on", "kv@4 off"))
