@@ -1,4 +1,5 @@
-"""A formed GLOO group listens no more, on real groups in one process."""
+"""A formed GLOO group listens no more, on real groups in one process; and the descriptor
+ceiling at which a node drops its groups."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from agent.cluster.group import open_descriptors
+from agent.cluster.upkeep import descriptor_ceiling
 from tests.test_rendezvous import relay_stores
 from transport.gloo import GlooComm, make_group
 from transport.listener import listening_sockets
@@ -47,3 +49,16 @@ def test_a_formed_group_refuses_strangers_and_still_runs() -> None:
     for t in threads:
         t.join(timeout=30)
     assert sums[0] == 3.0
+
+
+@pytest.mark.parametrize(
+    ("baseline", "soft", "ceiling"),
+    [
+        (40, 65536, 552),  # the start's count plus the slack
+        (40, 1024, 552),
+        (300, 1024, 768),  # a quarter of a low limit kept free
+        (100, 256, 192),
+    ],
+)
+def test_descriptor_ceiling(baseline: int, soft: int, ceiling: int) -> None:
+    assert descriptor_ceiling(baseline, soft) == ceiling
