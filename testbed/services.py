@@ -154,15 +154,22 @@ class Services:
         return cmd
 
     def start_agent(
-        self, i: int, node: str | None = None, env: dict[str, str] | None = None, models: Sequence[str] | None = None
+        self,
+        i: int,
+        node: str | None = None,
+        env: dict[str, str] | None = None,
+        models: Sequence[str] | None = None,
+        files: int | None = None,
     ) -> Proc:
         """Start (or restart) the agent of host i; its key is its node id (``hI`` by default).
+        ``files`` sets its descriptor limit, soft and hard (as ``LimitNOFILE=`` does).
 
         Its state (the job journal) lives in the bed's work directory, so a restarted agent
         finds what its previous run left."""
         key = node or f"h{i}"
         state = {"PRISM_STATE_DIR": str(self.workdir / f"state-{key}")}
-        return self.spawn(key, i, self.agent_cmd(i, key, models), {**AGENT_ENV, **state, **(env or {})})
+        limit = [] if files is None else [need("prlimit"), f"--nofile={files}:{files}", "--"]
+        return self.spawn(key, i, [*limit, *self.agent_cmd(i, key, models)], {**AGENT_ENV, **state, **(env or {})})
 
     def log(self, key: str) -> str:
         """Everything the process ``key`` logged so far."""

@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from engine.errors import GroupError
 from engine.trace import RankTrace
+from transport.listener import new_listeners, seal
 
 Tensors = dict[str, torch.Tensor]
 
@@ -49,26 +50,31 @@ def make_group(
     interface: str | None = None,
     address: str | None = None,
     prefix: str = "prism",
+    closed_ports: list[int] | None = None,
 ) -> Any:
     """A GLOO group of ranks ``0..size-1`` over ``store`` (several may share one store).
 
     ``interface`` (e.g. ``lo``, ``eth0``) or ``address`` pins the NIC GLOO uses; without
     either GLOO resolves the hostname, which often lands on 127.0.0.1 and fails.
-    Every collective on the group fails after ``timeout_s``.
+    Every collective on the group fails after ``timeout_s``. Once formed, the group's
+    listening port is closed (:func:`transport.listener.seal`); its number is appended to
+    ``closed_ports``.
     """
-    timeout = datetime.timedelta(seconds=timeout_s)
     gloo: Any = dist.ProcessGroupGloo
     options = gloo._Options()
-    options._timeout = timeout
+    options._timeout = datetime.timedelta(seconds=timeout_s)
     try:
-        if interface or address:
-            device = gloo.create_device(hostname=address or "", interface=interface or "")
-        else:
-            device = gloo.create_default_device()
+        with new_listeners() as listeners:  # eager pairs: all connected once the group is built
+            if interface or address:
+                device = gloo.create_device(hostname=address or "", interface=interface or "", lazy_init=False)
+            else:
+                device = gloo.create_default_device(lazy_init=False)
         options._devices = [device]
-        return gloo(dist.PrefixStore(prefix, store), rank, size, options)  # type: ignore[attr-defined]
+        group = gloo(dist.PrefixStore(prefix, store), rank, size, options)  # type: ignore[attr-defined]
     except (RuntimeError, ValueError) as exc:
         raise GroupError(f"cannot form a GLOO group of {size} as rank {rank}: {exc}") from exc
+    (closed_ports if closed_ports is not None else []).extend(seal(listeners))  # strangers are refused now
+    return group
 
 
 def _nbytes(t: torch.Tensor) -> int:

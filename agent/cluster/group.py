@@ -49,6 +49,7 @@ class Group:
     failed: asyncio.Event = field(default_factory=asyncio.Event)
     failure: str = ""
     silent: str = ""  # the member whose silence failed it (agent/cluster/beats.py)
+    ports: list[int] = field(default_factory=list)  # its GLOO listeners, closed once formed
     used_s: float = field(default_factory=time.monotonic)
     grants: dict[tuple[int, str], asyncio.Future[None]] = field(default_factory=dict)  # coordinator
     runs: dict[int, asyncio.Future[Run]] = field(default_factory=dict)  # peer: Run per reservation

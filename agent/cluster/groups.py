@@ -34,16 +34,7 @@ import structlog
 
 from agent.cluster.beats import Silence
 from agent.cluster.channel import ControlChannel
-from agent.cluster.group import (
-    EarlyKeys,
-    Group,
-    LinkUse,
-    Timing,
-    collective_floor,
-    gather_all,
-    quietly,
-    release,
-)
+from agent.cluster.group import EarlyKeys, Group, LinkUse, Timing, collective_floor, gather_all, quietly, release
 from agent.cluster.group_state import GroupEvent, GroupState
 from agent.cluster.peers import Peer
 from agent.jobs.service import Served
@@ -186,7 +177,10 @@ class GroupManager:
         size, timeout_s = len(group.members), self.timing.group_s
 
         def build() -> Any:
-            pg = make_group(group.store, group.rank, size, timeout_s=timeout_s, address=self.address, prefix=group.gid)
+            pg = make_group(
+                group.store, group.rank, size, timeout_s=timeout_s, address=self.address, prefix=group.gid,
+                closed_ports=group.ports,
+            )  # fmt: skip
             if not group.failed.is_set():
                 return pg
             del pg  # given up on while it was built: freed here (no work pending: at once)
@@ -205,7 +199,7 @@ class GroupManager:
         except Exception as exc:  # noqa: BLE001 - any failure to form just drops the group
             self.drop(group, GroupEvent.FAILED, f"forming failed: {exc}")
             return
-        log.info("group_joined", gid=group.gid, rank=group.rank, coordinator=group.coordinator)
+        log.info("group_joined", gid=group.gid, rank=group.rank, coordinator=group.coordinator, closed=group.ports)
 
     async def _form(self, members: tuple[str, ...]) -> Group:
         group = self._new_group(uuid.uuid4().hex[:12], members, self.timing.group_s)
@@ -222,7 +216,7 @@ class GroupManager:
             for peer in [] if group.silent else members[1:]:  # a silent one sits out already
                 self.on_unresponsive(peer)
             raise GroupError(f"could not form a group with {', '.join(members[1:])}: {exc}") from exc
-        log.info("group_formed", gid=group.gid, members=list(members))
+        log.info("group_formed", gid=group.gid, members=list(members), closed=group.ports)
         return group
 
     # -- coordinator ------------------------------------------------------------------

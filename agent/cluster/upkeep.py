@@ -4,16 +4,18 @@
   for (and for ``silence_s`` after a run, while the coordinator finishes);
 - as a coordinator, fail every run whose watched peer went silent (agent/cluster/beats.py);
 - drop groups idle for ``idle_s`` and rendezvous keys whose group never formed;
-- free descriptors when stray connections pile up on GLOO listeners. GLOO keeps every
-  connection to a group's listener that is not one of its members' open until the group is
-  destroyed (nothing closes it otherwise; torch's Python API offers no TLS or filtering for
-  it). So when the node holds :data:`FD_SLACK` more descriptors than it did at the start,
-  every group not running is dropped (a later job forms a new one).
+- free descriptors before they run out. Strangers that connect to a GLOO listener while its
+  group forms each cost a descriptor until the group is destroyed (gloo never closes them;
+  the listener itself is closed once the group has formed, transport/listener.py), and gloo
+  aborts the process when ``accept`` finds none left. So when the node holds more than
+  :func:`descriptor_ceiling` descriptors, every group is dropped, a running one too (its run
+  fails and the job runs locally; a later job forms a new group).
 """
 
 from __future__ import annotations
 
 import asyncio
+import resource
 import time
 
 import structlog
@@ -25,8 +27,15 @@ from transport.control import Beat
 
 log = structlog.get_logger("prism.groups")
 
-#: Descriptors over the start's count at which idle groups are dropped.
+#: Descriptors over the start's count at which groups are dropped ...
 FD_SLACK = 512
+#: ... or the share of the soft limit kept free, whichever comes first.
+FD_FREE_SHARE = 0.25
+
+
+def descriptor_ceiling(baseline: int, soft_limit: int) -> int:
+    """How many open descriptors the node may hold before it drops its groups."""
+    return min(baseline + FD_SLACK, int(soft_limit * (1 - FD_FREE_SHARE)))
 
 
 async def upkeep(groups: GroupManager) -> None:
@@ -49,12 +58,10 @@ async def upkeep(groups: GroupManager) -> None:
                 group.silent = node
                 groups.on_silent(node)
                 groups.fail(group, f"{node} was silent for {quiet_s:.1f} s")
-        if open_descriptors() > baseline + FD_SLACK:
-            idle = [g for g in groups.groups if g.state is not GroupState.RUNNING and not g.holds]
-            if idle:
-                log.warning("descriptors_reclaimed", open=open_descriptors(), baseline=baseline, groups=len(idle))
-            for group in idle:
-                groups.drop(group, GroupEvent.IDLE, "too many open descriptors (stray connections)")
+        held, ceiling = open_descriptors(), descriptor_ceiling(baseline, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        if held > ceiling and groups.groups:
+            log.warning("descriptors_reclaimed", open=held, ceiling=ceiling, groups=len(groups.groups))
+            groups.drop_all("too many open descriptors (stray connections)")
         for group in groups.groups:
             if group.state is GroupState.READY and not group.holds and now - group.used_s > timing.idle_s:
                 groups.drop(group, GroupEvent.IDLE, f"idle for {timing.idle_s:g} s")
