@@ -8,8 +8,9 @@ Per layer i >= 1 a sender takes K and V of its rows without the projection bias 
 receiver knows it), rotates each head by the shared seeded orthogonal d x d matrix
 (:func:`engine.codec.rotation` of the head width; it spreads a head's outlier channels over
 the head, so a row looks Gaussian to the quantiser), and codes the rows with
-:mod:`engine.codec`: one fp16 scale per row, b bits from the byte budget, leftover bits to
-the leading rows. A receiver decodes, undoes the rotation per head (h·d² per row against the
+:mod:`engine.codec`: one fp16 scale per row (the one of RMS x {0.85, 1, 1.2} with the least
+squared error: heads differ in spread, so a row is not quite Gaussian), b bits from the byte
+budget, leftover bits to the leading rows. A receiver decodes, undoes the rotation per head (h·d² per row against the
 2·D² a projection costs: 1/12 of it for ViT-B; never a dense D x D inverse) and adds the
 bias. No delta coding: K/V of a layer are new values, not a small change of the last one's.
 
@@ -63,7 +64,7 @@ class CodedKV(Coder):
         kb, vb = self.bias(i)
         parts = [self._rotate(t.transpose(1, 2).float() - b) for t, b in ((v, vb), (k, kb))]  # (b, n, D) each
         rows = position_major(torch.cat(parts, dim=1))  # (2n * b, D): V positions, then K positions
-        return payload_of(rows, self.bits[self.rank][c])
+        return payload_of(rows, self.bits[self.rank][c], fit=True)
 
     def remote_kv(
         self, i: int, payloads: list[torch.Tensor], c: int = 0
