@@ -50,23 +50,24 @@ def test_demo_auto_splits_on_the_fast_link_and_stays_local_on_the_slow_one(
     assert fast["probed_mbps"] > 200
     assert 1.5 < slow["probed_mbps"] < 4.5
     first = _autos(fast)[0]["decision"]
-    predicted = first["options"]
-    if predicted["codes@8"] >= predicted["local"]:
+    predicted, fidelity = first["options"], first["options_fidelity"]
+    faithful = {name: ms for name, ms in predicted.items() if name != "local" and (fidelity[name] or 0) >= 0.999}
+    if not faithful or min(faithful.values()) >= predicted["local"]:
         # The map was profiled on this box moments ago; it finds no gain from splitting when other processes
         # hold the cores (a shared CI box). The contrast needs two idle cores: say so rather than guess.
         pytest.skip(f"no gain from splitting on this box right now (map: {predicted}); demo: {run['summary']}")
+    best = min(faithful, key=lambda name: faithful[name])
     for r in _autos(fast)[:1]:  # the first decision is the map's alone; later ones also carry its corrections
-        assert (r["mode"], r["decision"]["option"], r["peers"]) == ("distributed", "codes@8", ["h1"]), r["decision"]
-        assert "vs local" in r["decision"]["reason"]
-        assert 0.999 < r["cosine_vs_local"] <= 1.0  # codes: the local answer to the fourth digit
-        assert "means@8" in r["decision"]["reason"]  # faster, but below the accuracy floor: the reason says so
+        assert (r["mode"], r["decision"]["option"], r["peers"]) == ("distributed", best, ["h1"]), r["decision"]
+        assert r["decision"]["fidelity"] >= 0.999  # a split that keeps the answer
+        assert 0.999 < r["cosine_vs_local"] <= 1.0  # the local answer to the third digit, measured
     for r in _autos(fast):
         assert "(performance map " in r["decision"]["reason"]
         assert r["decision"]["predicted_ms"] > 0
     for r in _autos(slow):
         assert r["mode"] == "local", r["decision"]
         assert "(performance map " in r["decision"]["reason"]
-        assert "vs codes@8" in r["decision"]["reason"]
+        assert "vs " in r["decision"]["reason"]  # the split it passed over, and its prediction
         assert r["cosine_vs_local"] == pytest.approx(1.0, abs=1e-6)
     # Auto's choice was the faster one: the forced split on the slow link took longer than local there.
     slow_split = next(r for r in slow["results"] if r["role"] == "split")
@@ -75,7 +76,7 @@ def test_demo_auto_splits_on_the_fast_link_and_stays_local_on_the_slow_one(
 
     demo.print_run(run)  # the human view of the same run
     text = capsys.readouterr().out
-    assert "codes@8 with h1" in text
+    assert f"{best} with h1" in text
     assert "What it showed: at " in text
     for column in demo.COLUMNS:
         assert f"\n{column} " in text  # every column explained on a line of its own
