@@ -166,6 +166,18 @@ def test_health_tick_follows_peers_that_leave() -> None:
     assert "prism_admitted_peers 1.0" in later
 
 
+def test_loop_restarts_count_up_from_health_and_the_start_time_marks_a_process_restart() -> None:
+    before = time.time()
+    m = Metrics("a", "1")
+    m.health_tick({"loops": {"probes": 2}})
+    m.health_tick({"loops": {"probes": 2, "upkeep": 1}})  # health repeats totals: only news counts
+    m.health_tick({"loops": {"probes": 3, "upkeep": 1}})
+    samples = _samples(m)
+    assert value(samples, "prism_loop_restarts_total", loop="probes") == 3
+    assert value(samples, "prism_loop_restarts_total", loop="upkeep") == 1
+    assert before <= value(samples, "prism_agent_start_time_seconds") <= time.time()
+
+
 def test_metrics_port_is_validated() -> None:
     assert load_settings(None, {"PRISM_METRICS_PORT": "9100"}, {}).metrics_port == 9100
     assert load_settings(None, {}, {}).metrics_port == 0

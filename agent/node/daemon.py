@@ -1,14 +1,12 @@
 """A node's lifecycle (docs/design.md §6): one root task group, supervised loops, a graceful stop.
 
-The node opens its job journal (re-running what a crash interrupted), starts its probe server
-and mDNS advert, then runs, each supervised (agent/node/supervise.py): the broker connection
-(capped full-jitter backoff; a refused login is fatal), the watchdog, link probes, group
-upkeep and the map saver, plus one task per job or group duty. Per connection it subscribes
-(a persistent MQTT 5 session), publishes a retained ``online`` (the Last Will says
-``offline``), routes messages — jobs to the intake, control to the groups, health and status
-to the observer — and publishes results and health. Jobs are acknowledged only once
-journalled and outlive connections. SIGTERM stops intake, lets in-flight jobs finish within
-the grace period, sends their results, publishes ``offline`` and returns.
+The node opens its job journal (re-running what a crash interrupted), starts its probe server and mDNS advert, then
+runs, each supervised (agent/node/supervise.py): the broker connection (capped full-jitter backoff; a refused login
+is fatal), the watchdog, link probes, group upkeep and the map saver, plus one task per job or group duty. Per
+connection it subscribes (a persistent MQTT 5 session), publishes a retained ``online`` (the Last Will says
+``offline``), routes messages — jobs to the intake, control to the groups, health and status to the observer — and
+publishes results and health. Jobs are acknowledged only once journalled and outlive connections. SIGTERM stops
+intake, lets in-flight jobs finish within the grace period, sends their results, publishes ``offline`` and returns.
 """
 
 from __future__ import annotations
@@ -376,6 +374,7 @@ class Node:
             probe_port=self.probe_port,
             loops=dict(RESTARTS),
             speed=self.service.auto.speeds(),
+            recent=self.metrics.recent.items(),
             identity=signed_identity(
                 self.admission, self.settings.node_id, self.address, fingerprints, self.probe_port
             ),
