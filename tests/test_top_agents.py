@@ -30,7 +30,7 @@ def top_once(port: int) -> dict[str, Any]:
 
 @pytest.mark.mqtt
 @pytest.mark.gloo
-def test_top_once_json_lists_both_agents_their_links_and_the_last_job_decision() -> None:
+def test_top_once_json_lists_agents_links_and_last_decisions() -> None:
     with (
         mosquitto() as port,
         agent(port, CLUSTER, "t1", "bert=tiny-bert", env=FAST),

@@ -152,6 +152,7 @@ class ClusterView:
         nodes: list[NodeRow] = []
         links: list[LinkRow] = []
         recent: list[JobRow] = []
+        times: dict[tuple[str, str], float] = {}
         for node in sorted(set(self.status_of) | set(self.health_of)):
             status = self.status_of.get(node, "unknown")
             doc = self.health_of.get(node)
@@ -182,7 +183,8 @@ class ClusterView:
                     LinkRow(node, peer, link.mbps, link.mbps_err, link.rtt_ms, link.gloo_mbps, link.age_s, link.source)
                 )
             recent.extend(_job_row(node, job, now_s) for job in doc.recent)
-        recent.sort(key=lambda j: j.age_s)
+            times.update({(node, job.id): job.time for job in doc.recent})
+        recent.sort(key=lambda j: -times[(j.node, j.id)])  # newest first (ages are rounded)
         return Snapshot(
             cluster=cluster,
             broker=broker,
