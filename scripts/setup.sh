@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up .venv with prism-agent and its dependencies; idempotent and quick when nothing changed.
 #   scripts/setup.sh          runtime, with the plot extra (map show --plot)
-#   scripts/setup.sh dev      plus test and lint tools
+#   scripts/setup.sh dev      plus test and lint tools (and promtool, from Debian's prometheus)
 #   scripts/setup.sh jetson   JetPack: keeps the torch already installed (NVIDIA's wheel) and
 #                             installs everything else from pyproject.toml around it
 # TORCH_INDEX_URL=<url> picks where torch comes from (e.g. PyTorch's CPU index on a machine
@@ -46,6 +46,17 @@ if ! command -v mosquitto_pub >/dev/null || ! { command -v mosquitto >/dev/null 
         apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients >/dev/null
     else
         echo "setup: mosquitto is missing; run: sudo apt-get install mosquitto mosquitto-clients" >&2
+        exit 1
+    fi
+fi
+
+# Dev: Prometheus' promtool, which the tests run over a live agent's /metrics and the Grafana dashboard.
+if [ "$extra" = dev ] && ! command -v promtool >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "setup: installing promtool (Debian package prometheus)" >&2
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+    else
+        echo "setup: promtool is missing; run: sudo apt-get install --no-install-recommends prometheus" >&2
         exit 1
     fi
 fi

@@ -32,6 +32,7 @@ BASE: dict[tuple[str, ...], list[str]] = {
     ("run",): ["--model", "m=tiny-bert"],
     ("submit",): ["--model", "bert", "--text", "hi"],
     ("peers",): [],
+    ("top",): ["--once"],
     ("install-service",): [],
     ("demo",): [],
     ("profile",): ["--model", "tiny-bert", "--batches", "1", "--crs", "4", "--repeat", "1", "--out", "OUT"],

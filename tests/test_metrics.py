@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import time
 import urllib.request
 from typing import Any
@@ -13,17 +14,31 @@ from agent.node.config import ConfigError, load_settings
 from agent.node.daemon import VERSION
 from agent.node.metrics import FALLBACK_CODES, MAX_OPTIONS, Metrics, fallback_code
 from engine.localcluster import free_port
-from tests.mqtt_env import agent, ask_node, mosquitto, wait_peer
+from tests.mqtt_env import agent, ask_node, mosquitto, need, wait_peer
 from transport.schema import Result
 
 CLUSTER = "mtest"
 FAST = {"PRISM_HEALTH_INTERVAL_S": "0.5", "PRISM_PROBE_INTERVAL_S": "0.5"}
 
 
+def scrape_text(port: int) -> str:
+    """The endpoint's exposition text."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        return str(response.read().decode())
+
+
+def promtool_check(text: str) -> None:
+    """Prometheus' own lint of an exposition (``promtool check metrics``, Debian's ``prometheus``;
+    scripts/setup.sh dev installs it): the test fails on any complaint, or without promtool."""
+    result = subprocess.run(
+        [need("promtool"), "check", "metrics"], input=text, capture_output=True, text=True, timeout=30, check=False
+    )
+    assert result.returncode == 0, f"promtool check metrics: {result.stdout}{result.stderr}"
+
+
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """Every sample of the endpoint, parsed by prometheus-client's own parser."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
+    text = scrape_text(port)
     return {
         (s.name, tuple(sorted(s.labels.items()))): s.value
         for family in text_string_to_metric_families(text)
@@ -69,6 +84,7 @@ def test_an_agent_that_served_local_and_split_jobs_exports_them() -> None:
             assert time.monotonic() < deadline, "the health tick never reported the peer and its link"
             time.sleep(0.2)
             samples = scrape(metrics_port)
+        promtool_check(scrape_text(metrics_port))  # every family the agent filled, as Prometheus lints it
 
     jobs_total = "prism_jobs_total"
     assert value(samples, jobs_total, requested="local", ran="local", outcome="ok") == 2
@@ -164,6 +180,30 @@ def test_health_tick_follows_peers_that_leave() -> None:
     assert 'peer="c"' not in later
     assert "prism_map_correction_ratio{" not in later
     assert "prism_admitted_peers 1.0" in later
+
+
+def test_loop_restarts_count_up_from_health_and_the_start_time_marks_a_process_restart() -> None:
+    before = time.time()
+    m = Metrics("a", "1")
+    m.health_tick({"loops": {"probes": 2}})
+    m.health_tick({"loops": {"probes": 2, "upkeep": 1}})  # health repeats totals: only news counts
+    m.health_tick({"loops": {"probes": 3, "upkeep": 1}})
+    samples = _samples(m)
+    assert value(samples, "prism_loop_restarts_total", loop="probes") == 3
+    assert value(samples, "prism_loop_restarts_total", loop="upkeep") == 1
+    assert before <= value(samples, "prism_agent_start_time_seconds") <= time.time()
+
+
+def test_every_family_filled_passes_promtool() -> None:
+    m = Metrics("a", "1")
+    m.job_done(_result())
+    m.job_done(_result(id="f", fallback=True, decision={"requested": "distributed", "option": "means@8",
+                                                       "fallback_reason": "gloo collective failed"}))  # fmt: skip
+    m.job_done(Result.failure("x", "busy", "full"))
+    link = {"rtt_ms": 2.0, "mbps": 80.0, "age_s": 1.0, "gloo_mbps": 20.0}
+    m.health_tick({"load": {"queue": 1, "load1": 0.5, "gpu_load": 0.2}, "peers": ["b"], "links": {"b": link},
+                   "loops": {"probes": 1}}, {"means@8/fast": 1.2})  # fmt: skip
+    promtool_check(_text(m))
 
 
 def test_metrics_port_is_validated() -> None:

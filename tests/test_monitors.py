@@ -53,6 +53,19 @@ def test_link_estimates_are_smoothed_and_aged() -> None:
     assert report["samples"] == 3
 
 
+def test_the_link_estimate_carries_how_far_probes_stray_from_it() -> None:
+    links = LinkTable(alpha=0.5)
+    links.observe("b", 1.0, mbps=100.0, source="probe")
+    assert links.report(now_s=1.0)["b"]["mbps_err"] == 0.0  # one sample: nothing to stray from yet
+    links.observe("b", 2.0, mbps=60.0, source="probe")  # 40 off the estimate of 100
+    links.observe("b", 3.0, mbps=80.0, source="probe")  # 0 off the estimate of 80
+    report = links.report(now_s=3.0)["b"]
+    assert report["mbps"] == 80.0
+    assert report["mbps_err"] == 10.0  # EWMA of 0, 40, 0 at alpha 0.5
+    links.observe("b", 4.0, mbps=8.0, source="probe")  # a step: a new link, its error starts over
+    assert links.report(now_s=4.0)["b"]["mbps_err"] == 0.0
+
+
 def test_a_step_change_in_bandwidth_replaces_the_estimate_at_once() -> None:
     links = LinkTable(alpha=0.3)
     links.observe("b", 1.0, mbps=1000.0, source="probe")

@@ -55,6 +55,7 @@ COVERAGE = {
     "export": f"{SELF}::test_the_submit_and_peers_example_runs",
     "prism-agent submit": f"{SELF}::test_the_submit_and_peers_example_runs",
     "prism-agent peers": f"{SELF}::test_the_submit_and_peers_example_runs",
+    "prism-agent top": "tests/test_top_agents.py::test_top_once_json_lists_agents_links_and_last_decisions",
     "prism-agent profile": f"{SELF}::test_the_profile_and_map_example_runs",
     "prism-agent map show": f"{SELF}::test_the_profile_and_map_example_runs",
     "prism-agent map decide": f"{SELF}::test_the_profile_and_map_example_runs",

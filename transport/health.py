@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from transport.schema import WireError
 
@@ -49,6 +49,32 @@ class LinkView(_Doc):
     gloo_mbps: float | None = None
     samples: int = 0
     source: str = ""
+    # How far probes stray from the estimate (EWMA of |sample - estimate|, as TCP's RTTVAR).
+    mbps_err: float | None = None
+
+
+#: Recent jobs a reader keeps of a health document (a node sends fewer, agent/jobs/recent.py);
+#: more are dropped, not refused, so a newer node that sends more still admits to older peers.
+MAX_RECENT = 32
+
+
+class RecentJob(_Doc):
+    """One job this node answered lately: what was decided, and how it went."""
+
+    id: str = ""
+    time: float = 0.0  # wall-clock seconds when it was answered
+    ok: bool = True
+    error: str | None = None  # the error code of a failed job
+    requested: str | None = None  # the mode asked for
+    option: str | None = None  # what the decision picked (local, full, means@8, codes@8, ...)
+    mode: str | None = None  # what ran: local or distributed
+    peers: list[str] = Field(default_factory=list)
+    predicted_ms: float | None = None  # the map's prediction of the engine time (None: the interim rule)
+    measured_ms: float | None = None  # the engine time it took
+    total_ms: float | None = None  # from intake to answer
+    fidelity: float | None = None  # the option's profiled cosine against local
+    fallback: bool = False  # a split that ran locally instead
+    why: str = ""  # the fallback's reason, else the decision's
 
 
 class Health(_Doc):
@@ -73,6 +99,12 @@ class Health(_Doc):
     loops: dict[str, int] = Field(default_factory=dict)  # background loop -> restarts after a crash
     speed: dict[str, Annotated[float, Field(gt=0)]] = Field(default_factory=dict)  # model -> ms per token
     admission: dict[str, str] = Field(default_factory=dict)
+    recent: list[RecentJob] = Field(default_factory=list)  # newest last
+
+    @field_validator("recent", mode="before")
+    @classmethod
+    def _last_few(cls, value: Any) -> Any:
+        return value[-MAX_RECENT:] if isinstance(value, list) else value
 
     def encode(self) -> bytes:
         """JSON bytes for the retained topic."""

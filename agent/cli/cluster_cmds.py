@@ -1,6 +1,7 @@
-"""The cluster commands: ``run`` (the daemon), ``submit`` (jobs; :mod:`agent.cli.submit_cmd`) and ``peers``.
+"""The cluster commands: ``run`` (the daemon), ``submit`` (jobs; :mod:`agent.cli.submit_cmd`), ``peers``
+and ``top`` (a live view; :mod:`agent.cli.top`).
 
-``submit``, ``peers`` and ``profile --peers`` find the broker and cluster the way the agent
+``submit``, ``peers``, ``top`` and ``profile --peers`` find the broker and cluster the way the agent
 does: flags win, then ``PRISM_BROKER`` / ``PRISM_CLUSTER`` (and the other ``PRISM_*`` login
 and TLS settings), then ``mqtt://127.0.0.1:1883`` and ``default``.
 """
@@ -35,7 +36,7 @@ RUN_FLAGS = (
 
 
 def add_cli(sub: Any) -> None:
-    """Register ``run``, ``submit`` and ``peers``."""
+    """Register ``run``, ``submit``, ``peers`` and ``top``."""
     run = sub.add_parser("run", help="run the agent daemon (MQTT job service)")
     run.add_argument("--config", type=args.existing_file, default=None, help="TOML settings file")
     run.add_argument(
@@ -68,9 +69,10 @@ def add_cli(sub: Any) -> None:
         "--metrics-port", dest="metrics_port", type=args.port, default=None, help="Prometheus endpoint port (0: off)"
     )
 
-    from agent.cli import submit_cmd  # it uses this module's broker flags and settings
+    from agent.cli import submit_cmd, top  # they use this module's broker flags and settings
 
     submit_cmd.add_parser(sub)
+    top.add_parser(sub)
 
     pe = sub.add_parser("peers", help="list the cluster's nodes: status, address, load, models, peers")
     broker_flags(pe)

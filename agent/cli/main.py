@@ -124,15 +124,20 @@ def run(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` and run the command; returns the exit status."""
     ns = build_parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    # Light commands first: the test bed, submit and peers never import torch.
+    # Light commands first: the test bed, submit, peers and top never import torch.
     if ns.command == "testbed":
         from testbed import cli as testbed
 
         return testbed.run_cli(ns)
-    if ns.command in ("submit", "peers", "run"):
-        from agent.cli import cluster_cmds, submit_cmd
+    if ns.command in ("submit", "peers", "run", "top"):
+        from agent.cli import cluster_cmds, submit_cmd, top
 
-        handlers = {"submit": submit_cmd.run, "peers": cluster_cmds.peers, "run": cluster_cmds.run_daemon}
+        handlers = {
+            "submit": submit_cmd.run,
+            "peers": cluster_cmds.peers,
+            "run": cluster_cmds.run_daemon,
+            "top": top.run,
+        }
         return handlers[ns.command](ns)
     if ns.command in ("profile", "map"):
         from agent.cli import policy_cmds

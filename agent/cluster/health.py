@@ -1,7 +1,7 @@
 """Health: what this node publishes about itself, and what it makes of other nodes' health and status.
 
 The retained health document (transport/health.py) carries load, queue (the engine's:
-local jobs and ranks run for others alike), models, links and counters; who the node is,
+local jobs and ranks run for others alike), models, links, counters and the last jobs' decisions; who the node is,
 where it listens and which weights it serves are repeated under ``admission``, signed, and
 only those signed fields decide who a peer is. A node's ``offline`` status (clean stop or
 Last Will) drops it from the peer table and from every group it is in.
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
 import structlog
@@ -26,7 +26,7 @@ from agent.cluster.freshness import STATUS
 from agent.cluster.peers import Peer, PeerTable
 from agent.cluster.probes import answers
 from agent.cluster.trust import Trust
-from transport.health import Health, LinkView, Load, parse_health, parse_status
+from transport.health import Health, LinkView, Load, RecentJob, parse_health, parse_status
 from transport.schema import WireError
 
 log = structlog.get_logger("prism.health")
@@ -166,6 +166,7 @@ def build_health(
     loops: Mapping[str, int],
     identity: dict[str, str],
     speed: Mapping[str, float],
+    recent: Sequence[RecentJob] = (),
 ) -> Health:
     """This node's health document."""
     return Health(
@@ -187,5 +188,6 @@ def build_health(
         probe_port=probe_port,
         loops=dict(loops),
         speed=dict(speed),
+        recent=list(recent),
         admission=identity,
     )

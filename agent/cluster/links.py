@@ -39,6 +39,7 @@ class LinkEstimate:
     samples: int = 0
     source: str = ""
     gloo_mbps: float | None = None
+    mbps_err: float | None = None  # EWMA of |sample - estimate| (Mbit/s), as TCP's RTTVAR
 
 
 @dataclass(slots=True)
@@ -61,6 +62,10 @@ class LinkTable:
         if mbps is not None:
             # A step change (a WiFi rate switch, a reshaped link) replaces the estimate at once.
             stepped = link.mbps is not None and not 0.5 <= mbps / max(link.mbps, 1e-9) <= 2.0
+            # The error is how far a sample lands from the estimate it is about to move (a first
+            # sample or a step has no history to stray from: 0 until the next sample says).
+            miss = 0.0 if link.mbps is None or stepped else abs(mbps - link.mbps)
+            link.mbps_err = miss if link.mbps_err is None or stepped else self._ewma(link.mbps_err, miss)
             link.mbps = mbps if stepped else self._ewma(link.mbps, mbps)
         link.measured_s = now_s
         link.samples += 1
@@ -72,13 +77,14 @@ class LinkTable:
         link.gloo_mbps = self._ewma(link.gloo_mbps, mbps)
 
     def report(self, now_s: float) -> dict[str, dict[str, Any]]:
-        """JSON view for health: per peer, RTT, bandwidth and age in seconds."""
+        """JSON view for health: per peer, RTT, bandwidth (and its error) and age in seconds."""
         return {
             peer: {
                 "rtt_ms": None if link.rtt_ms is None else round(link.rtt_ms, 3),
                 "mbps": None if link.mbps is None else round(link.mbps, 1),
                 "age_s": None if link.measured_s is None else round(now_s - link.measured_s, 1),
                 "gloo_mbps": None if link.gloo_mbps is None else round(link.gloo_mbps, 1),
+                "mbps_err": None if link.mbps_err is None else round(link.mbps_err, 1),
                 "samples": link.samples,
                 "source": link.source,
             }

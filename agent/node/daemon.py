@@ -1,12 +1,11 @@
 """A node's lifecycle (docs/design.md §6): one root task group, supervised loops, a graceful stop.
 
-The node opens its job journal (re-running what a crash interrupted), starts its probe server and
-mDNS advert, then runs, each supervised (agent/node/supervise.py): the broker connection (capped
-full-jitter backoff; a refused login is fatal), the watchdog, link probes, group upkeep and the
-map saver, plus one task per job or group duty. Per connection it subscribes (a persistent MQTT 5
-session), publishes a retained ``online`` (the Last Will says ``offline``), routes messages — jobs
-to the intake, control to the groups, health and status to the observer — and publishes results
-and health. Jobs are acknowledged once journalled and outlive connections. SIGTERM: see
+The node opens its job journal (re-running what a crash interrupted), starts its probe server and mDNS advert, then
+runs, each supervised (agent/node/supervise.py): the broker connection (capped full-jitter backoff; a refused login
+is fatal), the watchdog, link probes, group upkeep and the map saver, plus one task per job or group duty. Per
+connection it subscribes (a persistent MQTT 5 session), publishes a retained ``online`` (the Last Will says
+``offline``), routes messages — jobs to the intake, control to the groups, health and status to the observer — and
+publishes results and health. Jobs are acknowledged once journalled and outlive connections. SIGTERM: see
 :meth:`Node._stop_serving`; then ``STOPPING=1``, and the journal and the engine are closed.
 """
 
@@ -376,6 +375,7 @@ class Node:
             probe_port=self.probe_port,
             loops=dict(RESTARTS),
             speed=self.service.auto.speeds(),
+            recent=self.metrics.recent.items(),
             identity=signed_identity(
                 self.admission, self.settings.node_id, self.address, fingerprints, self.probe_port
             ),

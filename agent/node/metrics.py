@@ -1,7 +1,8 @@
 """Prometheus metrics of one agent (``metrics_port``; 0 or unset: off).
 
 The daemon calls four things: :meth:`Metrics.job_done` once per answered job with its
-:class:`~transport.schema.Result`, :meth:`Metrics.result_refused` per result the broker
+:class:`~transport.schema.Result` (which also keeps the last few jobs' decisions for the
+health document, :attr:`Metrics.recent`), :meth:`Metrics.result_refused` per result the broker
 refused, :meth:`Metrics.health_tick` once per health period with the
 health document it publishes, and :meth:`Metrics.serving` around its life (the HTTP server
 runs in a thread of ``prometheus-client``; scrapes never touch the event loop). Every label
@@ -17,12 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
+from agent.jobs.recent import RecentJobs
 from agent.node.config import ConfigError
 from agent.node.energy import Ina3221Meter, Meter, RaplMeter
 from transport.schema import Result
@@ -100,6 +103,8 @@ class Metrics:
         self._corrections: set[str] = set()
         self._rapl: Any = None  # the RAPL reading of the last tick
         self._server: Any = None
+        self.recent = RecentJobs()  # the last jobs' decisions, for health (``prism-agent top`` shows them)
+        self._restarts: dict[str, int] = {}
         r = self.registry
         Info("prism_agent", "The agent: node id and version.", registry=r).info({"node": node, "version": version})
         self.jobs = Counter(
@@ -166,10 +171,18 @@ class Metrics:
         self.power = Gauge(
             "prism_power_watts", "Board or package power from this node's meter, if it has one.", ["meter"], registry=r
         )
+        self.restarts = Counter(
+            "prism_loop_restarts", "Background loops restarted after a crash, by loop.", ["loop"], registry=r
+        )
+        # A process restart (systemd's Restart=on-failure) shows as a change of this value.
+        Gauge("prism_agent_start_time_seconds", "When this agent process started (Unix time).", registry=r).set(
+            time.time()
+        )
 
     # -- per job ---------------------------------------------------------------------------
     def job_done(self, result: Result) -> None:
-        """Count one answered job (successful or not)."""
+        """Count one answered job (successful or not), and keep it among the recent ones."""
+        self.recent.record(result, time.time())
         decision = result.decision or {}
         requested = str(decision.get("requested") or "none")
         ran = result.mode if result.ok and result.mode else "none"
@@ -229,6 +242,11 @@ class Metrics:
             with contextlib.suppress(KeyError):
                 family.remove(*gone[1:])
         self._links = links
+        for loop, count in (health.get("loops") or {}).items():
+            seen = self._restarts.get(loop, 0)
+            if int(count) > seen:
+                self.restarts.labels(loop).inc(int(count) - seen)
+                self._restarts[loop] = int(count)
         keys = set(corrections or {})
         for key, value in (corrections or {}).items():
             self.correction.labels(key).set(float(value))
