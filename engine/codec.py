@@ -147,24 +147,20 @@ def fitted_scales(rows: torch.Tensor, bits: Bits) -> torch.Tensor:
     the row RMS, each row at its own width: for rows that are not Gaussian (a K/V row whose
     heads differ in spread) the Gaussian step is not the best. The receiver needs nothing
     new (the scale travels as always)."""
-    rms = rows.float().pow(2).mean(dim=-1).sqrt()
+    x = rows.float()
+    factors = torch.tensor(SCALE_FACTORS, device=rows.device).unsqueeze(-1)  # (F, 1)
+    candidates = (x.pow(2).mean(dim=-1).sqrt() * factors).clamp(max=FP16_MAX).to(torch.float16)  # (F, R)
     best = torch.empty(bits.rows, dtype=torch.float16, device=rows.device)
     for lo, hi, b in _groups(bits):
-        x, least = rows[lo:hi].float(), None
-        for factor in SCALE_FACTORS:
-            scales = (rms[lo:hi] * factor).clamp(max=FP16_MAX).to(torch.float16)
-            err = (dequantise(quantise(x, scales, b), scales, b) - x).pow_(2).sum(dim=-1)  # (r,)
-            if least is None:
-                least, best[lo:hi] = err, scales
-            else:
-                better = err < least
-                least = torch.where(better, err, least)
-                best[lo:hi] = torch.where(better, scales, best[lo:hi])
+        scales = candidates[:, lo:hi]  # (F, r): every candidate of every row at once
+        err = dequantise(quantise(x[lo:hi], scales, b), scales, b).sub_(x[lo:hi]).pow_(2).sum(dim=-1)  # (F, r)
+        best[lo:hi] = scales.gather(0, err.argmin(dim=0, keepdim=True))[0]
     return best
 
 
 def quantise(x: torch.Tensor, scales: torch.Tensor, b: int) -> torch.Tensor:
-    """b-bit mid-rise codes of ``x`` (R, D) with per-row ``scales`` (R,) -> uint8 (R, D)."""
+    """b-bit mid-rise codes of ``x`` (R, D) with per-row ``scales`` (R,) -> uint8 (R, D)
+    (scales (F, R): F candidate scales per row at once -> (F, R, D))."""
     step = scales.float().unsqueeze(-1) * GAUSSIAN_STEP[b]  # (R, 1)
     # 1 / step, and 0 for an all-zero row (its codes are then the middle code, 0 decoded as ±step/2)
     inverse = torch.where(step > 0, 1.0 / step.clamp(min=torch.finfo(torch.float32).tiny), 0.0)

@@ -194,10 +194,11 @@ class RankProgram:
         """Layer i of chunk c given what was received from ``self.senders`` (in that order)
         and, when it ran already, :meth:`prepare`'s result."""
         q, k, v = prepared if prepared is not None else self.prepare(i, x, c)
+        if self.kv is not None:  # decoded into one buffer with the local rows: no concatenation
+            k, v = self.kv.keys_values(i, k, v, remote, c)
+            return self.adapter.finish(i, h, attend(q, k, v, self._bias[c], self.adapter.scaling(i)))
         if self.coded is not None:
             keys, values = self.coded.remote_kv(i, remote, c)  # (b, h, n_q, d) per sender
-        elif self.kv is not None:
-            keys, values = self.kv.remote_kv(i, remote, c)  # (b, h, n_q, d) per sender, decoded
         elif remote:
             rows = torch.cat([r.to(self.adapter.dtype) for r in remote], dim=1)  # (b, sum L_q, D)
             _, k_remote, v_remote = self.adapter.project(i, rows[:, :0], rows)

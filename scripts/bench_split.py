@@ -80,7 +80,9 @@ def options(args: argparse.Namespace) -> list[dict[str, Any]]:
             req["wire_dtype"] = args.wire_dtype
         label = mode if mode == "full" else f"{mode}@{req['cr']:g}"
         on = {"overlap": True, "chunks": args.chunks} if args.chunks else {"overlap": True}
-        out += [{**req, "name": f"{label} on", **on}, {**req, "name": f"{label} off", "overlap": False}]
+        out.append({**req, "name": f"{label} on", **on})
+        if not args.overlap_only:
+            out.append({**req, "name": f"{label} off", "overlap": False})
         if args.weights:
             out.append({**req, "name": f"{label} on w={args.weights}", **on, "weights": args.weight_list})
     return out
@@ -306,6 +308,7 @@ def main() -> None:
     p.add_argument("--wire-dtype", choices=["fp16", "bf16"], default=None, help="segment rows (full, means)")
     p.add_argument("--runs", type=int, default=16, help="timed rounds per cell")
     p.add_argument("--chunks", type=int, default=None, help="batch pieces with overlap (default: the engine's)")
+    p.add_argument("--overlap-only", action="store_true", help="only the overlapped runs (no 'off' variants)")
     p.add_argument("--weights", default=None, help="add weighted plans, one weight a host, e.g. 2,1")
     p.add_argument("--hosts", type=int, default=2, help="P: namespace hosts, one rank each")
     cpu = p.add_mutually_exclusive_group()
