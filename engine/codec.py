@@ -138,29 +138,8 @@ def row_scales(x: torch.Tensor) -> torch.Tensor:
     return rms.clamp(max=FP16_MAX).to(torch.float16)
 
 
-#: Scales a sender may try per row, as factors of the row's RMS (:func:`fitted_scales`).
-SCALE_FACTORS = (0.85, 1.0, 1.2)
-
-
-def fitted_scales(rows: torch.Tensor, bits: Bits) -> torch.Tensor:
-    """Per-row scales (R,) fp16 with the least squared error among :data:`SCALE_FACTORS` x
-    the row RMS, each row at its own width: for rows that are not Gaussian (a K/V row whose
-    heads differ in spread) the Gaussian step is not the best. The receiver needs nothing
-    new (the scale travels as always)."""
-    x = rows.float()
-    factors = torch.tensor(SCALE_FACTORS, device=rows.device).unsqueeze(-1)  # (F, 1)
-    candidates = (x.pow(2).mean(dim=-1).sqrt() * factors).clamp(max=FP16_MAX).to(torch.float16)  # (F, R)
-    best = torch.empty(bits.rows, dtype=torch.float16, device=rows.device)
-    for lo, hi, b in _groups(bits):
-        scales = candidates[:, lo:hi]  # (F, r): every candidate of every row at once
-        err = dequantise(quantise(x[lo:hi], scales, b), scales, b).sub_(x[lo:hi]).pow_(2).sum(dim=-1)  # (F, r)
-        best[lo:hi] = scales.gather(0, err.argmin(dim=0, keepdim=True))[0]
-    return best
-
-
 def quantise(x: torch.Tensor, scales: torch.Tensor, b: int) -> torch.Tensor:
-    """b-bit mid-rise codes of ``x`` (R, D) with per-row ``scales`` (R,) -> uint8 (R, D)
-    (scales (F, R): F candidate scales per row at once -> (F, R, D))."""
+    """b-bit mid-rise codes of ``x`` (R, D) with per-row ``scales`` (R,) -> uint8 (R, D)."""
     step = scales.float().unsqueeze(-1) * GAUSSIAN_STEP[b]  # (R, 1)
     # 1 / step, and 0 for an all-zero row (its codes are then the middle code, 0 decoded as ±step/2)
     inverse = torch.where(step > 0, 1.0 / step.clamp(min=torch.finfo(torch.float32).tiny), 0.0)
@@ -206,9 +185,14 @@ def unpack(packed: torch.Tensor, b: int, count: int) -> torch.Tensor:
     pad = (-flat.numel()) % b
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
-    groups = flat.view(-1, b).to(torch.int64)  # (G, b): a group's bytes, least significant first
-    weights = torch.arange(0, 8 * b, 8, dtype=torch.int64, device=flat.device)  # (b,)
-    words = (groups << weights).sum(dim=-1, keepdim=True)  # (G, 1) int64 (wraps at b = 8; masked below)
+    groups = flat.view(-1, b)  # (G, b): a group's bytes, least significant first
+    if _LITTLE:  # each group's b bytes are the low bytes of one little-endian int64
+        wide = groups.new_zeros(groups.shape[0], 8)
+        wide[:, :b] = groups
+        words = wide.view(torch.int64)  # (G, 1)
+    else:
+        weights = torch.arange(0, 8 * b, 8, dtype=torch.int64, device=flat.device)  # (b,)
+        words = (groups.to(torch.int64) << weights).sum(dim=-1, keepdim=True)  # (G, 1) int64
     shifts = torch.arange(0, 8 * b, b, dtype=torch.int64, device=flat.device)  # (8,)
     codes = (words >> shifts) & (2**b - 1)  # (G, 8)
     return codes.reshape(-1)[:count].to(torch.uint8)
@@ -251,13 +235,10 @@ def _groups(bits: Bits) -> list[tuple[int, int, int]]:
     return [(lo, hi, b) for lo, hi, b in ((0, bits.k, bits.b + 1), (bits.k, bits.rows, bits.b)) if hi > lo]
 
 
-def _code(
-    rows: torch.Tensor, bits: Bits, scales: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    """(payload, scales, codes of each group) of ``rows`` (R, D); ``scales`` default to :func:`row_scales`."""
+def _code(rows: torch.Tensor, bits: Bits) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """(payload, scales, codes of each group) of ``rows`` (R, D)."""
     assert rows.shape == (bits.rows, bits.d), (tuple(rows.shape), bits)
-    if scales is None:
-        scales = row_scales(rows)  # (R,) fp16
+    scales = row_scales(rows)  # (R,) fp16
     codes = [quantise(rows[lo:hi], scales[lo:hi], b) for lo, hi, b in _groups(bits)]
     parts = [scales.view(torch.uint8)] + [pack(c, b) for c, (_, _, b) in zip(codes, _groups(bits), strict=True)]
     payload = torch.cat(parts)
@@ -265,10 +246,9 @@ def _code(
     return payload, scales, codes
 
 
-def payload_of(rows: torch.Tensor, bits: Bits, *, fit: bool = False) -> torch.Tensor:
-    """The payload uint8 (bits.nbytes,) of ``rows`` (R, D), for a sender that keeps no
-    reconstruction; ``fit``: scales by :func:`fitted_scales` instead of the RMS rule."""
-    return _code(rows, bits, fitted_scales(rows, bits) if fit else None)[0]
+def payload_of(rows: torch.Tensor, bits: Bits) -> torch.Tensor:
+    """The payload uint8 (bits.nbytes,) of ``rows`` (R, D), for a sender that keeps no reconstruction."""
+    return _code(rows, bits)[0]
 
 
 def encode(rows: torch.Tensor, bits: Bits) -> tuple[torch.Tensor, torch.Tensor]:
