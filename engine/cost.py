@@ -13,9 +13,9 @@ every sender's layer-0 rows (R_p·D²) and, for ViT, embeds their patches (about
 again), some 2·R_p·D²/L per block, about 1 % of a block at L = 12.
 
 Method ``kv`` sends every row's K and V, so receivers project no remote row: a rank
-computes K/V for its own rows only, 2·n_p·D², and rotates each head of what it sends and
-what it receives (d_h the head width), 2·(n_p + R_p)·D·d_h: its block costs what a Segment
-Means rank's does, whatever the CR (research/kvcodes.md).
+computes K/V for its own rows only, 2·n_p·D², and attends over every row: its block costs
+what a Segment Means rank's does, plus the attention over the rows Segment Means averages
+(research/kvcodes.md). Coding and decoding are O(n·D) and left out.
 
 :func:`rank_macs` is what the policy weighs shares with: each rank's block MACs for any
 plan, equal or weighted, so the rank that sets the pace can be found.
@@ -35,19 +35,16 @@ def block_macs_local(n: int, d: int, f: float) -> float:
     return (4 + 2 * f) * n * d * d + 2 * n * n * d
 
 
-def block_macs_rank(n_p: int, received: int, d: int, f: float, *, rotates: bool = False, kv_head: int = 0) -> float:
+def block_macs_rank(
+    n_p: int, received: int, d: int, f: float, *, rotates: bool = False, projects_received: bool = True
+) -> float:
     """MACs of one block on a PRISM rank: Q/out/MLP on local rows, K/V on unique rows,
-    plus the rotation of its own rows when it sends codes (``rotates``).
-
-    ``kv_head`` > 0: method ``kv`` with that head width: K/V of the local rows only, and
-    per-head rotations of the K/V rows sent (when ``rotates``) and received."""
+    plus the rotation of its own rows when it sends codes (``rotates``). Under method ``kv``
+    (``projects_received`` False) the received rows come as K/V: no projection for them."""
     keys = n_p + received
-    if kv_head:
-        sent = n_p if rotates else 0
-        projections = 2 * n_p * d * d + 2 * (sent + received) * d * kv_head
-    else:
-        projections = 2 * keys * d * d + (n_p * d * d if rotates else 0)
-    return (2 + 2 * f) * n_p * d * d + projections + 2 * n_p * keys * d
+    projected = keys if projects_received else n_p
+    rotation = n_p * d * d if rotates else 0
+    return (2 + 2 * f) * n_p * d * d + 2 * projected * d * d + 2 * n_p * keys * d + rotation
 
 
 def received_rows(plan: PartitionPlan, comp: Compression, causal: bool) -> list[int]:
@@ -57,24 +54,29 @@ def received_rows(plan: PartitionPlan, comp: Compression, causal: bool) -> list[
     return [sum(sent[q] for q in range(plan.ranks) if q != p and (q < p or not causal)) for p in range(plan.ranks)]
 
 
-def rank_macs(
-    plan: PartitionPlan, comp: Compression, d: int, f: float, causal: bool = False, head_dim: int = 64
-) -> list[float]:
-    """Block MACs of every rank of ``plan`` (rank order), the rotations of ``codes`` and
-    ``kv`` included where a rank has receivers (under a causal plan the last rank has none)."""
+def rank_macs(plan: PartitionPlan, comp: Compression, d: int, f: float, causal: bool = False) -> list[float]:
+    """Block MACs of every rank of ``plan`` (rank order), codes' rotation included where a
+    rank has receivers (under a causal plan the last rank has none); ``kv`` ranks project
+    no received row."""
     rows = received_rows(plan, comp, causal)
     last = plan.ranks - 1
-    kv_head = head_dim if comp.uses_kv else 0
-    sends = [comp.coded and not (causal and p == last) for p in range(plan.ranks)]
-    return [block_macs_rank(plan.sizes[p], rows[p], d, f, rotates=sends[p], kv_head=kv_head) for p in range(plan.ranks)]
+    return [
+        block_macs_rank(
+            plan.sizes[p],
+            rows[p],
+            d,
+            f,
+            rotates=comp.uses_codes and not (causal and p == last),
+            projects_received=not comp.uses_kv,
+        )
+        for p in range(plan.ranks)
+    ]
 
 
-def macs_reduction(
-    plan: PartitionPlan, comp: Compression, d: int, f: float, causal: bool = False, head_dim: int = 64
-) -> float:
+def macs_reduction(plan: PartitionPlan, comp: Compression, d: int, f: float, causal: bool = False) -> float:
     """Per-device compute saved vs one device, averaged over ranks (the papers' figure)."""
     local = block_macs_local(plan.n_tokens, d, f)
-    per_rank = rank_macs(plan, comp, d, f, causal, head_dim)
+    per_rank = rank_macs(plan, comp, d, f, causal)
     return 1.0 - sum(per_rank) / len(per_rank) / local
 
 

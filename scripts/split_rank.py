@@ -60,7 +60,7 @@ def macs(model: LoadedModel, spec: JobSpec) -> dict[str, Any]:
         float(getattr(adapter.config, "intermediate_size", None) or getattr(adapter.config, "n_inner", None) or 4 * d)
         / d
     )
-    ranks = rank_macs(spec.plan, spec.comp, d, f, adapter.causal, adapter.head_dim(0))
+    ranks = rank_macs(spec.plan, spec.comp, d, f, adapter.causal)
     return {"local": block_macs_local(spec.plan.n_tokens, d, f), "ranks": ranks}
 
 

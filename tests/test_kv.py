@@ -102,19 +102,18 @@ def test_receivers_project_no_remote_row(models: Models, monkeypatch: pytest.Mon
 
 
 def test_kv_costs_what_segment_means_cost() -> None:
-    """ViT-B, P = 2 and 4: kv's block MACs are within 3.5 % of Segment Means', well under codes'."""
-    for ranks, saving in ((2, 0.13), (4, 0.30)):
+    """ViT-B, P = 2 to 4: kv's block MACs are within 3.5 % of Segment Means' (the attention over
+    every row, less the means' K/V) and well under codes' (no received row projected)."""
+    for ranks, saving in ((2, 0.15), (3, 0.24), (4, 0.30)):
         plan = PartitionPlan.equal(197, ranks)
-        means = max(rank_macs(plan, Compression(cr=8), d=768, f=4))
+        means = max(rank_macs(plan, Compression(cr=9.9), d=768, f=4))
         coded = max(rank_macs(plan, Compression(cr=8, method=Method.CODES), d=768, f=4))
         keyval = max(rank_macs(plan, kv(4), d=768, f=4))
-        assert keyval <= 1.035 * means  # the per-head rotations: 2·N·D·d_h
+        assert keyval <= 1.035 * means
         assert keyval <= (1 - saving) * coded
     plan = PartitionPlan.equal(12, 3)
-    assert rank_macs(plan, kv(4), d=8, f=4, head_dim=2) == [
-        block_macs_rank(4, 8, 8, 4, rotates=True, kv_head=2) for _ in range(3)
-    ]
-    assert macs_reduction(plan, kv(4), d=8, f=4, causal=True, head_dim=2) > macs_reduction(plan, kv(4), d=8, f=4)
+    assert rank_macs(plan, kv(4), d=8, f=4) == [block_macs_rank(4, 8, 8, 4, projects_received=False)] * 3
+    assert macs_reduction(plan, kv(4), d=8, f=4, causal=True) > macs_reduction(plan, kv(4), d=8, f=4)
 
 
 @pytest.mark.parametrize(("ranks", "cr", "floor"), [(2, 4, 0.9995), (4, 4, 0.999), (2, 8, 0.99), (4, 8, 0.985)])

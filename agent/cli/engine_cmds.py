@@ -144,9 +144,7 @@ def bench_engine(args: JobArgs, warmup: int, repeat: int) -> dict[str, Any]:
         "bytes_prism": prism.exchange_bytes,
         "bytes_ratio": prism.exchange_bytes / full.exchange_bytes if full.exchange_bytes else None,
         "comm_reduction": 1.0 - prism.exchange_bytes / full.exchange_bytes,
-        "macs_reduction_vs_local": macs_reduction(
-            spec.plan, args.comp, d, f, model.adapter.causal, model.adapter.head_dim(0)
-        ),
+        "macs_reduction_vs_local": macs_reduction(spec.plan, args.comp, d, f, model.adapter.causal),
         "local_ms": local_ms,
         "full_ms": full_ms,
         "distributed_ms": dist_ms,
