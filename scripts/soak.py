@@ -1,19 +1,30 @@
 #!/usr/bin/env python3
-"""Soak the daemon on a 3-host test bed (root): a steady job stream to h0 while peer h1 flaps.
+"""Soak the daemon on the namespace test bed (root), before a release; not part of the default run.
 
-    python scripts/soak.py [--minutes 10] [--rate 2] [--flap-s 30]
+    python scripts/soak.py [--only volumes|flap] [--minutes 10] [--rate 2] [--flap-s 30]
 
-h0 (with the broker) takes every job, half of them asking for a distributed run; every
-``--flap-s`` seconds h1 is SIGKILLed and restarted, or its link is cut and restored,
-alternately. At the end it reports lost jobs (published, never answered: must be 0) and
-h0's RSS growth from the end of the warm-up to the end (must stay under 5 %), and exits 1
-when either fails. Not part of the default test run.
+Two parts, both by default:
+
+- ``volumes``: the fault tests of ``tests/volumes.py`` (``SOAK_TESTS``) at their soak volumes
+  (``PRISM_SOAK=1``): 10,000 fuzz payloads, a 2,000-job burst, a peer SIGKILLed mid-job 50
+  times, the coordinator 10 times, a 120 s broker outage under a 10 s watchdog, each one-packet
+  kill 100 times, 2,000 large results (500 during an outage), 70,000 connects to each GLOO
+  port at the unit's descriptor limit. The default test run has the same tests at smaller
+  volumes. Fails when pytest does.
+- ``flap``: a steady job stream to h0 (with the broker) on a 3-host bed while peer h1 flaps,
+  half the jobs asking for a distributed run; every ``--flap-s`` seconds h1 is SIGKILLed and
+  restarted, or its link is cut and restored, alternately. At the end it reports lost jobs
+  (published, never answered: must be 0) and h0's RSS growth from the end of the warm-up to
+  the end (must stay under 5 %), and fails when either does.
+
+Exits 1 when a part fails, 2 when no bed can run here.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -23,8 +34,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from testbed.bed import REPO, Testbed, bed_with_agents, exit_on_sigterm, netns_unavailable, rss_kib
+from tests.volumes import SOAK_ENV, SOAK_TESTS
 
 WARMUP_S = 30.0
+#: A soak-volume test may take far longer than the default run's per-test timeout.
+TEST_TIMEOUT_S = 3600
 
 
 def flap(bed: Testbed, n: int, cut_s: float) -> str:
@@ -39,9 +53,18 @@ def flap(bed: Testbed, n: int, cut_s: float) -> str:
     return f"link cut for {cut_s:.0f} s"
 
 
+def volumes() -> int:
+    """The fault tests at their soak volumes, in a pytest of their own: its exit status."""
+    env = {**os.environ, SOAK_ENV: "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "pytest", *SOAK_TESTS, "-s", "-ra", f"--timeout={TEST_TIMEOUT_S}", "--durations=0"]
+    print(f"soak: the fault tests at soak volume ({SOAK_ENV}=1): {len(SOAK_TESTS)} tests or modules", flush=True)
+    return subprocess.run(cmd, cwd=REPO, env=env, check=False).returncode
+
+
 def main(argv: list[str] | None = None) -> int:
     exit_on_sigterm()  # a killed run takes its bed down
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", choices=["volumes", "flap"], default=None, help="run one part (default: both)")
     p.add_argument("--minutes", type=float, default=10.0)
     p.add_argument("--rate", type=float, default=2.0, help="jobs per second")
     p.add_argument("--flap-s", type=float, default=30.0, help="seconds between flaps of h1")
@@ -52,6 +75,18 @@ def main(argv: list[str] | None = None) -> int:
     if reason:
         print(f"soak: test bed unavailable: {reason}", file=sys.stderr)
         return 2
+    failed = False
+    if ns.only in (None, "volumes"):
+        code = volumes()
+        print("soak: volumes OK" if code == 0 else f"soak: volumes FAIL (pytest exit {code})", flush=True)
+        failed |= code != 0
+    if ns.only in (None, "flap"):
+        failed |= flap_stream(ns) != 0
+    return 1 if failed else 0
+
+
+def flap_stream(ns: argparse.Namespace) -> int:
+    """The job stream while h1 flaps: 0 when no job was lost, RSS stayed flat and h0 lived."""
     duration = ns.minutes * 60
     with bed_with_agents(3, cluster="soak") as bed:
         pid = bed.procs["h0"].pid

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import queue
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -99,28 +102,65 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], timeout_s: float = 10.0)
     raise AssertionError(f"nothing listens on port {port} after {timeout_s} s")
 
 
-def sub(port: int, topic: str, count: int, timeout_s: float = 30.0) -> subprocess.Popen[str]:
-    """Start ``mosquitto_sub`` for ``count`` messages (MQTT 5, QoS 1)."""
-    return subprocess.Popen(
-        [
-            need("mosquitto_sub"),
-            "-p",
-            str(port),
-            "-V",
-            "mqttv5",
-            "-q",
-            "1",
-            "-t",
-            topic,
-            "-C",
-            str(count),
-            "-W",
-            str(int(timeout_s)),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+class Subscription:
+    """A subscriber (MQTT 5, QoS 1) that is subscribed once constructed: the broker has
+    acknowledged the subscription, so nothing published after is missed (results are not
+    retained). Takes up to ``count`` messages within ``timeout_s`` of its start."""
+
+    def __init__(self, port: int, topic: str, count: int, timeout_s: float = 30.0) -> None:
+        import paho.mqtt.client as mqtt
+
+        self.topic, self.count = topic, count
+        self.deadline = time.monotonic() + timeout_s
+        self._messages: queue.Queue[bytes] = queue.Queue()
+        self._taken: list[str] = []
+        subscribed = threading.Event()
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        client.on_connect = lambda c, *_: c.subscribe(topic, qos=1)
+        client.on_subscribe = lambda *_: subscribed.set()
+        client.on_message = lambda _c, _u, msg: self._messages.put(bytes(msg.payload))
+        client.connect("127.0.0.1", port)
+        client.loop_start()
+        self._client = client
+        if not subscribed.wait(timeout=min(10.0, timeout_s)):
+            self.close()
+            raise AssertionError(f"no SUBACK for {topic} in {min(10.0, timeout_s)} s")
+
+    def next_raw(self, timeout_s: float) -> bytes:
+        """The next message's bytes, waiting at most ``timeout_s``."""
+        try:
+            msg = self._messages.get(timeout=timeout_s)
+        except queue.Empty:
+            raise AssertionError(f"no message on {self.topic} in {timeout_s} s") from None
+        self._taken.append(msg.decode("utf-8", "replace"))
+        return msg
+
+    def next(self, timeout_s: float) -> str:
+        """The next message as text, waiting at most ``timeout_s``."""
+        self.next_raw(timeout_s)
+        return self._taken[-1]
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        """Like ``Popen.communicate`` of ``mosquitto_sub -C count -W timeout_s``: the messages,
+        one a line, once ``count`` arrived or the time is up; then a note on what was missing."""
+        end = self.deadline if timeout is None else min(self.deadline, time.monotonic() + timeout)
+        while len(self._taken) < self.count and (left := end - time.monotonic()) > 0:
+            with contextlib.suppress(AssertionError):
+                self.next(left)
+        self.close()
+        got = self._taken[: self.count]
+        note = "" if len(got) == self.count else f"{len(got)} of {self.count} messages on {self.topic} in time"
+        return "".join(f"{m}\n" for m in got), note
+
+    def close(self) -> None:
+        """Disconnect and stop the network thread."""
+        self._client.disconnect()
+        self._client.loop_stop()
+
+
+def sub(port: int, topic: str, count: int, timeout_s: float = 30.0) -> Subscription:
+    """Subscribe for ``count`` messages (MQTT 5, QoS 1); subscribed when it returns."""
+    return Subscription(port, topic, count, timeout_s)
 
 
 def pub(port: int, topic: str, payload: str | bytes) -> None:
@@ -201,7 +241,6 @@ def agent(
 def ask_node(port: int, cluster: str, node: str, jobs: list[dict[str, Any]], timeout_s: float = 90) -> dict[str, Any]:
     """Publish ``jobs`` to ``node`` and return its results by job id (all must arrive)."""
     waiter = sub(port, f"prism/v1/{cluster}/results/#", len(jobs))
-    time.sleep(0.3)
     for job in jobs:
         pub(port, f"prism/v1/{cluster}/nodes/{node}/jobs", json.dumps(job))
     out, err = waiter.communicate(timeout=timeout_s)

@@ -44,10 +44,8 @@ def health(port: int, node: str) -> dict[str, object]:
 
 
 def ask(port: int, node: str, jobs: list[dict[str, object]]) -> dict[str, dict[str, object]]:
-    import time
 
     waiter = sub(port, f"prism/v1/{CLUSTER}/results/#", len(jobs), timeout_s=60)
-    time.sleep(0.3)
     for job in jobs:
         pub(port, f"prism/v1/{CLUSTER}/nodes/{node}/jobs", json.dumps(job))
     out, _ = waiter.communicate(timeout=90)

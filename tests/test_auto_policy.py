@@ -78,11 +78,21 @@ def test_map_show_and_decide(profiled: Path, tmp_path: Path) -> None:
     decided = cli("map", "decide", str(profiled), "--batch", "8", "--bandwidth", "1000", "--json")
     assert decided.returncode == 0, decided.stderr
     out = json.loads(decided.stdout)
-    assert out["mode"] in ("local", "distributed")
+    # Auto takes the fastest option whose fidelity meets the floor, whichever that is on this box.
+    floor = out["min_fidelity"]
+    eligible = {o: ms for o, ms in out["options"].items() if (out["options_fidelity"][o] or 0) >= floor}
+    assert out["options"][out["option"]] == min(eligible.values()), out
+    assert out["mode"] == ("local" if out["option"] == "local" else "distributed"), out
     assert out["predicted_ms"] > 0
     assert out["reason"]
     assert {"local", "full", "means@4", "codes@4"} <= set(out["options"])
     assert out["fidelity"] >= out["min_fidelity"] == 0.999
+    # With one side made 100x slower the choice is known: the other side.
+    for slow, mode in (("local", "distributed"), ("split", "local")):
+        skew = skewed(profiled, tmp_path / f"slow-{slow}.json", slow=slow)
+        got = cli("map", "decide", str(skew), "--batch", "8", "--bandwidth", "1000", "--json")
+        assert got.returncode == 0, got.stderr
+        assert json.loads(got.stdout)["mode"] == mode, got.stdout
     bad = cli("map", "decide", str(profiled), "--batch", "8", "--bandwidth", "-3")
     assert bad.returncode == 2  # a usage error
     assert bad.stderr.count("\n") == 1

@@ -37,9 +37,6 @@ def node(broker: int) -> Iterator[subprocess.Popen[str]]:
 def ask(port: int, payloads: list[tuple[str, str | bytes]], count: int) -> dict[str, dict[str, object]]:
     """Publish payloads to the jobs topic, collect ``count`` results by id."""
     waiter = sub(port, f"prism/v1/{CLUSTER}/results/#", count)
-    import time
-
-    time.sleep(0.3)  # mosquitto_sub has subscribed by then; results are not retained
     for topic, payload in payloads:
         pub(port, topic, payload)
     out, err = waiter.communicate(timeout=60)
@@ -103,16 +100,12 @@ def test_bad_jobs_get_error_results_and_the_agent_keeps_serving(broker: int, nod
 def test_msgpack_job_gets_a_msgpack_result(broker: int, node: subprocess.Popen[str]) -> None:
     import msgpack
 
-    waiter = subprocess.Popen(
-        ["mosquitto_sub", "-p", str(broker), "-t", f"prism/v1/{CLUSTER}/results/mp1", "-C", "1", "-W", "30", "-N"],
-        stdout=subprocess.PIPE,
-    )
-    import time
-
-    time.sleep(0.3)
+    waiter = sub(broker, f"prism/v1/{CLUSTER}/results/mp1", 1)
     pub(broker, f"prism/v1/{CLUSTER}/jobs", msgpack.packb({"id": "mp1", "model": "bert", "inputs": {"text": "hi"}}))
-    out, _ = waiter.communicate(timeout=60)
-    assert msgpack.unpackb(out)["ok"] is True
+    try:
+        assert msgpack.unpackb(waiter.next_raw(60))["ok"] is True
+    finally:
+        waiter.close()
 
 
 def test_submit_cli_prints_the_result(broker: int, node: subprocess.Popen[str]) -> None:
@@ -157,14 +150,13 @@ def test_sigterm_publishes_offline_notifies_systemd_and_exits_zero(broker: int) 
             while "WATCHDOG=1" not in seen or "READY=1" not in seen:
                 seen.add(listener.recv(256).decode())
             status = sub(broker, f"prism/v1/{CLUSTER}/nodes/n2/status", 2)
-            assert status.stdout is not None
-            assert status.stdout.readline().strip() == "online"  # the retained birth
+            assert status.next(30).strip() == "online"  # the retained birth
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=30) == 0
             while "STOPPING=1" not in seen:
                 seen.add(listener.recv(256).decode())
-            assert status.stdout.readline().strip() == "offline"
-            status.wait(timeout=30)
+            assert status.next(30).strip() == "offline"
+            status.close()
         listener.close()
 
 

@@ -1,7 +1,8 @@
 """Faults on the multi-host test bed (agent/testbed.py): real mosquitto on host 0, a real
 ``prism-agent run`` on each of 3 hosts (network namespaces on a bridge), clients inside the
-namespaces. A fuzz of 10,000+ bad payloads, a burst of 2,000 jobs, a link cut and restored
-mid-job, and a peer SIGKILLed mid-job 50 times in a row.
+namespaces. A fuzz of 1,000+ bad payloads, a burst of 300 jobs, a link cut and restored
+mid-job, and a peer SIGKILLed mid-job 5 times in a row; the soak (``scripts/soak.py``,
+``PRISM_SOAK=1``) runs the same tests with 10,000 payloads, 2,000 jobs and 50 kills.
 
 h0 coordinates every job (they are sent to its node topic); h1 and h2 are its peers. Their
 links are shaped to 4 Mbit/s where a job must still be in flight when the fault hits: a
@@ -12,7 +13,6 @@ while its local fallback takes ~0.1 s.
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import sys
@@ -28,12 +28,12 @@ from testbed.bed import REPO, Testbed, Watch, rss_kib
 from tests.netns import require_netns
 from tests.test_fuzz_agent import CLUSTER as FUZZ_CLUSTER
 from tests.test_fuzz_agent import hostile_messages
+from tests.volumes import volume
 
 pytestmark = [pytest.mark.testbed, pytest.mark.mqtt, pytest.mark.gloo]
 CLUSTER = "tf"
 NODES = ("h0", "h1", "h2")
 PEER_RATE = "4mbit"
-KILLS = int(os.environ.get("PRISM_TEST_KILLS", "50"))
 #: The coordinator keeps the agent's default queue bound: at most 16 jobs wait, the rest of a
 #: burst is answered ``busy`` at once. The test states it rather than raising it.
 QUEUE_MAX = 16
@@ -181,15 +181,16 @@ def fuzz_payloads(n: int, seed: int = 11) -> list[list[Any]]:
     return out
 
 
-def test_fuzz_of_10000_malformed_payloads(bed: Testbed, watch: Watch) -> None:
-    items = fuzz_payloads(10_000)
+def test_fuzz_of_malformed_payloads(bed: Testbed, watch: Watch) -> None:
+    n = volume(1_000, 10_000)
+    items = fuzz_payloads(n)
     # The hostile messages of test_fuzz_agent, on every topic the agent reads, aimed at this bed.
     for topic, payload in hostile_messages():
         here = topic.replace(f"prism/v1/{FUZZ_CLUSTER}/", f"prism/v1/{CLUSTER}/").replace("/nodes/f1/", "/nodes/h0/")
         items.append([payload, None, here])
     expect = {str(i[1]) for i in items if i[1] is not None}
-    assert len(items) >= 10_000
-    assert len(expect) > 5_000
+    assert len(items) >= n
+    assert len(expect) > n // 2
     out = blast(bed, items, timeout_s=300)
     assert out["missing"] == [], f"{len(out['missing'])} readable-id payloads got no answer: {out['missing'][:10]}"
     assert out["unexpected"] == 0
@@ -199,8 +200,9 @@ def test_fuzz_of_10000_malformed_payloads(bed: Testbed, watch: Watch) -> None:
     alive_and_serving(bed, watch, "after-fuzz")
 
 
-def test_burst_of_2000_jobs(bed: Testbed, watch: Watch) -> None:
+def test_burst_of_jobs(bed: Testbed, watch: Watch) -> None:
     pid = bed.procs["h0"].pid
+    n = volume(300, 2000)
 
     def run(prefix: str, n: int) -> dict[str, Any]:
         jobs = [
@@ -208,10 +210,10 @@ def test_burst_of_2000_jobs(bed: Testbed, watch: Watch) -> None:
         ]
         return blast(bed, [[json.dumps(job).encode(), job["id"]] for job in jobs], timeout_s=300)
 
-    run("w", 300)  # warm-up: the first burst fills caches, pools and the allocator
+    run("w", volume(100, 300))  # warm-up: the first burst fills caches, pools and the allocator
     rss_before = rss_kib(pid)
     start = time.monotonic()
-    out = run("b", 2000)
+    out = run("b", n)
     took = time.monotonic() - start
     rss_after = rss_kib(pid)
     assert out["missing"] == [], f"{len(out['missing'])} jobs got no answer: {out['missing'][:10]}"
@@ -220,16 +222,16 @@ def test_burst_of_2000_jobs(bed: Testbed, watch: Watch) -> None:
     assert codes <= {"ok", "busy"}, codes
     busy = sorted(t for ok, code, t in firsts.values() if code == "busy")
     served = sorted(t for ok, _, t in firsts.values() if ok)
-    assert busy, "a burst of 2000 over a queue of 16 must be partly refused"
+    assert busy, f"a burst of {n} over a queue of {QUEUE_MAX} must be partly refused"
     assert len(served) >= QUEUE_MAX
     growth = rss_after - rss_before
     print(
-        f"burst: 2000 jobs in {took:.1f} s: {len(served)} ok, {len(busy)} busy "
+        f"burst: {n} jobs in {took:.1f} s: {len(served)} ok, {len(busy)} busy "
         f"(busy answers p50 {busy[len(busy) // 2]:.2f} s, served p50 {served[len(served) // 2]:.2f} s after the "
         f"first publish), published in {out['published_s']:.2f} s; RSS {rss_before / 1024:.0f} -> "
         f"{rss_after / 1024:.0f} MiB"
     )
-    assert growth < RSS_GROWTH_LIMIT_KIB, f"RSS grew {growth / 1024:.0f} MiB over a 2000-job burst"
+    assert growth < RSS_GROWTH_LIMIT_KIB, f"RSS grew {growth / 1024:.0f} MiB over a {n}-job burst"
     alive_and_serving(bed, watch, "after-burst")
 
 
@@ -277,19 +279,20 @@ def test_link_cut_and_restored(bed: Testbed, watch: Watch, when: str) -> None:
         bed.restore(1)
 
 
-def test_peer_sigkilled_mid_job_50_times(bed: Testbed, watch: Watch) -> None:
+def test_peer_sigkilled_mid_job_again_and_again(bed: Testbed, watch: Watch) -> None:
     # The coordinator's link is the slow one: the run lasts ~1 s, and a dead peer's reset
     # still reaches the coordinator at once (a reset dropped by a full tbf queue on the dead
     # peer's side is never resent; the coordinator would then wait for the broker's `offline`,
     # which tests/test_group_abort.py covers).
     bed.shape(0, PEER_RATE)
+    total = volume(5, 50)
     kills = attempts = fallbacks = 0
     gone_s = 0.0
     last_kill = start = time.monotonic()
     try:
-        while kills < KILLS:
+        while kills < total:
             attempts += 1
-            assert attempts <= KILLS + 20, "too many jobs found no peer to kill"
+            assert attempts <= total + 20, "too many jobs found no peer to kill"
             # A peer is up (the other one may still be restarting): the job goes to it.
             watch.wait_health("h0", lambda h: bool({"h1", "h2"} & set(h["peers"])), 120, after=last_kill)
             before = {n: joined(bed, n) for n in ("h1", "h2")}
@@ -314,10 +317,11 @@ def test_peer_sigkilled_mid_job_50_times(bed: Testbed, watch: Watch) -> None:
             kills += 1
         took = time.monotonic() - start
         print(
-            f"kills: {KILLS} in {took:.0f} s ({attempts} jobs), {fallbacks} fell back, "
+            f"kills: {total} in {took:.0f} s ({attempts} jobs), {fallbacks} fell back, "
             f"dead peer gone in <= {gone_s:.1f} s"
         )
-        assert fallbacks >= 0.9 * KILLS, f"only {fallbacks} of {KILLS} kills hit a job in flight"
+        # A kill can land just after the run ended (1 in 10 allowed); most must hit one in flight.
+        assert fallbacks >= int(0.9 * total), f"only {fallbacks} of {total} kills hit a job in flight"
         assert bed.alive("h0")
         # Both peers are back and later jobs span them again.
         watch.wait_health("h0", lambda h: {"h1", "h2"} <= set(h["peers"]), 120, after=last_kill)

@@ -8,7 +8,6 @@ import io
 import json
 import random
 import subprocess
-import time
 from collections.abc import Iterator
 
 import msgpack
@@ -97,7 +96,6 @@ def test_hostile_messages_do_not_stop_the_agent(node: tuple[int, subprocess.Pope
         {"id": "surrogate", "model": "bert", "inputs": {"text": ["\ud800"]}},
     ]
     waiter = sub(port, f"{root}/results/#", len(bad_jobs) + 1, timeout_s=90)
-    time.sleep(0.3)
     for job in bad_jobs:
         pub(port, f"{root}/jobs", json.dumps(job))
     # A response topic with a wildcard cannot be published to: the answer goes to results/{id}.
@@ -132,7 +130,6 @@ def test_hostile_messages_do_not_stop_the_agent(node: tuple[int, subprocess.Pope
     assert got["wildreply"]["ok"] is True
     assert proc.poll() is None
     after = sub(port, f"{root}/results/alive", 1, timeout_s=60)
-    time.sleep(0.3)
     pub(port, f"{root}/jobs", json.dumps({"id": "alive", "model": "bert", "inputs": {"text": ["still here"]}}))
     assert json.loads(after.communicate(timeout=60)[0])["ok"] is True
     assert proc.poll() is None

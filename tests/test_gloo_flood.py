@@ -19,14 +19,18 @@ import pytest
 
 from testbed.bed import Testbed
 from tests.netns import require_netns
+from tests.volumes import soak
 
 pytestmark = [pytest.mark.testbed, pytest.mark.mqtt, pytest.mark.gloo]
 NODES = ("h0", "h1")
 UNIT_FILES = 65536  # the unit's LimitNOFILE
-#: (descriptor limit, connects to each GLOO port): the issue's 1,100 at 1024, and 70,000 at the
-#: unit's limit (or this machine's hard limit where that is lower: without CAP_SYS_RESOURCE a
-#: test cannot raise it, and a lower limit only makes 70,000 connects harder to survive).
-CASES = [(1024, 1100), (UNIT_FILES, 70_000)]
+#: (descriptor limit, connects to each GLOO port): the issue's 1,100 at 1024 in every run, and in
+#: the soak (``scripts/soak.py``) also 70,000 at the unit's limit (or this machine's hard limit
+#: where that is lower: without CAP_SYS_RESOURCE a test cannot raise it, and a lower limit only
+#: makes 70,000 connects harder to survive). Both run the descriptors out the same way.
+CASES = [pytest.param(1024, 1100, id="limit1024")]
+if soak():
+    CASES.append(pytest.param(UNIT_FILES, 70_000, id="unit-limit"))
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +89,7 @@ def flood(bed: Testbed, ports: dict[str, set[int]], connects: int) -> dict[str, 
     return {node: hammered(bed, node) for node in NODES}
 
 
-@pytest.mark.parametrize(("files", "connects"), CASES, ids=["limit1024", "unit-limit"])
+@pytest.mark.parametrize(("files", "connects"), CASES)
 def test_connects_to_gloo_listeners_leave_the_daemon_serving(bed: Testbed, files: int, connects: int) -> None:
     files = min(files, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
     for i, node in enumerate(NODES):

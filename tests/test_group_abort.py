@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -14,8 +16,15 @@ from tests.mqtt_env import agent, ask_node, mosquitto, pub, sub, wait_peer
 pytestmark = [pytest.mark.mqtt, pytest.mark.gloo]
 
 CLUSTER = "gabort"
-# A long GLOO timeout, so only the offline report can end the run early.
-ENV = {"PRISM_HEALTH_INTERVAL_S": "0.5", "PRISM_PROBE_INTERVAL_S": "0.5", "PRISM_GROUP_TIMEOUT_S": "120"}
+# Long group and collective timeouts and a long silence limit (no beats from the frozen peer
+# would otherwise fail the run after 3 s): only the offline report can end the run early.
+ENV = {
+    "PRISM_HEALTH_INTERVAL_S": "0.5",
+    "PRISM_PROBE_INTERVAL_S": "0.5",
+    "PRISM_GROUP_TIMEOUT_S": "120",
+    "PRISM_COLLECTIVE_TIMEOUT_S": "120",
+    "PRISM_PEER_SILENCE_S": "120",
+}
 
 
 def job(job_id: str) -> dict[str, object]:
@@ -27,10 +36,23 @@ def job(job_id: str) -> dict[str, object]:
     }
 
 
+def started(proc: subprocess.Popen[str], job_id: str, timeout_s: float) -> None:
+    """Until the agent's log says it started ``job_id`` with a peer."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for line in Path(proc.log_path).read_text().splitlines():  # type: ignore[attr-defined]
+            if '"job_started"' in line and job_id in line:
+                event = json.loads(line)
+                assert event["peers"], event  # the job is split, not run alone
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"{job_id} not started in {timeout_s} s")
+
+
 def test_a_peer_reported_offline_mid_run_is_abandoned_at_once() -> None:
     with (
         mosquitto() as port,
-        agent(port, CLUSTER, "g1", "bert=tiny-bert", env=ENV),
+        agent(port, CLUSTER, "g1", "bert=tiny-bert", env=ENV) as coordinator,
         agent(port, CLUSTER, "g2", "bert=tiny-bert", env=ENV) as peer,
     ):
         wait_peer(port, CLUSTER, "g1", "g2")
@@ -39,9 +61,9 @@ def test_a_peer_reported_offline_mid_run_is_abandoned_at_once() -> None:
         peer.send_signal(signal.SIGSTOP)  # frozen: its sockets stay open, no reset will come
         try:
             waiter = sub(port, f"prism/v1/{CLUSTER}/results/#", 1, timeout_s=60)
-            time.sleep(0.3)
             pub(port, f"prism/v1/{CLUSTER}/nodes/g1/jobs", json.dumps(job("stuck")))
-            time.sleep(3)  # g1 now waits in a collective on the frozen g2
+            started(coordinator, "stuck", timeout_s=30)
+            time.sleep(1)  # into the run: g1 waits on the frozen g2, and nothing but the report ends that
             reported = time.monotonic()
             pub(port, f"prism/v1/{CLUSTER}/nodes/g2/status", "offline")  # what the broker's Last Will says
             out, err = waiter.communicate(timeout=90)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import time
 
 import pytest
 
@@ -63,7 +65,12 @@ async def test_a_crash_inside_a_job_is_an_internal_error_not_a_dead_service(
 
 
 def test_distributed_request_without_peers_is_answered_locally_and_flagged(models: Models) -> None:
-    result = asyncio.run(service(models).handle(job(1, mode="distributed")))
+    # A batch that computes for a while (well over os.times()' 10 ms tick), so its energy shows.
+    rows = [[(7 * r + j) % 900 + 100 for j in range(512)] for r in range(16)]
+    payload = json.dumps({"id": "j1", "model": "bert", "inputs": {"token_ids": rows}, "mode": "distributed"})
+    start = time.monotonic()
+    result = asyncio.run(service(models).handle(payload.encode()))
+    took_s = time.monotonic() - start
     assert result.ok
     assert result.mode == "local"
     assert result.fallback is True
@@ -71,7 +78,10 @@ def test_distributed_request_without_peers_is_answered_locally_and_flagged(model
     assert result.decision["requested"] == "distributed"
     assert result.energy is not None
     assert result.energy["source"] == "cpu-model"  # no sensor in this service: the model says so
-    assert result.energy["joules"] >= 0
+    # The model's CPU seconds x 4 W a core: more than nothing, at most every core busy all along.
+    joules = result.energy["joules"]
+    assert 0 < joules <= 4.0 * (os.cpu_count() or 1) * (took_s + 0.01)
+    assert result.energy["per_sample_j"] == pytest.approx(joules / 16)
 
 
 @pytest.mark.parametrize(

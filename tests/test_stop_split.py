@@ -148,7 +148,6 @@ def test_sigterm_during_a_split_answers_it_then_exits_zero(pair: Pair) -> None:
     pair.notify.wait_for("READY=1")
     split(pair, "warm")  # the group exists: the next split goes straight to its run
     waiter = sub(pair.port, f"prism/v1/{CLUSTER}/results/in-flight", 1, timeout_s=60)
-    time.sleep(0.3)  # mosquitto_sub subscribes (results are not retained)
     pair.peer.send_signal(signal.SIGSTOP)  # the split cannot finish until the peer resumes
     try:
         pub(pair.port, f"prism/v1/{CLUSTER}/nodes/c1/jobs", json.dumps({"id": "in-flight", **SPLIT}))
