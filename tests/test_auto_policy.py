@@ -41,7 +41,13 @@ def by_option(data: dict[str, Any]) -> dict[tuple[int, str, str | None, float | 
     return {(c["batch"], c["mode"], c["method"], c["cr"]): c for c in data["cells"]}
 
 
-OPTIONS = (("local", None, None), ("full", None, None), ("prism", "means", 4.0), ("prism", "codes", 4.0))
+OPTIONS = (
+    ("local", None, None),
+    ("full", None, None),
+    ("prism", "means", 4.0),
+    ("prism", "codes", 4.0),
+    ("prism", "kv", 4.0),
+)
 
 
 def test_profile_writes_a_versioned_map_with_every_cell(profiled: Path) -> None:
@@ -51,7 +57,7 @@ def test_profile_writes_a_versioned_map_with_every_cell(profiled: Path) -> None:
     assert data["energy_source"] == "cpu-model"  # no sensor here, and the map says so
     assert set(data["models"]) == {"tiny-bert"}
     cells = by_option(data)
-    assert set(cells) == {(b, *o) for b in (1, 8) for o in OPTIONS}  # both methods by default
+    assert set(cells) == {(b, *o) for b in (1, 8) for o in OPTIONS}  # every method by default
     for (_, mode, _, _), c in cells.items():
         assert 0 < c["median_ms"] <= c["p90_ms"]
         assert c["samples"] == 2
@@ -61,10 +67,11 @@ def test_profile_writes_a_versioned_map_with_every_cell(profiled: Path) -> None:
             assert 0 < c["cosine"] <= 1.0
         else:
             assert c["cosine"] == 1.0  # exact
-    full, means, codes = cells[(8, "full", None, None)], cells[(8, *OPTIONS[2])], cells[(8, *OPTIONS[3])]
+    full, means, codes, kv = (cells[(8, *o)] for o in OPTIONS[1:])
     assert full["rounds"] >= 2 + 2  # two layers plus inputs and outputs
     assert 0 < means["wire_bytes"] < full["wire_bytes"]  # Segment Means sends less
     assert 0 < codes["wire_bytes"] < full["wire_bytes"]  # so do codes
+    assert codes["wire_bytes"] <= kv["wire_bytes"] < full["wire_bytes"]  # kv fills its 1/4; codes stop at 8 bits
     assert full["comm_ms"] > 0
 
 
@@ -74,6 +81,7 @@ def test_map_show_and_decide(profiled: Path, tmp_path: Path) -> None:
     assert shown.returncode == 0, shown.stderr
     assert "means@4" in shown.stdout
     assert "codes@4" in shown.stdout
+    assert "kv@4" in shown.stdout
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     decided = cli("map", "decide", str(profiled), "--batch", "8", "--bandwidth", "1000", "--json")
     assert decided.returncode == 0, decided.stderr
@@ -171,7 +179,7 @@ def test_profile_through_the_agents_over_their_real_link(
     cells = by_option(data)
     # codes run only on agents that say which method they ran; older ones are skipped, and said so
     assert {(b, *o) for b in (1, 4) for o in OPTIONS[:3]} <= set(cells) <= {(b, *o) for b in (1, 4) for o in OPTIONS}
-    if len(cells) < 8:
+    if len(cells) < 2 * len(OPTIONS):
         assert "does not say which method it ran" in got.stderr
     for (_, mode, _, _), c in cells.items():
         assert c["samples"] == 2

@@ -27,6 +27,7 @@ import structlog
 from agent.jobs.journal import Entry, Journal, Recovery, State
 from agent.jobs.replies import TRANSIENT, Outbox, Reply, job_key
 from agent.jobs.service import JobService
+from agent.node.memory import trim_heap
 from transport.mqtt import REFUSED, MqttLink, Topics, TransportError, reason_name
 from transport.schema import Limits, Result, WireError, decode
 
@@ -126,7 +127,7 @@ class Intake:
             return
         as_msgpack = not payload.lstrip().startswith(b"{")
         try:
-            encoded = await asyncio.get_running_loop().run_in_executor(self._encoder, result.encode, as_msgpack)
+            encoded = await asyncio.get_running_loop().run_in_executor(self._encoder, _encode, result, as_msgpack)
         except Exception:
             log.exception("result_unencodable", job=result.id)
             encoded = Result.failure(result.id, "internal", "the result could not be encoded").encode(as_msgpack)
@@ -220,3 +221,10 @@ class Intake:
         encoded = error.encode(not payload.lstrip().startswith(b"{"))  # in the result's own format
         await self.journal.answer(reply.key, encoded)  # a copy of the job gets the error, not the result
         self.outbox.replace(reply, Reply(reply.key, fallback, encoded, reply.correlation, job_id, transient=True))
+
+
+def _encode(result: Result, as_msgpack: bool) -> bytes:
+    """The result's bytes; then, now and then, the freed memory of earlier ones back to the system."""
+    encoded = result.encode(as_msgpack)
+    trim_heap()
+    return encoded

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import dataclasses
 import os
 import random
@@ -20,6 +19,7 @@ from agent.jobs.service import Served
 from agent.node.broker import HostedBroker, find_broker, port_free
 from agent.node.config import ConfigError, Settings, pick_device
 from agent.node.daemon import Node
+from agent.node.memory import tame_malloc
 from agent.node.sdnotify import Notifier
 from engine.localcluster import free_port
 from engine.models import fingerprint, load, to_device
@@ -68,22 +68,6 @@ def raise_descriptor_limit() -> int:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
             soft = hard
     return soft
-
-
-def tame_malloc() -> bool:
-    """Keep freed memory from piling up in glibc's heaps (a fixed mmap threshold, two arenas).
-
-    Results of a few hundred kB are built and freed on several threads; with glibc's defaults
-    the mmap threshold grows past their size after the first frees and every thread gets an
-    arena of its own, so freed results stay in the process as fragmented heap. True when the
-    C library took the settings (glibc on Linux)."""
-    try:
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    m_mmap_threshold, m_arena_max = -3, -8
-    return bool(mallopt(m_mmap_threshold, 128 * 1024)) and bool(mallopt(m_arena_max, 2))
 
 
 def watchdog_interval_s() -> float | None:
