@@ -125,7 +125,9 @@ class Decision:
 
     def as_dict(self) -> dict[str, Any]:
         """What goes into results and logs."""
-        shown = sorted(self.options, key=lambda o: o.ms)[:6]
+        ranked = sorted(self.options, key=lambda o: o.ms)
+        # the six fastest, and local always (the reference every split is weighed against)
+        shown = ranked[:6] + [o for o in ranked[6:] if o.name == "local"][:1]
         return {
             "mode": self.mode,
             "option": self.option,

@@ -150,7 +150,7 @@ def test_auto_follows_the_map_and_explains_itself(agents: tuple[int, Path, subpr
         assert r["ok"], r
         assert r["mode"] == "distributed", r["decision"]
         assert r["peers"] == ["a2"]
-        assert r["decision"]["option"] in ("full", "means@4", "codes@4")
+        assert r["decision"]["option"] in ("full", "means@4", "codes@4", "kv@4")
         assert r["decision"]["predicted_ms"] > 0
         assert "predicted" in r["decision"]["reason"]
     local = on_a2["l1"]

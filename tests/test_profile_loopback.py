@@ -28,13 +28,15 @@ def profiled() -> tuple[PerfMap, str]:
 def test_every_option_is_measured_and_scored(profiled: tuple[PerfMap, str]) -> None:
     perf, log = profiled
     cells = {c.option: c for c in perf.cells}
-    # 1-bit codes of every row need 1/51 of full exchange on tiny-bert: codes@64 cannot run.
-    assert set(cells) == {"local", "full", "means@4", "means@64", "codes@4"}
+    # 1-bit codes of every row need 1/51 of full exchange on tiny-bert: codes@64 (and kv@64,
+    # two rows a token) cannot run.
+    assert set(cells) == {"local", "full", "means@4", "means@64", "codes@4", "kv@4"}
     assert "skipped batch 2 codes@64: CR 64 is too tight for method 'codes'" in log
+    assert "skipped batch 2 kv@64: CR 64 is too tight for method 'kv'" in log
     for name in ("local", "full"):
         assert cells[name].fidelity == 1.0
         assert (cells[name].cosine, cells[name].top1) == (1.0, 1.0)  # exact; tiny-bert classifies: logits
-    for name in ("means@4", "means@64", "codes@4"):
+    for name in ("means@4", "means@64", "codes@4", "kv@4"):
         c = cells[name]
         assert c.cosine is not None, name
         assert c.cosine_min is not None, name
@@ -43,6 +45,7 @@ def test_every_option_is_measured_and_scored(profiled: tuple[PerfMap, str]) -> N
         assert 0.0 <= c.top1 <= 1.0, name
         assert c.wire_bytes > 0, name
     assert cells["codes@4"].method == "codes"
+    assert cells["kv@4"].method == "kv"
     assert cells["means@4"].method == "means"
     assert cells["codes@4"].cosine > 0.999  # every row in 8-bit codes
     # (How much Segment Means lose is not asserted: a random tiny-bert's logits hardly depend

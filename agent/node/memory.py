@@ -9,7 +9,7 @@ An earlier fix fixed the mmap threshold at 128 KiB instead: every tensor over it
 activation of a layer) was then mmapped and unmapped on each use, and its pages faulted in
 again: vit-base batch 8 locally, interleaved, one process per setting, 9 runs each: 208 ms
 per sample against 174 with glibc's defaults, 175 with two arenas, 180 with a trim before
-every job (docs/benchmarks.md §10).
+every job (scripts/bench_malloc.py, docs/benchmarks.md §10).
 """
 
 from __future__ import annotations
