@@ -245,7 +245,8 @@ def test_the_two_one_packet_kills_again_and_again(bed: Testbed, watch: Watch) ->
 
 def test_the_probe_port_under_abuse_keeps_serving_and_frees_descriptors(bed: Testbed, watch: Watch) -> None:
     pid = bed.procs["h0"].pid
-    port = watch.wait_health("h0", lambda h: True, 30)["probe_port"]
+    # h0 may have been restarted by the test before: its splits need its peers admitted again
+    port = watch.wait_health("h0", lambda h: {"h1", "h2"} <= set(h.get("peers") or []), 60)["probe_port"]
     warm = [job(f"pw{k}", batch=4, n=128, mode="distributed") for k in range(4)]
     warmed = run_jobs(
         bed, 2, warm, node="h0", in_flight=2, timeout_s=120
