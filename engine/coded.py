@@ -77,13 +77,13 @@ def check_budget(plan: PartitionPlan, comp: Compression, batch: int, d: int, n_l
             payload_bits(plan, comp, batch, q, d, n_layers)
 
 
-def position_major(x: torch.Tensor) -> torch.Tensor:
+def _rows(x: torch.Tensor) -> torch.Tensor:
     """(B, n, D) -> (n * B, D), position-major."""
     return x.transpose(0, 1).reshape(-1, x.shape[-1])
 
 
-def batch_major(rows: torch.Tensor, batch: int) -> torch.Tensor:
-    """Inverse of :func:`position_major`: (n * B, D) -> (B, n, D)."""
+def _unrows(rows: torch.Tensor, batch: int) -> torch.Tensor:
+    """Inverse of :func:`_rows`: (n * B, D) -> (B, n, D)."""
     return rows.view(-1, batch, rows.shape[-1]).transpose(0, 1)
 
 
@@ -151,8 +151,8 @@ class CodedRows(Coder):
             self.own[s] = y  # the receivers rebuild it themselves
             return empty
         own = self.own[s]
-        payload, recon = encode(position_major(y - own), self.bits[self.rank][c])
-        self.own[s] = own + batch_major(recon, y.shape[0])
+        payload, recon = encode(_rows(y - own), self.bits[self.rank][c])
+        self.own[s] = own + _unrows(recon, y.shape[0])
         return payload
 
     def remote_kv(
@@ -165,7 +165,7 @@ class CodedRows(Coder):
         for n, q in enumerate(self.senders):
             held = self.held[q][s]
             if i > 0:
-                held = held + batch_major(decode(payloads[n], self.bits[q][c]), held.shape[0])
+                held = held + _unrows(decode(payloads[n], self.bits[q][c]), held.shape[0])
                 self.held[q][s] = held
             k, v = self.adapter.rotated_kv(i, held)
             keys.append(k)

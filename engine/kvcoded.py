@@ -39,7 +39,6 @@ class CodedKV(Coder):
     def __init__(self, job: CoderArgs) -> None:
         super().__init__(job)
         adapter = job.adapter
-        self.head = adapter.head_dim(0)
         self.rows_of = {q: job.plan.sizes[q] for q in job.senders}
         self._bias: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         # Layer 0 of every sender's rows, K and V rebuilt here from the inputs (the sender's own call).
