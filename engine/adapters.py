@@ -30,6 +30,7 @@ class Task(enum.Enum):
     EMBED = "embed"  # BERT: mean-pooled sentence embedding over real tokens
     NEXT_TOKEN = "next_token"  # GPT-2: next-token logits after the last real token
     LOGLIK = "loglik"  # GPT-2: summed log-likelihood and token count per sample
+    GENERATE = "generate"  # GPT-2: a prompt's prefill: next-token logits and every layer's K/V (``past_kv``)
 
 
 @dataclass(frozen=True, slots=True)

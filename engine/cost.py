@@ -51,7 +51,8 @@ def received_rows(plan: PartitionPlan, comp: Compression, causal: bool) -> list[
     """Rows each rank receives per sample per layer (no padding)."""
     mask = torch.ones(1, plan.n_tokens, dtype=torch.bool)
     sent = [layout(plan, q, mask, comp).n_segments for q in range(plan.ranks)]
-    return [sum(sent[q] for q in range(plan.ranks) if q != p and (q < p or not causal)) for p in range(plan.ranks)]
+    ranks = range(plan.ranks)
+    return [sum(sent[q] for q in ranks if q != p and (plan.precedes(q, p) or not causal)) for p in ranks]
 
 
 def rank_macs(plan: PartitionPlan, comp: Compression, d: int, f: float, causal: bool = False) -> list[float]:
@@ -59,7 +60,7 @@ def rank_macs(plan: PartitionPlan, comp: Compression, d: int, f: float, causal: 
     rank has receivers (under a causal plan the last rank has none); ``kv`` ranks project
     no received row."""
     rows = received_rows(plan, comp, causal)
-    last = plan.ranks - 1
+    last = plan.last_rank
     return [
         block_macs_rank(
             plan.sizes[p],
@@ -81,7 +82,7 @@ def macs_reduction(plan: PartitionPlan, comp: Compression, d: int, f: float, cau
 
 
 def _receivers(plan: PartitionPlan, sender: int, causal: bool) -> int:
-    return plan.ranks - 1 - sender if causal else plan.ranks - 1
+    return plan.later(sender) if causal else plan.ranks - 1
 
 
 def full_exchange_bytes(plan: PartitionPlan, batch: int, d: int, n_layers: int, causal: bool, elem_bytes: int) -> int:

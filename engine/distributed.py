@@ -118,6 +118,9 @@ def run_rank(comm: Comm, adapter: Adapter, spec: JobSpec, inputs: Tensors | None
                 outputs = adapter.finalize(spec.task, summed)
                 if spec.gather_hidden:
                     outputs["hidden"] = summed["hidden"]
+                past = prog.past_kv()  # a generation's prefill: rank 0 holds the last block
+                if past is not None:
+                    outputs["past_kv"] = past
     trace.wall_s = time.perf_counter() - start
     trace.cpu_s = time.process_time() - cpu_start
     traces = comm.gather_traces(trace)

@@ -12,11 +12,11 @@ from engine.segments import last_real_positions
 
 
 class GPT2Adapter(Adapter):
-    """Next-token logits and sequence log-likelihood. Right padding only."""
+    """Next-token logits, sequence log-likelihood and a generation's prefill. Right padding only."""
 
     family = "gpt2"
     causal = True
-    tasks = (Task.NEXT_TOKEN, Task.LOGLIK)
+    tasks = (Task.NEXT_TOKEN, Task.LOGLIK, Task.GENERATE)
 
     def __init__(self, model: Any) -> None:
         backbone: Any = model.transformer if hasattr(model, "transformer") else model
@@ -68,7 +68,7 @@ class GPT2Adapter(Adapter):
 
     def partials(self, task: Task, h: torch.Tensor, shared: Tensors, span: range, shapes: Shapes) -> Tensors:
         mask = self.token_mask(shared, shapes).to(h.device)
-        if task is Task.NEXT_TOKEN:
+        if task in (Task.NEXT_TOKEN, Task.GENERATE):
             last = last_real_positions(mask) - span.start  # (B,)
             mine = (last >= 0) & (last < h.shape[1])
             rows = h[torch.arange(h.shape[0], device=h.device), last.clamp(0, h.shape[1] - 1)]
@@ -87,20 +87,24 @@ class GPT2Adapter(Adapter):
         return {"loglik": picked.sum(dim=1), "count": valid.sum(dim=1)}  # fp32 whatever the model dtype
 
     def finalize(self, task: Task, summed: Tensors) -> Tensors:
-        if task is Task.NEXT_TOKEN:
+        if task in (Task.NEXT_TOKEN, Task.GENERATE):
             return {"logits": self.lm_head(summed["last"])}
         return {"loglik": summed["loglik"], "count": summed["count"]}
 
     def reference(self, task: Task, inputs: Tensors) -> Tensors:
         ids = inputs["input_ids"]
         mask = inputs.get("attention_mask", torch.ones_like(ids))
-        hidden = self.backbone(input_ids=ids, attention_mask=mask).last_hidden_state  # after ln_f
-        if task is Task.NEXT_TOKEN:  # the head on the rows asked for only, as PRISM does
+        out = self.backbone(input_ids=ids, attention_mask=mask, use_cache=task is Task.GENERATE)
+        hidden = out.last_hidden_state  # after ln_f
+        if task in (Task.NEXT_TOKEN, Task.GENERATE):  # the head on the rows asked for only, as PRISM does
             last = last_real_positions(mask.bool())
-            return {
-                "logits": self.lm_head(hidden[torch.arange(ids.shape[0], device=ids.device), last]),
-                "hidden": hidden,
-            }
+            rows = hidden[torch.arange(ids.shape[0], device=ids.device), last]
+            got = {"logits": self.lm_head(rows), "hidden": hidden}
+            if task is Task.GENERATE:
+                cache = out.get("cache")  # transformers 5.x; earlier: past_key_values
+                cache = out.past_key_values if cache is None else cache
+                got["past_kv"] = torch.stack([torch.stack([kv.keys, kv.values]) for kv in cache.layers])
+            return got
         logp = F.log_softmax(self.lm_head(hidden[:, :-1]).float(), dim=-1)
         valid = (mask[:, 1:] * mask[:, :-1]).to(logp.dtype)
         picked = logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1) * valid

@@ -1,4 +1,8 @@
-"""Partition plans: which contiguous token positions each rank owns (docs/design.md §3.1)."""
+"""Partition plans: which contiguous token positions each rank owns (docs/design.md §3.1).
+
+Blocks follow rank order (rank 0 first) unless a plan says otherwise: a generation's
+prefill puts the coordinator (rank 0) on the last block, so under a causal model it receives
+every earlier position and can go on decoding alone (docs/design.md §3.8)."""
 
 from __future__ import annotations
 
@@ -11,13 +15,28 @@ from engine.errors import BadRequest
 
 @dataclass(frozen=True, slots=True)
 class PartitionPlan:
-    """Contiguous blocks of token positions, one per rank, covering ``0..n_tokens-1``."""
+    """Contiguous blocks of token positions, one per rank, covering ``0..n_tokens-1``.
+
+    ``sizes[r]`` is rank r's block; ``order`` lists the ranks in position order (default
+    ``0, 1, ..., P-1``).
+    """
 
     sizes: tuple[int, ...]
+    order: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.sizes or any(s < 1 for s in self.sizes):
             raise BadRequest(f"every rank needs at least one token, got sizes {list(self.sizes)}")
+        if not self.order:
+            object.__setattr__(self, "order", tuple(range(len(self.sizes))))
+        elif sorted(self.order) != list(range(len(self.sizes))):
+            last = len(self.sizes) - 1
+            raise BadRequest(f"a plan's order must list ranks 0..{last} once each, got {list(self.order)}")
+
+    def root_last(self) -> PartitionPlan:
+        """Every rank keeps its block size; ranks 1..P-1 take the leading blocks, rank 0 the
+        final one."""
+        return PartitionPlan(self.sizes, (*range(1, self.ranks), 0))
 
     @classmethod
     def equal(cls, n_tokens: int, ranks: int) -> PartitionPlan:
@@ -61,7 +80,21 @@ class PartitionPlan:
 
     def start(self, rank: int) -> int:
         """First global position owned by ``rank``."""
-        return sum(self.sizes[:rank])
+        return sum(self.sizes[r] for r in self.order[: self.order.index(rank)])
+
+    def precedes(self, rank: int, other: int) -> bool:
+        """Whether ``rank``'s block comes before ``other``'s (under a causal model: ``other``
+        attends to ``rank``'s rows)."""
+        return self.order.index(rank) < self.order.index(other)
+
+    def later(self, rank: int) -> int:
+        """How many ranks' blocks come after ``rank``'s."""
+        return self.ranks - 1 - self.order.index(rank)
+
+    @property
+    def last_rank(self) -> int:
+        """The rank that owns the final positions."""
+        return self.order[-1]
 
     def span(self, rank: int) -> range:
         """Global positions owned by ``rank``."""
@@ -70,7 +103,7 @@ class PartitionPlan:
 
     def owner(self, position: int) -> int:
         """Rank that owns global ``position``."""
-        for rank in range(self.ranks):
+        for rank in self.order:
             if position < self.start(rank) + self.sizes[rank]:
                 return rank
         raise BadRequest(f"position {position} is outside a plan of {self.n_tokens} tokens")

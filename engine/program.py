@@ -117,8 +117,9 @@ class RankProgram:
         ]
         others = [q for q in range(spec.plan.ranks) if q != rank]
         # Causal models only need rows from earlier ranks (docs/design.md §3.5).
-        self.senders = [q for q in others if q < rank] if adapter.causal else others
-        self.receivers = [q for q in others if q > rank] if adapter.causal else others
+        plan = spec.plan
+        self.senders = [q for q in others if plan.precedes(q, rank)] if adapter.causal else others
+        self.receivers = [q for q in others if plan.precedes(rank, q)] if adapter.causal else others
         self.bias = key_bias(
             mask[:, self.span.start : self.span.stop],
             [self.layouts[q].counts for q in self.senders],
@@ -140,6 +141,14 @@ class RankProgram:
             self.coded = CodedRows(job)
         elif spec.comp.uses_kv:
             self.kv = CodedKV(job)
+        # A generation's prefill: the rank on the last block keeps every layer's K/V of every
+        # position (its own exact, the senders' as received) for the decode (§3.8).
+        keeps = spec.task is Task.GENERATE and rank == plan.last_rank
+        self.cache: list[tuple[torch.Tensor, torch.Tensor]] | None = [] if keeps else None
+        self._repeats: torch.Tensor | None = None
+        if keeps:  # how many positions each received row stands for (segment means: many)
+            counts = torch.cat([self.layouts[q].counts for q in self.senders], dim=1) if self.senders else None
+            self._repeats = None if counts is None else counts[0].round().long().to(device)
 
     @property
     def my_layout(self) -> SegmentLayout:
@@ -196,6 +205,8 @@ class RankProgram:
         q, k, v = prepared if prepared is not None else self.prepare(i, x, c)
         if self.kv is not None:  # decoded into one buffer with the local rows: no concatenation
             k, v = self.kv.keys_values(i, k, v, remote, c)
+            if self.cache is not None:
+                self.cache.append((k, v))
             return self.adapter.finish(i, h, attend(q, k, v, self._bias[c], self.adapter.scaling(i)))
         if self.coded is not None:
             keys, values = self.coded.remote_kv(i, remote, c)  # (b, h, n_q, d) per sender
@@ -205,9 +216,30 @@ class RankProgram:
             keys, values = [k_remote], [v_remote]
         else:
             keys, values = [], []
+        n = k.shape[2]
         k, v = torch.cat([k, *keys], dim=2), torch.cat([v, *values], dim=2)  # keys: [local ; senders]
+        if self.cache is not None:
+            self._keep(n, k, v)
         ctx = attend(q, k, v, self._bias[c], self.adapter.scaling(i))  # (b, h, n, d)
         return self.adapter.finish(i, h, ctx)
+
+    def _keep(self, n: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Keep a layer's keys and values (local rows first) for the decode: a received segment
+        mean once per position it stands for, which is how it weighs in attention under the
+        count bias (a key repeated m times = one key with bias log m)."""
+        assert self.cache is not None
+        if self._repeats is not None and not bool((self._repeats == 1).all()):
+            k = torch.cat([k[:, :, :n], k[:, :, n:].repeat_interleave(self._repeats, dim=2)], dim=2)
+            v = torch.cat([v[:, :, :n], v[:, :, n:].repeat_interleave(self._repeats, dim=2)], dim=2)
+        self.cache.append((k, v))
+
+    def past_kv(self) -> torch.Tensor | None:
+        """Every layer's kept keys and values, (L, 2, 1, heads, N, d), or None on a rank that
+        keeps none. Positions are local rows first, then the senders': attention over a cache
+        does not depend on its order (GPT-2's positions are in the rows)."""
+        if not self.cache:
+            return None
+        return torch.stack([torch.stack(kv) for kv in self.cache])
 
     def partials(self, h: torch.Tensor) -> Tensors:
         """This rank's sum-reducible share of the output, from the whole batch's final rows."""
@@ -242,6 +274,10 @@ def plan_job(
     plan = PartitionPlan.weighted(shapes.n_tokens, weights) if weights else PartitionPlan.equal(shapes.n_tokens, ranks)
     if plan.ranks != ranks:
         raise BadRequest(f"{len(weights or [])} rank weights given for {ranks} ranks")
+    if task is Task.GENERATE:  # rank 0 (the coordinator) takes the last block and keeps the cache
+        if shapes.batch != 1:
+            raise BadRequest(f"generate takes one prompt per job, got {shapes.batch}")
+        plan = plan.root_last()
     check_budget(plan, comp, shapes.batch, adapter.hidden_size, adapter.n_layers)
     if chunks is None:
         chunks = min(shapes.batch, MAX_CHUNKS) if overlap else 1
@@ -250,7 +286,7 @@ def plan_job(
 
 #: Version of what ranks exchange about a job: the spec's fields, the step order and the trace.
 #: Nodes split jobs only with peers of the same version (it travels in their health).
-ENGINE_VERSION = 3  # 3: method kv
+ENGINE_VERSION = 4  # 3: method kv; 4: task generate, plans with an order
 
 
 def spec_to_dict(spec: JobSpec) -> dict[str, Any]:
@@ -260,6 +296,7 @@ def spec_to_dict(spec: JobSpec) -> dict[str, Any]:
         "model": spec.model,
         "task": spec.task.value,
         "sizes": list(spec.plan.sizes),
+        "order": list(spec.plan.order),
         "cr": comp.cr,
         "keep_first": comp.keep_first,
         "keep_last": comp.keep_last,
@@ -290,7 +327,7 @@ def spec_from_dict(data: dict[str, Any]) -> JobSpec:
         return JobSpec(
             str(data["model"]),
             Task(data["task"]),
-            PartitionPlan(sizes),
+            PartitionPlan(sizes, tuple(int(r) for r in data.get("order", ()))),
             comp,
             int(data["batch"]),
             bool(data.get("gather_hidden", False)),

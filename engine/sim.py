@@ -72,6 +72,9 @@ def run_simulated(adapter: Adapter, spec: JobSpec, inputs: Tensors) -> RunResult
         outputs = adapter.finalize(spec.task, summed)
         if spec.gather_hidden:
             outputs["hidden"] = summed["hidden"]
+        past = progs[spec.plan.last_rank].past_kv()
+        if past is not None:
+            outputs["past_kv"] = past
     wall = time.perf_counter() - start
     for trace in traces:
         trace.wall_s = wall
