@@ -1,6 +1,6 @@
 """A hostile host's tools, run inside a bed namespace by the security tests
 (``python -m testbed.rogue COMMAND``): capture and replay broker traffic, forge unsigned
-messages, replay or squat mDNS adverts, send mDNS goodbyes, hammer TCP ports, and stand in
+messages, replay or squat mDNS adverts, send mDNS goodbyes, hammer or burst TCP ports, and stand in
 for a third party that counts what it is sent. Each prints one JSON summary on stdout.
 """
 
@@ -11,6 +11,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import select
 import socket
 import sys
 import time
@@ -131,6 +132,36 @@ def hammer(host: str, ports: list[int], count: int) -> dict[str, Any]:
     return {"connects": done, "refused": refused}
 
 
+def burst(
+    host: str, ports: list[int], count: int, *, source: str = "", batch: int = 200, wait_s: float = 0.2
+) -> dict[str, Any]:
+    """``count`` TCP connects to each port, ``batch`` at a time, each closed once connected or
+    after ``wait_s`` (a port that drops SYNs costs ``wait_s`` a batch, not a timeout a connect)."""
+    tally = {"connects": 0, "refused": 0, "timeouts": 0}
+    for port in ports:
+        for first in range(0, count, batch):
+            socks = []
+            for _ in range(min(batch, count - first)):
+                s = socket.socket()
+                s.setblocking(False)
+                s.bind((source, 0))
+                s.connect_ex((host, port))
+                socks.append(s)
+            poll, pending = select.poll(), {s.fileno(): s for s in socks}
+            for fd in pending:
+                poll.register(fd, select.POLLOUT)
+            end = time.monotonic() + wait_s
+            while pending and (left := end - time.monotonic()) > 0:
+                for fd, _ in poll.poll(left * 1000):
+                    poll.unregister(fd)
+                    err = pending.pop(fd).getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                    tally["connects" if err == 0 else "refused"] += 1
+            tally["timeouts"] += len(pending)
+            for s in socks:
+                s.close()
+    return tally
+
+
 async def third_party(address: str, port: int, seconds: float) -> dict[str, Any]:
     """A service that is not a prism agent: count connections and bytes, per source, for ``seconds``."""
     seen: dict[str, list[int]] = {}
@@ -182,6 +213,12 @@ def main(argv: Sequence[str]) -> int:
     h.add_argument("--host", required=True)
     h.add_argument("--ports", required=True)
     h.add_argument("--count", type=int, default=2000)
+    b = sub.add_parser("burst")
+    b.add_argument("--host", required=True)
+    b.add_argument("--ports", required=True)
+    b.add_argument("--count", type=int, default=2000)
+    b.add_argument("--wait-s", type=float, default=0.2)
+    b.add_argument("--batch", type=int, default=200)
     t = sub.add_parser("third-party")
     t.add_argument("--address", required=True)
     t.add_argument("--port", type=int, required=True)
@@ -203,6 +240,8 @@ def main(argv: Sequence[str]) -> int:
         out = asyncio.run(mdns(ns.address, ns.action, ns.name, json.loads(ns.props), ns.seconds, ns.every))
     elif ns.cmd == "hammer":
         out = hammer(ns.host, [int(x) for x in ns.ports.split(",")], ns.count)
+    elif ns.cmd == "burst":
+        out = burst(ns.host, [int(x) for x in ns.ports.split(",")], ns.count, batch=ns.batch, wait_s=ns.wait_s)
     else:
         out = asyncio.run(third_party(ns.address, ns.port, ns.seconds))
     print(json.dumps(out))  # noqa: T201 - the summary is the output

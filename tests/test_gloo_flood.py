@@ -2,14 +2,16 @@
 agents under a descriptor limit (soft = hard, as ``LimitNOFILE=`` sets it), h2 is a host without
 the secret that connects to every port their group listened on, again and again, closing each
 connection at once (testbed/rogue.py ``hammer``): once with the group idle, once while it runs
-splits, one after another. Without the fix gloo aborted the process (``accept: Too many open files``) after
-~1,000 such connects at a limit of 1024.
+splits, one after another; and to the port of a group while it forms (``burst``). Without the
+fixes gloo aborted the process (``accept: Too many open files``) after ~1,000 such connects at a
+limit of 1024.
 """
 
 from __future__ import annotations
 
 import json
 import resource
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -18,6 +20,7 @@ from typing import Any
 import pytest
 
 from testbed.bed import Testbed
+from testbed.procs import TestbedError
 from tests.netns import require_netns
 from tests.volumes import soak
 
@@ -31,6 +34,10 @@ UNIT_FILES = 65536  # the unit's LimitNOFILE
 CASES = [pytest.param(1024, 1100, id="limit1024")]
 if soak():
     CASES.append(pytest.param(UNIT_FILES, 70_000, id="unit-limit"))
+#: (descriptor limit, connects, connects at a time) to the port of a group that forms.
+FORMING = [pytest.param(1024, 1100, 200, id="limit1024")]
+if soak():
+    FORMING.append(pytest.param(UNIT_FILES, 70_000, 1000, id="unit-limit"))
 
 
 @pytest.fixture(scope="module")
@@ -132,3 +139,48 @@ def test_connects_to_gloo_listeners_leave_the_daemon_serving(bed: Testbed, files
         f"{flooded_s:.1f} s, {len(splits)} splits meanwhile, {modes.count('distributed')} distributed, "
         f"the rest local; next job {nxt['mode']}; h0 and h1 alive"
     )
+
+
+@pytest.mark.parametrize(("files", "connects", "batch"), FORMING)
+def test_connects_while_a_group_forms_leave_the_daemon_serving(
+    bed: Testbed, files: int, connects: int, batch: int
+) -> None:
+    """h1 is frozen, so h0's group waits for it with its port open (up to the silence, 20 s here);
+    h2 finds the port and connects to it ``connects`` times. Before the listener admitted only the
+    members' addresses, h0 aborted; now the strangers' connects time out and h0 forms with h1
+    once it thaws (or, had the silence passed, runs the job locally)."""
+    files = min(files, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+    for i, node in enumerate(NODES):
+        bed.stop(node)
+        bed.start_agent(i, files=files, env={"PRISM_PEER_SILENCE_S": "20", "PRISM_GROUP_TIMEOUT_S": "30"})
+    bed.wait_cluster(NODES)
+    before = listening(bed, "h0")
+    with bed.watch() as watch:
+        bed.send("h1", signal.SIGSTOP)
+        try:
+            bed.pub(bed.topic("nodes/h0/jobs"), json.dumps(job(f"forming{files}")))
+            deadline = time.monotonic() + 20
+            while not (ports := listening(bed, "h0") - before):
+                assert time.monotonic() < deadline, "h0 opened no GLOO listener"
+            cmd = ["burst", "--host", bed.address(0), "--ports", ",".join(map(str, ports)), "--count", str(connects)]
+            out = bed.exec(2, sys.executable, "-m", "testbed.rogue", *cmd, "--batch", str(batch), "--wait-s", "0.05",
+                           capture_output=True, text=True, check=True).stdout  # fmt: skip
+            flood = json.loads(out.strip().splitlines()[-1])
+        finally:
+            bed.send("h1", signal.SIGCONT)
+        try:
+            first = watch.result(f"forming{files}", 40)
+        except TestbedError:
+            assert bed.alive("h0"), bed.log("h0")[-600:]  # gloo's abort, if that is why
+            raise
+        assert first["ok"] is True, first
+        nxt = {"mode": "", "ok": False}
+        deadline = time.monotonic() + 30  # h1 sits out until it is heard again, if the group failed
+        while nxt["mode"] != "distributed" and time.monotonic() < deadline:
+            bed.pub(bed.topic("nodes/h0/jobs"), json.dumps(job(jid := f"after{files}-{time.monotonic_ns()}")))
+            nxt = watch.result(jid, 60)
+            assert nxt["ok"] is True, nxt
+    assert [bed.alive(node) for node in NODES] == [True, True]
+    assert flood["connects"] == 0, flood  # no stranger got a connection
+    assert nxt["mode"] == "distributed", nxt  # groups form with the members' real addresses
+    print(f"limit {files}: {connects} connects to h0's forming port {ports}: {flood}; first job {first['mode']}")

@@ -4,10 +4,9 @@ Groups are standalone ``ProcessGroupGloo`` objects (no global default group), so
 process can hold several and tear one down without touching the others. On CUDA
 devices every tensor is staged through pinned CPU memory, timed as staging.
 
-The per-layer exchange can run asynchronously: :meth:`GlooComm.start_exchange` launches
-the all-to-all and returns at once, :meth:`GlooComm.finish_exchange` waits for it. GLOO
-runs launched collectives in launch order on its own threads, so several may be in
-flight while the caller computes.
+The per-layer exchange can run asynchronously: :meth:`GlooComm.start_exchange` launches the all-to-all
+and returns at once, :meth:`GlooComm.finish_exchange` waits for it. GLOO runs launched collectives in
+launch order on its own threads, so several may be in flight while the caller computes.
 """
 
 from __future__ import annotations
@@ -51,27 +50,28 @@ def make_group(
     address: str | None = None,
     prefix: str = "prism",
     closed_ports: list[int] | None = None,
+    admit: Sequence[str] | None = None,
 ) -> Any:
     """A GLOO group of ranks ``0..size-1`` over ``store`` (several may share one store).
 
     ``interface`` (e.g. ``lo``, ``eth0``) or ``address`` pins the NIC GLOO uses; without
     either GLOO resolves the hostname, which often lands on 127.0.0.1 and fails.
-    Every collective on the group fails after ``timeout_s``. Once formed, the group's
-    listening port is closed (:func:`transport.listener.seal`); its number is appended to
-    ``closed_ports``.
+    Every collective on the group fails after ``timeout_s``. With ``admit`` (the other members'
+    IPv4 addresses) the group's listening port hears only from them while it forms; once formed it
+    is closed (:func:`transport.listener.seal`), its number appended to ``closed_ports``.
     """
     gloo: Any = dist.ProcessGroupGloo
     options = gloo._Options()
     options._timeout = datetime.timedelta(seconds=timeout_s)
     try:
-        with new_listeners() as listeners:  # eager pairs: all connected once the group is built
+        with new_listeners(admit) as listeners:  # eager pairs: all connected once the group is built
             if interface or address:
                 device = gloo.create_device(hostname=address or "", interface=interface or "", lazy_init=False)
             else:
                 device = gloo.create_default_device(lazy_init=False)
         options._devices = [device]
         group = gloo(dist.PrefixStore(prefix, store), rank, size, options)  # type: ignore[attr-defined]
-    except (RuntimeError, ValueError) as exc:
+    except (RuntimeError, ValueError, OSError) as exc:
         raise GroupError(f"cannot form a GLOO group of {size} as rank {rank}: {exc}") from exc
     (closed_ports if closed_ports is not None else []).extend(seal(listeners))  # strangers are refused now
     return group

@@ -18,6 +18,10 @@ socket (``dup2``: the descriptor number stays the listener's, gloo closes it wit
 device). The socket closes, epoll forgets it, and later connects are refused by the
 kernel. On teardown gloo stops its loop before it shuts the listener down
 (``Device::shutdown``), so it never asks epoll about the descriptor again.
+
+While the group forms the port must stay open, so before anyone learns it (the group's
+constructor publishes it) :func:`new_listeners` can attach a filter that admits only the
+members' addresses (transport/sockfilter.py): a stranger's SYN is dropped by the kernel.
 """
 
 from __future__ import annotations
@@ -26,8 +30,10 @@ import contextlib
 import os
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+
+from transport.sockfilter import admit_only
 
 _LISTEN = "0A"  # TCP_LISTEN in /proc/net/tcp's ``st`` column
 _lock = threading.Lock()
@@ -65,10 +71,13 @@ def _epolls() -> dict[int, set[int]]:
 
 
 @contextlib.contextmanager
-def new_listeners() -> Iterator[dict[int, tuple[int, int]]]:
+def new_listeners(admit: Sequence[str] | None = None) -> Iterator[dict[int, tuple[int, int]]]:
     """The listening sockets a GLOO device created inside the block (filled in when it ends):
     new ones that a new epoll instance (the device's loop) watches. One block at a time in
-    the process, so two groups forming at once do not take each other's."""
+    the process, so two groups forming at once do not take each other's.
+
+    With ``admit`` (IPv4 addresses), each of them hears only from those when the block ends;
+    ValueError if the block created none (nothing to guard) or an address is bad."""
     with _lock:
         before, polls = listening_sockets(), set(_epolls())
         found: dict[int, tuple[int, int]] = {}
@@ -76,6 +85,11 @@ def new_listeners() -> Iterator[dict[int, tuple[int, int]]]:
         watched = set().union(*(fds for ep, fds in _epolls().items() if ep not in polls))
         new = {fd: sock for fd, sock in listening_sockets().items() if before.get(fd) != sock}
         found.update({fd: sock for fd, sock in new.items() if fd in watched})
+        if admit is not None:
+            if not found:
+                raise ValueError("found no listener of the new GLOO device to guard")
+            for fd in found:
+                admit_only(fd, admit)
 
 
 def seal(listeners: dict[int, tuple[int, int]]) -> list[int]:

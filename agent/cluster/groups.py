@@ -69,6 +69,7 @@ class GroupManager:
         data_key: bytes | None = None,
         on_unresponsive: Callable[[str], None] = lambda node: None,
         on_silent: Callable[[str], None] = lambda node: None,
+        address_of: Callable[[str], str | None] = lambda node: None,
     ) -> None:
         self.node = node
         self.address = address
@@ -81,6 +82,7 @@ class GroupManager:
         self.data_key = data_key  # with a cluster secret: every run's traffic is sealed
         self.on_unresponsive = on_unresponsive
         self.on_silent = on_silent
+        self.address_of = address_of  # a member's IPv4 address: its GLOO connects come from there
         self.silence = Silence(self.timing.silence_s, stall_s=3 * self.timing.beat_s)
         self._mine: dict[tuple[str, ...], Group] = {}  # groups I coordinate, by members
         self._groups: dict[str, Group] = {}  # every live group, by gid
@@ -175,11 +177,14 @@ class GroupManager:
     async def _attach(self, group: Group) -> None:
         """Build this member's ProcessGroupGloo (on a thread: it blocks on the rendezvous)."""
         size, timeout_s = len(group.members), self.timing.group_s
+        admit = {m: self.address_of(m) for m in group.members if m != self.node}  # no one else may connect
+        if not all(admit.values()):
+            raise GroupError(f"no address known for {', '.join(m for m, a in admit.items() if not a)}")
 
         def build() -> Any:
             pg = make_group(
                 group.store, group.rank, size, timeout_s=timeout_s, address=self.address, prefix=group.gid,
-                closed_ports=group.ports,
+                closed_ports=group.ports, admit=[a for a in admit.values() if a],
             )  # fmt: skip
             if not group.failed.is_set():
                 return pg

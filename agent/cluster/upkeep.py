@@ -4,12 +4,12 @@
   for (and for ``silence_s`` after a run, while the coordinator finishes);
 - as a coordinator, fail every run whose watched peer went silent (agent/cluster/beats.py);
 - drop groups idle for ``idle_s`` and rendezvous keys whose group never formed;
-- free descriptors before they run out. Strangers that connect to a GLOO listener while its
-  group forms each cost a descriptor until the group is destroyed (gloo never closes them;
-  the listener itself is closed once the group has formed, transport/listener.py), and gloo
-  aborts the process when ``accept`` finds none left. So when the node holds more than
-  :func:`descriptor_ceiling` descriptors, every group is dropped, a running one too (its run
-  fails and the job runs locally; a later job forms a new group).
+- free descriptors before they run out. Connections to a GLOO listener each cost a descriptor
+  until the group is destroyed (gloo never closes them) and gloo aborts the process when
+  ``accept`` finds none left. Strangers are kept off (a forming group's listener admits only
+  the members, a formed group's is closed: transport/listener.py); as a backstop, when the
+  node holds more than :func:`descriptor_ceiling` descriptors, every group is dropped, a
+  running one too (its run fails and the job runs locally; a later job forms a new group).
 """
 
 from __future__ import annotations

@@ -99,7 +99,6 @@ class Node:
         self.channel = ControlChannel(
             s.node_id, self.trust, self._publish, lambda n: f"{s.topic_root}/nodes/{n}/control"
         )
-        timing = Timing(s.group_timeout_s, s.collective_timeout_s, s.group_idle_s, s.peer_silence_s)
         self.groups = GroupManager(
             s.node_id,
             address,
@@ -107,11 +106,12 @@ class Node:
             self.channel,
             self.engine,
             self._spawn,
-            timing,
+            Timing(s.group_timeout_s, s.collective_timeout_s, s.group_idle_s, s.peer_silence_s),
             lambda node: getattr(self.links.links.get(node), "mbps", None),
             data_key=None if self.admission.open else self.admission.key("gloo"),
             on_unresponsive=self._sit_out,
             on_silent=lambda node: self._sit_out(node, until_heard=True),
+            address_of=lambda node: getattr(self.peers.get(node), "address", None),
         )
         auto = AutoPolicy.load(s, {name: served.fingerprint for name, served in models.items()})
         self.service = JobService(s, models, self, meter or find_meter(), auto, self.engine)
