@@ -25,8 +25,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from engine.errors import GroupError
 from engine.trace import RankTrace
+from transport.gloo_errors import collective_error, formation_error
 from transport.listener import new_listeners, seal
 
 Tensors = dict[str, torch.Tensor]
@@ -38,7 +38,7 @@ def connect_store(host: str, port: int, rank: int, size: int, *, timeout_s: floa
     try:
         return dist.TCPStore(host, port, size, rank == 0, timeout=timeout, wait_for_workers=False)  # type: ignore[attr-defined]
     except (RuntimeError, ValueError) as exc:
-        raise GroupError(f"cannot reach the group's rendezvous at {host}:{port} as rank {rank}: {exc}") from exc
+        raise formation_error(f"cannot reach the group's rendezvous at {host}:{port} as rank {rank}: {exc}") from exc
 
 
 def make_group(
@@ -72,7 +72,7 @@ def make_group(
         options._devices = [device]
         group = gloo(dist.PrefixStore(prefix, store), rank, size, options)  # type: ignore[attr-defined]
     except (RuntimeError, ValueError) as exc:
-        raise GroupError(f"cannot form a GLOO group of {size} as rank {rank}: {exc}") from exc
+        raise formation_error(f"cannot form a GLOO group of {size} as rank {rank}: {exc}") from exc
     (closed_ports if closed_ports is not None else []).extend(seal(listeners))  # strangers are refused now
     return group
 
@@ -121,7 +121,7 @@ class GlooComm:
         try:
             yield
         except RuntimeError as exc:
-            raise GroupError(f"GLOO {what} failed on rank {self.rank}: {str(exc).splitlines()[0]}") from exc
+            raise collective_error(what, self.rank, exc) from exc
         finally:
             self.trace.comm_s += time.perf_counter() - start
 

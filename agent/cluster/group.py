@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.cluster.group_state import GroupEvent, GroupState, next_state
+from engine.errors import FailureReason, GroupError
 from engine.program import JobSpec
 from transport.control import Run
 from transport.gloo import DeadlineGroup, GlooComm
@@ -47,7 +48,8 @@ class Group:
     deadline: DeadlineGroup | None = None
     formed: asyncio.Event = field(default_factory=asyncio.Event)
     failed: asyncio.Event = field(default_factory=asyncio.Event)
-    failure: str = ""
+    failure: str = ""  # why it failed, in words ...
+    reason: FailureReason | None = None  # ... and typed (both set by fail)
     silent: str = ""  # the member whose silence failed it (agent/cluster/beats.py)
     ports: list[int] = field(default_factory=list)  # its GLOO listeners, closed once formed
     used_s: float = field(default_factory=time.monotonic)
@@ -63,6 +65,16 @@ class Group:
     def move(self, event: GroupEvent) -> None:
         """Apply ``event`` (group_state.next_state)."""
         self.state = next_state(self.state, event)
+
+    def fail(self, reason: FailureReason, why: str) -> None:
+        """Fail it (the first failure is the one it keeps): whatever waits on it stops."""
+        if not self.failure:
+            self.failure, self.reason = why, reason
+        self.failed.set()
+
+    def error(self) -> GroupError:
+        """Its failure as an error (once it failed)."""
+        return GroupError(self.failure or "the group failed", reason=self.reason or FailureReason.INTERNAL)
 
 
 def collective_floor(base_s: float, spec: JobSpec, hidden: int, links_mbps: list[float | None]) -> float:
