@@ -23,7 +23,7 @@ import torch
 
 from engine.adapters import Tensors
 from engine.distributed import run_rank
-from engine.errors import BadRequest, GroupError, PrismError
+from engine.errors import BadRequest, FailureReason, GroupError, PrismError
 from engine.models import LoadedModel, fingerprint, load, to_device
 from engine.program import JobSpec
 from engine.trace import RunResult
@@ -129,7 +129,7 @@ class LocalCluster:
                 self._comms = _groups(self.cfg, port, 0)
             except GroupError as exc:
                 dead = [f"rank {r} exited with {p.exitcode}" for r, p in enumerate(self._procs, 1) if not p.is_alive()]
-                raise GroupError(f"{exc}; {', '.join(dead) or 'no worker exited'}") from exc
+                raise GroupError(f"{exc}; {', '.join(dead) or 'no worker exited'}", reason=exc.reason) from exc
             self._replies(self._conns, 0)
         except BaseException:
             self.close()
@@ -170,7 +170,7 @@ class LocalCluster:
                 errors.append(f"rank {rank} (pid {proc.pid}) exited with {proc.exitcode}")
             out.append(value)
         if errors:
-            raise GroupError("; ".join(e.splitlines()[0] for e in errors))
+            raise GroupError("; ".join(e.splitlines()[0] for e in errors), reason=FailureReason.PEER_FAILED)
         return out
 
     def _send(self, conns: list[Connection], op: str, arg: Any) -> int:
@@ -179,7 +179,9 @@ class LocalCluster:
             try:
                 conn.send((self._seq, op, arg))
             except OSError:
-                raise GroupError(f"rank {rank} exited with {self._procs[rank - 1].exitcode}") from None
+                raise GroupError(
+                    f"rank {rank} exited with {self._procs[rank - 1].exitcode}", reason=FailureReason.PEER_OFFLINE
+                ) from None
         return self._seq
 
     def prepare(self, model: LoadedModel) -> None:
@@ -192,7 +194,9 @@ class LocalCluster:
         mine = fingerprint(model.adapter)
         for rank, theirs in enumerate(self._replies(self._conns, seq), start=1):
             if not same_weights(mine, theirs):
-                raise GroupError(f"rank {rank} loaded different weights for '{model.name}'")
+                raise GroupError(
+                    f"rank {rank} loaded different weights for '{model.name}'", reason=FailureReason.WEIGHTS_DIFFER
+                )
         self._fingerprints[model.name] = mine
 
     def run(self, model: LoadedModel, spec: JobSpec, inputs: Tensors) -> RunResult:
@@ -214,7 +218,7 @@ class LocalCluster:
                     raise worker from exc
             if isinstance(exc, PrismError):
                 raise
-            raise GroupError(f"job failed on rank 0: {exc}") from exc
+            raise GroupError(f"job failed on rank 0: {exc}", reason=FailureReason.INTERNAL) from exc
         assert result is not None
         return result
 

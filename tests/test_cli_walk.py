@@ -292,3 +292,13 @@ def test_a_result_reads_as_text_not_python(result: dict[str, Any]) -> None:
     assert not re.search(r"(?<![\d.])0 ms", text), text
     if result["ok"]:
         assert "0.44 ms" in text or result["latency_ms"] == {}
+
+
+def test_a_fallback_reads_with_its_reason_code_and_its_words() -> None:
+    fell = {
+        **RESULT_LOCAL,
+        "fallback": True,
+        "fallback_reason": "peer_silent",
+        "decision": {**RESULT_LOCAL["decision"], "fallback_reason": "b was silent for 3.2 s"},
+    }
+    assert "ran locally instead (peer_silent): b was silent for 3.2 s" in result_lines(fell)

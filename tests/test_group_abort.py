@@ -1,5 +1,7 @@
 """A peer that freezes mid-run (no TCP reset ever comes) is abandoned as soon as it is reported
-offline, not after the GLOO timeout: the job is answered locally within seconds."""
+offline, not after the GLOO timeout: the job is answered locally within seconds. A peer
+SIGKILLed mid-split does the same through the broker's Last Will; either fallback's result
+and ``/metrics`` name the typed reason (``peer_offline``)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from engine.localcluster import free_port
 from tests.mqtt_env import agent, ask_node, mosquitto, pub, sub, wait_peer
+from tests.test_metrics import scrape, total, value
 
 pytestmark = [pytest.mark.mqtt, pytest.mark.gloo]
 
@@ -76,4 +80,41 @@ def test_a_peer_reported_offline_mid_run_is_abandoned_at_once() -> None:
         assert result["mode"] == "local"
         assert result["fallback"] is True
         assert "went offline" in result["decision"]["fallback_reason"]
+        assert result["fallback_reason"] == "peer_offline"
         assert answered_after < 15  # the GLOO timeout is 120 s
+
+
+def test_a_peer_sigkilled_mid_split_falls_back_with_its_typed_reason_in_the_result_and_metrics() -> None:
+    metrics_port = free_port()
+    with (
+        mosquitto() as port,
+        agent(port, CLUSTER, "k1", "bert=tiny-bert", env={**ENV, "PRISM_METRICS_PORT": str(metrics_port)}) as coord,
+        agent(port, CLUSTER, "k2", "bert=tiny-bert", env=ENV) as peer,
+    ):
+        wait_peer(port, CLUSTER, "k1", "k2")
+        assert ask_node(port, CLUSTER, "k1", [job("warm")])["warm"]["mode"] == "distributed"
+        peer.send_signal(signal.SIGSTOP)  # it cannot answer the reserve: the split waits on it ...
+        waiter = sub(port, f"prism/v1/{CLUSTER}/results/#", 1, timeout_s=60)
+        pub(port, f"prism/v1/{CLUSTER}/nodes/k1/jobs", json.dumps(job("killed")))
+        started(coord, "killed", timeout_s=30)  # logged as the split begins, with no await between
+        peer.send_signal(signal.SIGKILL)  # ... until it dies: the broker publishes its Last Will
+        peer.wait(timeout=10)
+        out, err = waiter.communicate(timeout=90)
+        result = json.loads(out.splitlines()[0]) if out.strip() else {}
+        assert result.get("id") == "killed", err
+        assert (result["ok"], result["mode"], result["fallback"]) == (True, "local", True)
+        assert result["fallback_reason"] == "peer_offline", result
+        assert "k2 went offline" in result["decision"]["fallback_reason"]  # the words stay beside the code
+        # The next split finds no peer at all: a fallback of another reason.
+        after = ask_node(port, CLUSTER, "k1", [job("after")])["after"]
+        assert (after["mode"], after["fallback"], after["fallback_reason"]) == ("local", True, "no_peer")
+
+        deadline = time.monotonic() + 30
+        samples = scrape(metrics_port)
+        while total(samples, "prism_fallbacks_total") < 2:
+            assert time.monotonic() < deadline, "the fallbacks never reached /metrics"
+            time.sleep(0.2)
+            samples = scrape(metrics_port)
+    assert value(samples, "prism_fallbacks_total", reason="peer_offline") == 1
+    assert value(samples, "prism_fallbacks_total", reason="no_peer") == 1
+    assert total(samples, "prism_fallbacks_total") == 2  # nothing lands in a catch-all

@@ -12,7 +12,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agent.node.config import ConfigError, load_settings
 from agent.node.daemon import VERSION
-from agent.node.metrics import FALLBACK_CODES, MAX_OPTIONS, Metrics, fallback_code
+from agent.node.metrics import MAX_OPTIONS, Metrics
+from engine.errors import FailureReason
 from engine.localcluster import free_port
 from tests.mqtt_env import agent, ask_node, mosquitto, need, wait_peer
 from transport.schema import Result
@@ -128,22 +129,16 @@ def _result(**fields: Any) -> Result:
     return Result(**{**base, **fields})
 
 
-@pytest.mark.parametrize(
-    ("reason", "code"),
-    [
-        ("distributed run with b failed: a peer of the run went offline", "peer_offline"),
-        ("cannot form a GLOO group of 2 as rank 0: Timed out", "group_formation"),
-        ("cannot split 3 tokens over 4 ranks", "too_few_tokens"),
-        ("GLOO allgather failed on rank 0: Timed out waiting 10000ms", "timeout"),
-        ("GLOO allgather failed on rank 0: Connection reset by peer", "collective_failed"),
-        ("no peer serves this model with the same weights", "no_peer"),
-        ("something new", "other"),
-        (None, "other"),
-    ],
-)
-def test_fallback_reasons_become_a_few_codes(reason: str | None, code: str) -> None:
-    assert fallback_code(reason) == code
-    assert code in FALLBACK_CODES
+def test_a_fallback_counts_under_the_reason_its_result_carries_whatever_its_words_say() -> None:
+    m = Metrics("a", "1")
+    words = {"requested": "distributed", "fallback_reason": "b went offline"}  # the text once matched
+    m.job_done(_result(fallback=True, fallback_reason=FailureReason.COLLECTIVE_TIMEOUT, decision=words))
+    m.job_done(_result(fallback=True, fallback_reason=FailureReason.PEER_SILENT, decision={"requested": "distributed"}))
+    samples = _samples(m)
+    assert value(samples, "prism_fallbacks_total", reason="collective_timeout") == 1
+    assert value(samples, "prism_fallbacks_total", reason="peer_silent") == 1
+    assert value(samples, "prism_fallbacks_total", reason="peer_offline") == 0
+    assert total(samples, "prism_fallbacks_total") == 2
 
 
 def test_labels_stay_bounded_and_agents_do_not_share_a_registry() -> None:
@@ -152,7 +147,8 @@ def test_labels_stay_bounded_and_agents_do_not_share_a_registry() -> None:
         decision = {"requested": "distributed", "option": f"codes@{i + 1}", "mode": "distributed"}
         first.job_done(_result(mode="distributed", decision=decision))
     first.job_done(_result(ok=False, mode=None, decision=None))
-    first.job_done(_result(fallback=True, decision={"requested": "distributed", "fallback_reason": "went offline"}))
+    offline = FailureReason.PEER_OFFLINE
+    first.job_done(_result(fallback=True, fallback_reason=offline, decision={"requested": "distributed"}))
     samples = _samples(first)
     options = {dict(labels)["option"] for name, labels in samples if name == "prism_decisions_total"}
     assert len(options) == MAX_OPTIONS + 1
@@ -197,8 +193,9 @@ def test_loop_restarts_count_up_from_health_and_the_start_time_marks_a_process_r
 def test_every_family_filled_passes_promtool() -> None:
     m = Metrics("a", "1")
     m.job_done(_result())
-    m.job_done(_result(id="f", fallback=True, decision={"requested": "distributed", "option": "means@8",
-                                                       "fallback_reason": "gloo collective failed"}))  # fmt: skip
+    m.job_done(_result(id="f", fallback=True, fallback_reason=FailureReason.COLLECTIVE_FAILED,
+                       decision={"requested": "distributed", "option": "means@8",
+                                 "fallback_reason": "gloo collective failed"}))  # fmt: skip
     m.job_done(Result.failure("x", "busy", "full"))
     link = {"rtt_ms": 2.0, "mbps": 80.0, "age_s": 1.0, "gloo_mbps": 20.0}
     m.health_tick({"load": {"queue": 1, "load1": 0.5, "gpu_load": 0.2}, "peers": ["b"], "links": {"b": link},

@@ -11,7 +11,7 @@ import torch
 from engine.adapters import Task
 from engine.codec import bits_for_budget
 from engine.coded import chunk_bits
-from engine.errors import BadRequest, GroupError
+from engine.errors import BadRequest, FailureReason, GroupError
 from engine.inputs import make_inputs
 from engine.localcluster import LocalCluster
 from engine.program import MAX_CHUNKS, plan_job
@@ -219,3 +219,4 @@ def test_a_peer_that_never_sends_fails_the_wait_at_the_deadline() -> None:
     out = run_ranks(comms, rank)
     assert isinstance(out[0], GroupError)
     assert "exchange failed on rank 0" in str(out[0])
+    assert out[0].reason is FailureReason.COLLECTIVE_TIMEOUT  # told from GLOO's own error

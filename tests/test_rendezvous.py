@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from engine.errors import GroupError
-from transport.gloo import DeadlineGroup, GlooComm, make_group
+from transport.deadline import DeadlineGroup
+from transport.gloo import GlooComm, make_group
 from transport.rendezvous import RelayStore
 
 pytestmark = pytest.mark.gloo

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from engine.errors import GroupError
+from engine.errors import FailureReason, GroupError
 from tests.test_rendezvous import relay_stores
 from transport.gloo import make_group
 from transport.sealed import SealedComm, run_key
@@ -76,6 +76,7 @@ def test_a_rank_without_the_key_fails_the_run() -> None:
     got = both(comms, lambda c: c.broadcast_tensors({"ids": torch.ones(3)} if c.rank == 0 else None))
     assert isinstance(got[1], GroupError)
     assert "failed authentication" in str(got[1])
+    assert got[1].reason is FailureReason.SEALED_REJECTED
 
 
 def test_a_changed_byte_fails_the_run() -> None:

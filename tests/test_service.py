@@ -11,6 +11,7 @@ import pytest
 
 from agent.jobs.service import JobService, Served
 from agent.node.config import ModelSpec, Settings
+from engine.errors import FailureReason
 from tests.conftest import Models
 
 
@@ -74,6 +75,8 @@ def test_distributed_request_without_peers_is_answered_locally_and_flagged(model
     assert result.ok
     assert result.mode == "local"
     assert result.fallback is True
+    assert result.fallback_reason is FailureReason.NO_PEER
+    assert result.to_dict()["fallback_reason"] == "no_peer"
     assert result.decision is not None
     assert result.decision["requested"] == "distributed"
     assert result.energy is not None

@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import torch.distributed as dist
 
-from engine.errors import GroupError
+from engine.errors import FailureReason, GroupError
 
 MAX_KEYS = 1024
 MAX_VALUE_BYTES = 16 * 1024
@@ -67,9 +67,12 @@ class RelayStore(dist.Store):  # type: ignore[misc,name-defined]
             while key not in self._values:
                 left = deadline - time.monotonic()
                 if self._closed is not None:
-                    raise GroupError(f"rendezvous closed: {self._closed}")
+                    raise GroupError(f"rendezvous closed: {self._closed}", reason=FailureReason.FORMATION_FAILED)
                 if left <= 0:
-                    raise GroupError(f"rendezvous key {key!r} did not arrive in {self._timeout_s:g} s")
+                    raise GroupError(
+                        f"rendezvous key {key!r} did not arrive in {self._timeout_s:g} s",
+                        reason=FailureReason.FORMATION_FAILED,
+                    )
                 self._cond.wait(left)
             return self._values[key]
 
@@ -88,7 +91,7 @@ class RelayStore(dist.Store):  # type: ignore[misc,name-defined]
         return value
 
     def compare_set(self, key: str, expected: bytes | str, desired: bytes | str) -> bytes:
-        raise GroupError("the relay store does not do compare_set")
+        raise GroupError("the relay store does not do compare_set", reason=FailureReason.FORMATION_FAILED)
 
     def delete_key(self, key: str) -> bool:
         with self._cond:

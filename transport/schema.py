@@ -17,7 +17,7 @@ from typing import Any
 
 import msgpack
 
-from engine.errors import PrismError
+from engine.errors import FailureReason, PrismError
 
 SCHEMA_VERSION = 1
 _ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")  # safe inside an MQTT topic level
@@ -327,6 +327,7 @@ class Result:
     latency_ms: dict[str, float] = field(default_factory=dict)
     decision: dict[str, Any] | None = None
     fallback: bool = False
+    fallback_reason: FailureReason | None = None  # why a split ran locally (decision.fallback_reason: in words)
     node: str | None = None
     energy: dict[str, Any] | None = None
 
@@ -350,6 +351,7 @@ class Result:
             "latency_ms": self.latency_ms,
             "decision": self.decision,
             "fallback": self.fallback,
+            "fallback_reason": None if self.fallback_reason is None else self.fallback_reason.value,
             "node": self.node,
             "energy": self.energy,
         }

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from engine.errors import GroupError
+from engine.errors import FailureReason, GroupError
 from engine.trace import RankTrace
 from transport.gloo import GlooComm, PendingExchange, Tensors, _nbytes
 
@@ -58,19 +58,20 @@ class SealedComm(GlooComm):
 
     def _seal(self, data: torch.Tensor, dst: int) -> torch.Tensor:
         if self._aead is None:
-            raise GroupError("sealed group used before its run began")
+            raise GroupError("sealed group used before its run began", reason=FailureReason.INTERNAL)
         raw = self._raw(data.contiguous()).numpy().tobytes()
         sealed = self._aead.encrypt(self._nonce(self.rank, dst), raw, None)
         return torch.frombuffer(bytearray(sealed), dtype=torch.uint8)
 
     def _open(self, sealed: torch.Tensor, src: int, dst: int, into: torch.Tensor) -> None:
         if self._aead is None:
-            raise GroupError("sealed group used before its run began")
+            raise GroupError("sealed group used before its run began", reason=FailureReason.INTERNAL)
         try:
             plain = self._aead.decrypt(self._nonce(src, dst), sealed.numpy().tobytes(), None)
         except InvalidTag:
             raise GroupError(
-                f"a message from rank {src} failed authentication (tampered, replayed or foreign)"
+                f"a message from rank {src} failed authentication (tampered, replayed or foreign)",
+                reason=FailureReason.SEALED_REJECTED,
             ) from None
         self._raw(into).copy_(torch.frombuffer(bytearray(plain), dtype=torch.uint8))
 

@@ -102,7 +102,9 @@ def result_lines(result: Mapping[str, Any]) -> str:
     if decision.get("reason"):
         rows.append(("why", str(decision["reason"])))
     if result.get("fallback"):
-        rows.append(("fallback", f"ran locally instead: {decision.get('fallback_reason') or 'no peer could take it'}"))
+        code = f" ({result['fallback_reason']})" if result.get("fallback_reason") else ""
+        why = decision.get("fallback_reason") or "no peer could take it"
+        rows.append(("fallback", f"ran locally instead{code}: {why}"))
     if decision.get("predicted_ms") is not None:
         rows.append(("predicted", f"{ms(decision['predicted_ms'])} engine time ({decision.get('option')})"))
     parts = [k for k in ("queue", "compute", "comm", "staging") if k in lat and (lat[k] or k in ("queue", "compute"))]

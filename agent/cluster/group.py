@@ -11,14 +11,16 @@ import contextlib
 import os
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from agent.cluster.group_state import GroupEvent, GroupState, next_state
+from engine.errors import FailureReason, GroupError
 from engine.program import JobSpec
 from transport.control import Run
-from transport.gloo import DeadlineGroup, GlooComm
+from transport.deadline import DeadlineGroup
+from transport.gloo import GlooComm
 from transport.rendezvous import RelayStore
 
 
@@ -47,7 +49,8 @@ class Group:
     deadline: DeadlineGroup | None = None
     formed: asyncio.Event = field(default_factory=asyncio.Event)
     failed: asyncio.Event = field(default_factory=asyncio.Event)
-    failure: str = ""
+    failure: str = ""  # why it failed, in words ...
+    reason: FailureReason | None = None  # ... and typed (both set by fail)
     silent: str = ""  # the member whose silence failed it (agent/cluster/beats.py)
     ports: list[int] = field(default_factory=list)  # its GLOO listeners, closed once formed
     used_s: float = field(default_factory=time.monotonic)
@@ -60,9 +63,28 @@ class Group:
         """The member that runs rank 0."""
         return self.members[0]
 
+    def addresses(self, address_of: Callable[[str], str | None]) -> list[str]:
+        """The other members' addresses (the only ones a forming group's listener hears); a
+        member with none known fails the forming."""
+        known = {m: address_of(m) for i, m in enumerate(self.members) if i != self.rank}
+        missing = [m for m, a in known.items() if not a]
+        if missing:
+            raise GroupError(f"no address known for {', '.join(missing)}", reason=FailureReason.FORMATION_FAILED)
+        return [a for a in known.values() if a]
+
     def move(self, event: GroupEvent) -> None:
         """Apply ``event`` (group_state.next_state)."""
         self.state = next_state(self.state, event)
+
+    def fail(self, reason: FailureReason, why: str) -> None:
+        """Fail it (the first failure is the one it keeps): whatever waits on it stops."""
+        if not self.failure:
+            self.failure, self.reason = why, reason
+        self.failed.set()
+
+    def error(self) -> GroupError:
+        """Its failure as an error (once it failed)."""
+        return GroupError(self.failure or "the group failed", reason=self.reason or FailureReason.INTERNAL)
 
 
 def collective_floor(base_s: float, spec: JobSpec, hidden: int, links_mbps: list[float | None]) -> float:

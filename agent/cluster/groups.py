@@ -1,20 +1,18 @@
 """GLOO groups between agents: formed over the control channel, run under reserved engines.
 
-**Forming.** The coordinator (rank 0) tells each peer ``form`` with a group id and the members
-in rank order; each builds its ProcessGroupGloo over a :class:`~transport.rendezvous.RelayStore`
-(keys travel as ``store`` messages: no store port anywhere). A formed group is kept for jobs
-with the same members, keyed by member tuple, and dropped after ``group_idle_s`` unused
-(closing its GLOO listeners), on any failure, on a teardown or when a member leaves.
+**Forming.** The coordinator (rank 0) tells each peer ``form`` with a group id and the members in rank order; each
+builds its ProcessGroupGloo over a :class:`~transport.rendezvous.RelayStore` (keys travel as ``store`` messages: no
+store port anywhere). A formed group is kept for jobs with the same members, keyed by member tuple, and dropped
+after ``group_idle_s`` unused (closing its GLOO listeners), on any failure, on a teardown or when a member leaves.
 
-**Running.** A run needs every member's engine (agent/node/engine.py) at once. The coordinator
-takes them in node-id order (its own slot in turn, a peer's with ``reserve``, answered by
-``grant`` once that peer's engine is free), then tells every peer ``run``. Everyone takes
-engines in the same order, so two coordinators sharing peers never wait on each other. Every
-collective has a deadline (:class:`~transport.gloo.DeadlineGroup`): a frozen peer or a cut
-link fails the run in seconds, the group is dropped and the job runs locally; so does a peer
-that stops saying ``beat`` while the coordinator waits on it (agent/cluster/beats.py), in any
-phase. A peer's failure is reported with ``failed``, so the coordinator stops waiting at once.
-Each group's messages are handled by its own tasks: a slow group never holds up another.
+**Running.** A run needs every member's engine (agent/node/engine.py) at once. The coordinator takes them in node-id
+order (its own slot in turn, a peer's with ``reserve``, answered by ``grant`` once that peer's engine is free), then
+tells every peer ``run``. Everyone takes engines in the same order, so two coordinators sharing peers never wait on
+each other. Every collective has a deadline (:class:`~transport.deadline.DeadlineGroup`): a frozen peer or a cut
+link fails the run in seconds, the group is dropped and the job runs locally; so does a peer that stops saying
+``beat`` while the coordinator waits on it (agent/cluster/beats.py), in any phase. A peer's failure is reported with
+``failed``, so the coordinator stops waiting at once. Each group's messages are handled by its own tasks: a slow
+group never holds up another.
 """
 
 from __future__ import annotations
@@ -34,6 +32,7 @@ import structlog
 
 from agent.cluster.beats import Silence
 from agent.cluster.channel import ControlChannel
+from agent.cluster.failures import reason_of, unless_failed
 from agent.cluster.group import EarlyKeys, Group, LinkUse, Timing, collective_floor, gather_all, quietly, release
 from agent.cluster.group_state import GroupEvent, GroupState
 from agent.cluster.peers import Peer
@@ -41,11 +40,12 @@ from agent.jobs.service import Served
 from agent.node.engine import Engine, Slot
 from engine.adapters import Tensors
 from engine.distributed import run_rank
-from engine.errors import GroupError
+from engine.errors import FailureReason, GroupError
 from engine.program import JobSpec, spec_from_dict, spec_to_dict
 from engine.trace import RunResult
 from transport.control import Control, Failed, Form, Grant, Release, Reserve, Run, StoreSet, Teardown
-from transport.gloo import DeadlineGroup, GlooComm, make_group
+from transport.deadline import DeadlineGroup
+from transport.gloo import GlooComm, make_group
 from transport.rendezvous import RelayStore
 from transport.sealed import SealedComm, run_key
 
@@ -113,7 +113,7 @@ class GroupManager:
             if granted is not None and not granted.done():
                 granted.set_result(None)
             elif isinstance(msg, Failed):
-                self.fail(group, f"{sender}: {msg.error}")
+                group.fail(FailureReason.PEER_FAILED, f"{sender}: {msg.error}")
         elif sender != group.coordinator:
             log.info("control_ignored", op=msg.op, gid=msg.gid, sender=sender, why="not from the coordinator")
         elif isinstance(msg, Reserve):
@@ -128,7 +128,7 @@ class GroupManager:
             if hold is not None:
                 hold.cancel()
         elif isinstance(msg, Teardown):
-            self.drop(group, GroupEvent.TEARDOWN, "the coordinator tore it down")
+            self.drop(group, GroupEvent.TEARDOWN, FailureReason.TORN_DOWN, "the coordinator tore it down")
 
     def _on_form(self, sender: str, msg: Form) -> None:
         members = tuple(msg.members)
@@ -177,21 +177,19 @@ class GroupManager:
     async def _attach(self, group: Group) -> None:
         """Build this member's ProcessGroupGloo (on a thread: it blocks on the rendezvous)."""
         size, timeout_s = len(group.members), self.timing.group_s
-        admit = {m: self.address_of(m) for m in group.members if m != self.node}  # no one else may connect
-        if not all(admit.values()):
-            raise GroupError(f"no address known for {', '.join(m for m, a in admit.items() if not a)}")
+        admit = group.addresses(self.address_of)  # no one else may connect
 
         def build() -> Any:
             pg = make_group(
                 group.store, group.rank, size, timeout_s=timeout_s, address=self.address, prefix=group.gid,
-                closed_ports=group.ports, admit=[a for a in admit.values() if a],
+                closed_ports=group.ports, admit=admit,
             )  # fmt: skip
             if not group.failed.is_set():
                 return pg
             del pg  # given up on while it was built: freed here (no work pending: at once)
-            raise GroupError(group.failure)
+            raise group.error()
 
-        pg = await self._unless_failed(group, asyncio.to_thread(build))  # the thread ends at its timeout
+        pg = await unless_failed(group, asyncio.to_thread(build))  # the thread ends at its timeout
         group.deadline = DeadlineGroup(pg, self.timing.collective_s)
         group.comm = GlooComm(group.deadline) if self.data_key is None else SealedComm(group.deadline)
         group.move(GroupEvent.FORMED)
@@ -202,7 +200,8 @@ class GroupManager:
         try:
             await self._attach(group)
         except Exception as exc:  # noqa: BLE001 - any failure to form just drops the group
-            self.drop(group, GroupEvent.FAILED, f"forming failed: {exc}")
+            reason = reason_of(exc, FailureReason.FORMATION_FAILED)
+            self.drop(group, GroupEvent.FAILED, reason, f"forming failed: {exc}")
             return
         log.info("group_joined", gid=group.gid, rank=group.rank, coordinator=group.coordinator, closed=group.ports)
 
@@ -217,10 +216,11 @@ class GroupManager:
             await self._attach(group)
             self.silence.unwatch(group.gid, "form")
         except Exception as exc:
-            self.drop(group, GroupEvent.FAILED, f"forming failed: {group.failure or exc}")
+            reason = group.reason or reason_of(exc, FailureReason.FORMATION_FAILED)
+            self.drop(group, GroupEvent.FAILED, reason, f"forming failed: {group.failure or exc}")
             for peer in [] if group.silent else members[1:]:  # a silent one sits out already
                 self.on_unresponsive(peer)
-            raise GroupError(f"could not form a group with {', '.join(members[1:])}: {exc}") from exc
+            raise GroupError(f"could not form a group with {', '.join(members[1:])}: {exc}", reason=reason) from exc
         log.info("group_formed", gid=group.gid, members=list(members), closed=group.ports)
         return group
 
@@ -232,7 +232,7 @@ class GroupManager:
         if group is None or group.state is GroupState.DROPPED:
             group = await self._form(members)
         elif not group.formed.is_set():  # another job is forming it: its run needs it formed
-            await self._unless_failed(group, group.formed.wait())
+            await unless_failed(group, group.formed.wait())
         run_id = next(self._runs)
         try:
             async with self._engines(group, run_id) as slot:
@@ -248,21 +248,22 @@ class GroupManager:
                 )
                 group.move(GroupEvent.RUN_START)
                 if group.comm is None or group.deadline is None:
-                    raise GroupError(group.failure or "the group was dropped")
+                    raise group.error()
                 self._begin(group, run_id)
                 group.deadline.restart(floor)
                 with self.link_use.during(m for m in group.members if m != self.node):
                     work = slot.run(run_rank, group.comm, served.model.adapter, spec, inputs)
-                    result = await self._unless_failed(group, work)
+                    result = await unless_failed(group, work)
                 group.move(GroupEvent.RUN_END)
                 group.used_s = time.monotonic()
         except asyncio.CancelledError:
-            self.drop(group, GroupEvent.FAILED, "the job was cancelled")
+            self.drop(group, GroupEvent.FAILED, FailureReason.CANCELLED, "the job was cancelled")
             raise
         except Exception as exc:
             why = group.failure or str(exc) or type(exc).__name__
-            self.drop(group, GroupEvent.FAILED, why)
-            raise GroupError(f"distributed run with {', '.join(members[1:])} failed: {why}") from exc
+            reason = group.reason or reason_of(exc, FailureReason.INTERNAL)
+            self.drop(group, GroupEvent.FAILED, reason, why)
+            raise GroupError(f"distributed run with {', '.join(members[1:])} failed: {why}", reason=reason) from exc
         finally:
             self.silence.unwatch(group.gid, run_id)
         assert result is not None
@@ -277,8 +278,14 @@ class GroupManager:
             async with contextlib.AsyncExitStack() as stack:
                 for node in sorted(group.members):
                     if node == self.node:
-                        what = f"rank 0 of {group.gid}"
-                        mine = await stack.enter_async_context(self.engine.slot(what, self.timing.group_s))
+                        what, busy = (
+                            f"rank 0 of {group.gid}",
+                            f"this node's engine was not free in {self.timing.group_s:g} s",
+                        )
+                        try:
+                            mine = await stack.enter_async_context(self.engine.slot(what, self.timing.group_s))
+                        except asyncio.TimeoutError:
+                            raise GroupError(busy, reason=FailureReason.ENGINE_BUSY) from None
                         continue
                     fut = asyncio.get_running_loop().create_future()
                     group.grants[(run_id, node)] = fut
@@ -286,10 +293,11 @@ class GroupManager:
                     self.silence.watch(group.gid, run_id, node, time.monotonic())
                     await self.channel.tell(node, Reserve(gid=group.gid, run=run_id))
                     try:
-                        await self._unless_failed(group, asyncio.wait_for(fut, self.timing.group_s))
+                        await unless_failed(group, asyncio.wait_for(fut, self.timing.group_s))
                     except asyncio.TimeoutError:
                         self.on_unresponsive(node)
-                        raise GroupError(f"{node} did not free its engine in {self.timing.group_s:g} s") from None
+                        why = f"{node} did not free its engine in {self.timing.group_s:g} s"
+                        raise GroupError(why, reason=FailureReason.GRANT_TIMEOUT) from None
                 assert mine is not None
                 yield mine
         except BaseException:
@@ -300,20 +308,6 @@ class GroupManager:
         finally:
             for node in group.members:
                 group.grants.pop((run_id, node), None)
-
-    async def _unless_failed(self, group: Group, work: Any) -> Any:
-        """Await ``work`` unless the group fails first (a member left or reported failure)."""
-        task = asyncio.ensure_future(work)
-        failed = asyncio.ensure_future(group.failed.wait())
-        try:
-            await asyncio.wait({task, failed}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            failed.cancel()
-        if not task.done():
-            task.cancel()
-            task.add_done_callback(lambda f: f.cancelled() or f.exception())
-            raise GroupError(group.failure or "the group failed")
-        return task.result()
 
     def _begin(self, group: Group, run_id: int) -> None:
         """Key this run's sealed traffic (every member derives the same key)."""
@@ -334,7 +328,8 @@ class GroupManager:
                 spec = spec_from_dict(run.spec)
                 served = self.served.get(spec.model)
                 if served is None:
-                    raise GroupError(f"run for model {spec.model!r}, which this node does not serve")
+                    why = f"run for model {spec.model!r}, which this node does not serve"
+                    raise GroupError(why, reason=FailureReason.MODEL_NOT_SERVED)
                 if group.comm is None or group.deadline is None:
                     return  # dropped while waiting for the run
                 self._begin(group, run_id)
@@ -346,27 +341,27 @@ class GroupManager:
                 group.used_s = time.monotonic()
         except asyncio.CancelledError:
             if group.state is GroupState.RUNNING:  # released mid-run: the collectives are in an unknown state
-                self.drop(group, GroupEvent.FAILED, "released mid-run")
+                self.drop(group, GroupEvent.FAILED, FailureReason.RELEASED, "released mid-run")
         except Exception as exc:  # noqa: BLE001 - reported to the coordinator, the group is dropped
-            why = f"{type(exc).__name__}: {exc}" if not isinstance(exc, asyncio.TimeoutError) else "no run came"
+            late = isinstance(exc, asyncio.TimeoutError)
+            why = "no run came" if late else f"{type(exc).__name__}: {exc}"
             with contextlib.suppress(Exception):
                 await self.channel.tell(group.coordinator, Failed(gid=group.gid, run=run_id, error=why[:480]))
-            self.drop(group, GroupEvent.FAILED, why)
+            reason = FailureReason.NO_RUN if late else reason_of(exc, FailureReason.INTERNAL)
+            self.drop(group, GroupEvent.FAILED, reason, why)
         finally:
             group.holds.pop(run_id, None)
             group.runs.pop(run_id, None)
 
     # -- dropping ---------------------------------------------------------------------
-    def fail(self, group: Group, why: str) -> None:
-        group.failure = group.failure or why
-        group.failed.set()
-
-    def drop(self, group: Group, event: GroupEvent, why: str, *, tell: bool = True) -> asyncio.Task[None] | None:
+    def drop(
+        self, group: Group, event: GroupEvent, reason: FailureReason, why: str, *, tell: bool = True
+    ) -> asyncio.Task[None] | None:
         """Drop ``group`` for good (GLOO freed on a reaper thread); returns the task telling peers."""
         if group.state is GroupState.DROPPED:
             return None
         group.move(event)
-        self.fail(group, why)
+        group.fail(reason, why)
         self._groups.pop(group.gid, None)
         self.silence.forget(group.gid)
         if self._mine.get(group.members) is group:
@@ -374,7 +369,7 @@ class GroupManager:
         group.store.close(why)
         for hold in group.holds.values():
             hold.cancel()
-        log.warning("group_dropped", gid=group.gid, members=list(group.members), reason=why[:200])
+        log.warning("group_dropped", gid=group.gid, members=list(group.members), code=reason.value, reason=why[:200])
         telling = None
         if tell and group.rank == 0 and event is not GroupEvent.TEARDOWN:
             sends = [self.channel.tell(p, Teardown(gid=group.gid)) for p in group.members[1:]]
@@ -391,9 +386,14 @@ class GroupManager:
         for group in self.groups:
             left = gone & set(group.members)
             if left:
-                self.drop(group, GroupEvent.MEMBER_LEFT, f"{', '.join(sorted(left))} went offline")
+                why = f"{', '.join(sorted(left))} went offline"
+                self.drop(group, GroupEvent.MEMBER_LEFT, FailureReason.PEER_OFFLINE, why)
 
-    def drop_all(self, why: str, *, tell: bool = True) -> list[asyncio.Task[None]]:
+    def stop(self, *, tell: bool = True) -> list[asyncio.Task[None]]:
+        """Drop every group: the node is stopping (returns the tasks telling peers)."""
+        return self.drop_all(FailureReason.NODE_STOPPING, "the node is stopping", tell=tell)
+
+    def drop_all(self, reason: FailureReason, why: str, *, tell: bool = True) -> list[asyncio.Task[None]]:
         """Drop every group (at stop, or to free descriptors); returns the tasks telling peers."""
-        telling = (self.drop(group, GroupEvent.FAILED, why, tell=tell) for group in self.groups)
+        telling = (self.drop(group, GroupEvent.FAILED, reason, why, tell=tell) for group in self.groups)
         return [task for task in telling if task is not None]

@@ -23,6 +23,7 @@ import structlog
 from agent.cluster.group import gather_all, open_descriptors, quietly
 from agent.cluster.group_state import GroupEvent, GroupState
 from agent.cluster.groups import GroupManager
+from engine.errors import FailureReason
 from transport.control import Beat
 
 log = structlog.get_logger("prism.groups")
@@ -57,12 +58,12 @@ async def upkeep(groups: GroupManager) -> None:
             if group is not None:
                 group.silent = node
                 groups.on_silent(node)
-                groups.fail(group, f"{node} was silent for {quiet_s:.1f} s")
+                group.fail(FailureReason.PEER_SILENT, f"{node} was silent for {quiet_s:.1f} s")
         held, ceiling = open_descriptors(), descriptor_ceiling(baseline, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
         if held > ceiling and groups.groups:
             log.warning("descriptors_reclaimed", open=held, ceiling=ceiling, groups=len(groups.groups))
-            groups.drop_all("too many open descriptors (stray connections)")
+            groups.drop_all(FailureReason.DESCRIPTORS, "too many open descriptors (stray connections)")
         for group in groups.groups:
             if group.state is GroupState.READY and not group.holds and now - group.used_s > timing.idle_s:
-                groups.drop(group, GroupEvent.IDLE, f"idle for {timing.idle_s:g} s")
+                groups.drop(group, GroupEvent.IDLE, FailureReason.IDLE, f"idle for {timing.idle_s:g} s")
         groups.early.expire(now - timing.group_s)

@@ -29,7 +29,7 @@ from agent.node.energy import CpuModelMeter, Meter
 from agent.node.engine import Engine
 from agent.node.monitors import read_load
 from engine.adapters import Task, Tensors
-from engine.errors import BadRequest, PrismError
+from engine.errors import BadRequest, FailureReason, GroupError, PrismError
 from engine.models import LoadedModel
 from engine.program import JobSpec, plan_job
 from engine.segments import Compression, Method
@@ -207,6 +207,7 @@ class JobService:
         engine_start = time.monotonic()
         metering = self.meter.start()
         result, used, cr, method, fallback = None, [], None, None, False
+        reason: FailureReason | None = None  # why a split ran locally instead
         if chosen.mode == "distributed" and self.distributor is not None:
             able = {p.node: p for p in peers}
             used = [able[n] for n in chosen.peers if n in able] or peers[: max(1, (job.ranks or 2) - 1)]
@@ -223,11 +224,13 @@ class JobService:
             except Exception as exc:
                 if not isinstance(exc, PrismError):
                     log.exception("distributed_crashed", job=job.id)
-                log.warning("distributed_fallback", job=job.id, error=str(exc)[:200])
+                reason = fallback_reason(exc)
+                log.warning("distributed_fallback", job=job.id, reason=reason.value, error=str(exc)[:200])
                 decision["fallback_reason"] = str(exc)[:300] or type(exc).__name__
                 result, used, cr, method, fallback = None, [], None, None, True
         elif job.mode is Mode.DISTRIBUTED:
             fallback = True
+            reason = FailureReason.ONE_RANK if job.ranks == 1 else FailureReason.NO_PEER
         if result is None:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
@@ -250,7 +253,7 @@ class JobService:
             decision,
             used,
             (cr, method),
-            fallback,
+            reason if fallback else None,
             start,
             queued_s,
             (engine_s, peer_wait_s),
@@ -266,7 +269,7 @@ class JobService:
         decision: dict[str, Any],
         used: list[Peer],
         compression: tuple[float | None, str | None],
-        fallback: bool,
+        fallback: FailureReason | None,
         start: float,
         queued_s: float,
         engine: tuple[float, float],
@@ -289,7 +292,8 @@ class JobService:
             reason=decision["reason"],
             peers=[p.node for p in used],
             ms=round(total_s * 1e3, 2),
-            fallback=fallback,
+            fallback=fallback is not None,
+            fallback_reason=None if fallback is None else fallback.value,
         )
         return Result(
             id=job.id,
@@ -313,7 +317,8 @@ class JobService:
                 "rounds": float(t.rounds),
             },
             decision=decision,
-            fallback=fallback,
+            fallback=fallback is not None,
+            fallback_reason=fallback,
             node=self.settings.node_id,
             energy={
                 "joules": energy.joules,
@@ -323,6 +328,14 @@ class JobService:
                 "group_cpu_s": sum(tr.cpu_s for tr in result.traces),
             },
         )
+
+
+def fallback_reason(exc: BaseException) -> FailureReason:
+    """Why a split that raised ``exc`` runs locally: a group's failure carries its reason; a job
+    that cannot be planned over the ranks raises BadRequest; anything else is a bug."""
+    if isinstance(exc, GroupError):
+        return exc.reason
+    return FailureReason.CANNOT_SPLIT if isinstance(exc, BadRequest) else FailureReason.INTERNAL
 
 
 async def _until(deadline: float | None, work: Any) -> Any:

@@ -207,7 +207,7 @@ class Node:
                         task.cancel()
                 self._tg = None
         finally:
-            self.groups.drop_all("the node is stopping", tell=False)  # _stop_serving told the peers
+            self.groups.stop(tell=False)  # _stop_serving told the peers
             self.notifier.notify("STOPPING=1")
             await self.journal.close()
             self.engine.shutdown()
@@ -231,7 +231,7 @@ class Node:
         if link is not None:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.outbox.flushed(), FLUSH_S)
-        if telling := self.groups.drop_all("the node is stopping"):  # spawned: the task group still runs
+        if telling := self.groups.stop():  # spawned: the task group still runs
             await asyncio.wait(telling, timeout=FLUSH_S)
         if link is not None:
             with contextlib.suppress(TransportError, asyncio.TimeoutError):

@@ -6,8 +6,9 @@ health document, :attr:`Metrics.recent`), :meth:`Metrics.result_refused` per res
 refused, :meth:`Metrics.health_tick` once per health period with the
 health document it publishes, and :meth:`Metrics.serving` around its life (the HTTP server
 runs in a thread of ``prometheus-client``; scrapes never touch the event loop). Every label
-takes values from a small set: free-text fallback reasons become a few codes, error codes
-outside the schema's list become ``other``, and option names are capped.
+takes values from a small set: a fallback's reason is the result's typed ``fallback_reason``
+(engine.errors.FailureReason), error codes outside the schema's list become ``other``, and
+option names are capped.
 
 GPU load and power come from the agent itself (the Jetson sysfs load file, the INA3221 input
 rail, RAPL), since NVML exporters do not work on Jetson. A CPU-time model is not a power
@@ -28,6 +29,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from agent.jobs.recent import RecentJobs
 from agent.node.config import ConfigError
 from agent.node.energy import Ina3221Meter, Meter, RaplMeter
+from engine.errors import FailureReason
 from transport.schema import Result
 
 log = structlog.get_logger("prism.metrics")
@@ -54,35 +56,8 @@ ERROR_CODES = frozenset(
         "deadline_exceeded",
     }
 )
-#: Why a distributed job ran locally, as a bounded set of codes (see :func:`fallback_code`).
-FALLBACK_CODES = (
-    "peer_offline",
-    "group_formation",
-    "too_few_tokens",
-    "timeout",
-    "collective_failed",
-    "no_peer",
-    "other",
-)
 #: Distinct option names counted before the rest become ``other`` (a job may ask for any CR).
 MAX_OPTIONS = 32
-
-
-def fallback_code(reason: str | None) -> str:
-    """A fallback's free-text reason as one of :data:`FALLBACK_CODES`."""
-    text = (reason or "").lower()
-    rules = (
-        ("peer_offline", ("went offline", "peer left")),
-        ("group_formation", ("rendezvous", "cannot form", "form with")),
-        ("too_few_tokens", ("cannot split",)),
-        ("timeout", ("timed out", "timeout", "deadline")),
-        ("collective_failed", ("gloo", "collective")),
-        ("no_peer", ("no peer", "not alive", "peer_unavailable")),
-    )
-    for code, needles in rules:
-        if any(n in text for n in needles):
-            return code
-    return "other"
 
 
 def _outcome(result: Result) -> str:
@@ -126,7 +101,10 @@ class Metrics:
         )
         self.wire_bytes = Counter("prism_wire_bytes", "Bytes on the GLOO wire (all ranks).", ["ran"], registry=r)
         self.fallbacks = Counter(
-            "prism_fallbacks", "Distributed jobs that ran locally instead, by reason code.", ["reason"], registry=r
+            "prism_fallbacks",
+            "Distributed jobs that ran locally instead, by reason (the result's fallback_reason).",
+            ["reason"],
+            registry=r,
         )
         self.refused = Counter(
             "prism_results_refused",
@@ -196,7 +174,8 @@ class Metrics:
         self.exchange_bytes.labels(ran).inc(max(0.0, result.latency_ms.get("exchange_bytes", 0.0)))
         self.wire_bytes.labels(ran).inc(max(0.0, result.latency_ms.get("wire_bytes", 0.0)))
         if result.fallback:
-            self.fallbacks.labels(fallback_code(decision.get("fallback_reason") or decision.get("reason"))).inc()
+            reason = result.fallback_reason or FailureReason.INTERNAL  # every fallback the service makes has one
+            self.fallbacks.labels(reason.value).inc()
         if decision:
             predicted = decision.get("predicted_ms")
             option = str(decision.get("option") or ran)
