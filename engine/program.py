@@ -118,6 +118,7 @@ class RankProgram:
         others = [q for q in range(spec.plan.ranks) if q != rank]
         # Causal models only need rows from earlier ranks (docs/design.md §3.5).
         plan = spec.plan
+        others = sorted(others, key=plan.order.index)  # in position order
         self.senders = [q for q in others if plan.precedes(q, rank)] if adapter.causal else others
         self.receivers = [q for q in others if plan.precedes(rank, q)] if adapter.causal else others
         self.bias = key_bias(
@@ -206,7 +207,7 @@ class RankProgram:
         if self.kv is not None:  # decoded into one buffer with the local rows: no concatenation
             k, v = self.kv.keys_values(i, k, v, remote, c)
             if self.cache is not None:
-                self.cache.append((k, v))
+                self._keep(k.shape[2] - sum(self.kv.rows_of.values()), k, v)
             return self.adapter.finish(i, h, attend(q, k, v, self._bias[c], self.adapter.scaling(i)))
         if self.coded is not None:
             keys, values = self.coded.remote_kv(i, remote, c)  # (b, h, n_q, d) per sender
@@ -224,19 +225,23 @@ class RankProgram:
         return self.adapter.finish(i, h, ctx)
 
     def _keep(self, n: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Keep a layer's keys and values (local rows first) for the decode: a received segment
-        mean once per position it stands for, which is how it weighs in attention under the
-        count bias (a key repeated m times = one key with bias log m)."""
+        """Keep a layer's keys and values (the attended ones: ``n`` local rows, then the senders')
+        for the decode, in position order: the senders' rows (a received segment mean once per
+        position it stands for, which is how it weighs in attention under the count bias: a key
+        repeated m times is one key with bias log m), then the local rows, the prompt's last."""
         assert self.cache is not None
-        if self._repeats is not None and not bool((self._repeats == 1).all()):
-            k = torch.cat([k[:, :, :n], k[:, :, n:].repeat_interleave(self._repeats, dim=2)], dim=2)
-            v = torch.cat([v[:, :, :n], v[:, :, n:].repeat_interleave(self._repeats, dim=2)], dim=2)
-        self.cache.append((k, v))
+        kept = []
+        for t in (k, v):
+            remote = t[:, :, n:]
+            if self._repeats is not None and not bool((self._repeats == 1).all()):
+                remote = remote.repeat_interleave(self._repeats, dim=2)
+            kept.append(torch.cat([remote, t[:, :, :n]], dim=2))
+        self.cache.append((kept[0], kept[1]))
 
     def past_kv(self) -> torch.Tensor | None:
         """Every layer's kept keys and values, (L, 2, 1, heads, N, d), or None on a rank that
-        keeps none. Positions are local rows first, then the senders': attention over a cache
-        does not depend on its order (GPT-2's positions are in the rows)."""
+        keeps none. The last position is the prompt's last token (the decode computes it again);
+        within a segment mean's positions the order does not matter (all of them are visible)."""
         if not self.cache:
             return None
         return torch.stack([torch.stack(kv) for kv in self.cache])

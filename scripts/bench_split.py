@@ -185,6 +185,8 @@ def run_cell(
         shift = max(rnd, 0) % len(opts)
         for opt in opts[shift:] + opts[:shift]:
             req = {k: v for k, v in opt.items() if k != "name"}
+            if args.task == "generate":
+                req.update(task="generate", new=args.new, seq=args.seq)
             answer = ranks.ask({**req, "name": opt["name"], "batch": batch, "seed": rnd + 1}, args.run_timeout_s)
             if rnd < 0:
                 continue
@@ -295,6 +297,29 @@ def report(args: argparse.Namespace, cells: dict[tuple[float, int, str], dict[st
     return lines + predicted(args, cells)
 
 
+def decode_report(rows: list[dict[str, Any]]) -> list[str]:
+    """Generate runs: time to first token and decode tokens/s per option (median, IQR / median),
+    and whether each option wrote local's tokens (same prompt, same round)."""
+    local = {(r["mbps"], r["round"]): r["tokens"] for r in rows if r["option"] == "local"}
+    lines = [
+        "",
+        "| link | option | TTFT ms (spread) | decode tok/s (spread) | same tokens as local |",
+        "|---|---|---|---|---|",
+    ]
+    for key in sorted({(r["mbps"], r["option"]) for r in rows}):
+        mine = [r for r in rows if (r["mbps"], r["option"]) == key]
+        cells = [_median_spread([r[f] for r in mine]) for f in ("ms", "tok_s")]
+        same = sum(r["tokens"] == local.get((r["mbps"], r["round"])) for r in mine)
+        lines.append(f"| {key[0]:g} | {key[1]} | {cells[0]} | {cells[1]} | {same}/{len(mine)} |")
+    return lines
+
+
+def _median_spread(values: list[float]) -> str:
+    q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+    med = statistics.median(values)
+    return f"{med:.1f} ({(q[2] - q[0]) / med * 100:.0f} %)" if med else "-"
+
+
 def main() -> None:
     exit_on_sigterm()  # a killed run takes its bed down
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -319,6 +344,9 @@ def main() -> None:
     p.add_argument("--run-timeout-s", type=float, default=600.0)
     p.add_argument("--start-timeout-s", type=float, default=300.0)
     p.add_argument("--out", type=Path, default=Path("runs/split/bench"))
+    p.add_argument("--task", choices=["default", "generate"], default="default", help="generate: GPT-2, batch 1")
+    p.add_argument("--seq", type=int, default=None, help="prompt tokens (text models)")
+    p.add_argument("--new", type=int, default=32, help="tokens written per generate run (greedy)")
     args = p.parse_args()
     if args.hosts < 2:
         p.error("--hosts: a split needs 2 or more")
@@ -348,7 +376,7 @@ def main() -> None:
                         print(f"{mbps:g} Mbit/s, batch {batch}: {took:.0f} s", file=sys.stderr, flush=True)
         finally:
             ranks.stop()
-    text = "\n".join(report(args, summary(rows)))
+    text = "\n".join(report(args, summary(rows)) + (decode_report(rows) if args.task == "generate" else []))
     print(text)
     args.out.with_suffix(".md").write_text(text + "\n")
 

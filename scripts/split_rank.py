@@ -10,6 +10,11 @@ Rank 0 takes one JSON request per line on stdin and answers one JSON line on std
   outside the timed run);
 - ``{"op": "stop"}``.
 
+With ``"task": "generate"`` (GPT-2, batch 1) either op writes ``"new"`` tokens greedily: the
+prefill locally (transformers' own) or split (a ``generate`` job: rank 0 takes the last block),
+then the decode on rank 0 alone; ``ms`` is then the time to the first token and the answer adds
+``prefill_ms``, ``tok_s`` (decode tokens per second after the first) and the ``tokens``.
+
 Answers carry the wall ms of the run and every rank's trace; split answers also carry the cost
 model's block MACs (engine/cost.py) of one device (``local``) and of every rank under the job's
 plan (``ranks``), what ``bench_split.py`` predicts its speed-up from. Images are random raw uint8
@@ -31,8 +36,10 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from engine.adapters import Task  # noqa: E402
 from engine.cost import block_macs_local, rank_macs  # noqa: E402
 from engine.distributed import run_rank  # noqa: E402
+from engine.generate import decode  # noqa: E402
 from engine.inputs import make_inputs  # noqa: E402
 from engine.models import LoadedModel, load  # noqa: E402
 from engine.program import JobSpec, plan_job, spec_from_dict, spec_to_dict  # noqa: E402
@@ -68,10 +75,11 @@ def split(comm: GlooComm, model: LoadedModel, req: dict[str, Any]) -> dict[str, 
     adapter = model.adapter
     inputs = make_inputs(model, int(req["batch"]), req.get("seq"), int(req.get("seed", 0)), raw_pixels=True)
     comp = Compression(cr=req.get("cr"), method=req.get("method", "means"), wire_dtype=req.get("wire_dtype"))
+    generating = req.get("task") == "generate"
     spec = plan_job(
         adapter,
         model.name,
-        adapter.default_task(),
+        Task.GENERATE if generating else adapter.default_task(),
         inputs,
         ranks=comm.size,
         comp=comp,
@@ -84,11 +92,30 @@ def split(comm: GlooComm, model: LoadedModel, req: dict[str, Any]) -> dict[str, 
     result = run_rank(comm, adapter, spec, inputs)
     ms = (time.perf_counter() - start) * 1e3
     assert result is not None
-    return {"ms": ms, "chunks": spec.chunks, "traces": [t.as_dict() for t in result.traces], "macs": macs(model, spec)}
+    answer = {
+        "ms": ms,
+        "chunks": spec.chunks,
+        "traces": [t.as_dict() for t in result.traces],
+        "macs": macs(model, spec),
+    }
+    if generating:
+        answer.update(written(model, inputs, req, ms, result.outputs["past_kv"]))
+    return answer
+
+
+def written(
+    model: LoadedModel, inputs: dict[str, Any], req: dict[str, Any], prefill_ms: float, past: Any
+) -> dict[str, Any]:
+    """The decode after a prefill of ``prefill_ms`` (``past`` None: transformers' own, timed here)."""
+    made = decode(model.adapter, inputs["input_ids"], max_new_tokens=int(req.get("new", 32)), past=past)
+    first_ms = made.first_token_s * 1e3
+    return {"ms": prefill_ms + first_ms, "prefill_ms": prefill_ms, "tok_s": made.tokens_per_s, "tokens": made.tokens}
 
 
 def local(model: LoadedModel, req: dict[str, Any]) -> dict[str, Any]:
     inputs = make_inputs(model, int(req["batch"]), req.get("seq"), int(req.get("seed", 0)), raw_pixels=True)
+    if req.get("task") == "generate":
+        return {"traces": [], **written(model, inputs, req, 0.0, None)}
     start = time.perf_counter()
     result = run_local(model.adapter, model.adapter.default_task(), inputs)
     return {"ms": (time.perf_counter() - start) * 1e3, "traces": [result.traces[0].as_dict()]}
