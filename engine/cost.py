@@ -1,4 +1,4 @@
-"""Per-block multiply-accumulate counts, local vs a PRISM rank (docs/design.md §3.8).
+"""Per-block multiply-accumulate counts, local vs a PRISM rank (docs/design.md §3.6).
 
 Single device: (4 + 2f)·N·D² + 2·N²·D. PRISM rank p with n_p local rows and R_p
 received rows: (2 + 2f)·n_p·D² + 2·(n_p + R_p)·D² + 2·n_p·(n_p + R_p)·D, where f is

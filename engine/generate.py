@@ -1,4 +1,4 @@
-"""GPT-2 writes text: a prompt's prefill (local or split), then a local decode (docs/design.md §3.8).
+"""GPT-2 writes text: a prompt's prefill (local or split), then a local decode (docs/design.md §3.7).
 
 A split prefill is a ``generate`` job (:class:`engine.adapters.Task`): under a causal model
 the rank on the last block receives every earlier rank's rows, so it ends the prefill

@@ -2,7 +2,7 @@
 
 Blocks follow rank order (rank 0 first) unless a plan says otherwise: a generation's
 prefill puts the coordinator (rank 0) on the last block, so under a causal model it receives
-every earlier position and can go on decoding alone (docs/design.md §3.8)."""
+every earlier position and can go on decoding alone (docs/design.md §3.7)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 Both runners execute exactly this code, in the same order (:mod:`engine.schedule`); they
 differ only in how segment rows move between ranks (a loop in one process, or a GLOO
-all-to-all), so they give the same numbers for the same plan (docs/design.md §3.7).
+all-to-all), so they give the same numbers for the same plan (docs/design.md §3.5).
 
 A job's batch runs in ``chunks`` of samples; under ``overlap`` chunk c's exchange is in
 flight while this rank computes other chunks. A chunk's math depends on its own samples
@@ -143,7 +143,7 @@ class RankProgram:
         elif spec.comp.uses_kv:
             self.kv = CodedKV(job)
         # A generation's prefill: the rank on the last block keeps every layer's K/V of every
-        # position (its own exact, the senders' as received) for the decode (§3.8).
+        # position (its own exact, the senders' as received) for the decode (§3.7).
         keeps = spec.task is Task.GENERATE and rank == plan.last_rank
         self.cache: list[tuple[torch.Tensor, torch.Tensor]] | None = [] if keeps else None
         self._repeats: torch.Tensor | None = None
