@@ -229,6 +229,7 @@ class GroupManager:
         elif not group.formed.is_set():  # another job is forming it: its run needs it formed
             await self._unless_failed(group, group.formed.wait())
         run_id = next(self._runs)
+        group.users += 1  # not idle while a job uses it, however long it takes to reserve the engines
         try:
             async with self._engines(group, run_id) as slot:
                 links = [self.link_mbps(p.node) for p in peers]
@@ -259,6 +260,7 @@ class GroupManager:
             self.drop(group, GroupEvent.FAILED, why)
             raise GroupError(f"distributed run with {', '.join(members[1:])} failed: {why}") from exc
         finally:
+            group.users -= 1
             self.silence.unwatch(group.gid, run_id)
         assert result is not None
         return result
