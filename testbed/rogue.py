@@ -2,6 +2,8 @@
 (``python -m testbed.rogue COMMAND``): capture and replay broker traffic, forge unsigned
 messages, replay or squat mDNS adverts, send mDNS goodbyes, hammer or burst TCP ports, and stand in
 for a third party that counts what it is sent. Each prints one JSON summary on stdout.
+messages, replay or squat mDNS adverts, send mDNS goodbyes, hammer TCP ports, hold every slot
+of a probe server, and stand in for a third party that counts what it is sent. Each prints one JSON summary on stdout.
 """
 
 from __future__ import annotations
@@ -162,6 +164,43 @@ def burst(
     return tally
 
 
+async def hold(host: str, port: int, count: int, seconds: float) -> dict[str, Any]:
+    """Hold ``count`` greeted connections to a prism probe server for ``seconds``, pinging each
+    every second (so none times out) and reopening any that closes; says ``{"held": count}`` on
+    stdout once all are held."""
+    greeting, held, opened = b"PRISM-PROBE/2\n", [0], [0]
+    deadline = time.monotonic() + seconds
+    told = asyncio.Event()
+
+    async def one() -> None:
+        while time.monotonic() < deadline:
+            try:
+                reader, writer = await asyncio.open_connection(host, port)
+                opened[0] += 1
+                writer.write(greeting)
+                await asyncio.wait_for(reader.readexactly(len(greeting)), 5)
+            except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError):
+                await asyncio.sleep(0.05)  # the server was full (one of its own probes held a slot)
+                continue
+            held[0] += 1
+            try:
+                while time.monotonic() < deadline:
+                    if held[0] >= count and not told.is_set():
+                        told.set()
+                        print(json.dumps({"held": held[0]}), flush=True)  # noqa: T201 - the test waits on it
+                    writer.write(b"p")
+                    await asyncio.wait_for(reader.readexactly(1), 5)
+                    await asyncio.sleep(1.0)
+            except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError):
+                pass
+            finally:
+                held[0] -= 1
+                writer.transport.abort()
+
+    await asyncio.gather(*(one() for _ in range(count)))
+    return {"opened": opened[0]}
+
+
 async def third_party(address: str, port: int, seconds: float) -> dict[str, Any]:
     """A service that is not a prism agent: count connections and bytes, per source, for ``seconds``."""
     seen: dict[str, list[int]] = {}
@@ -219,6 +258,11 @@ def main(argv: Sequence[str]) -> int:
     b.add_argument("--count", type=int, default=2000)
     b.add_argument("--wait-s", type=float, default=0.2)
     b.add_argument("--batch", type=int, default=200)
+    o = sub.add_parser("hold")
+    o.add_argument("--host", required=True)
+    o.add_argument("--port", type=int, required=True)
+    o.add_argument("--count", type=int, default=32)
+    o.add_argument("--seconds", type=float, required=True)
     t = sub.add_parser("third-party")
     t.add_argument("--address", required=True)
     t.add_argument("--port", type=int, required=True)
@@ -238,6 +282,8 @@ def main(argv: Sequence[str]) -> int:
         out = asyncio.run(read_advert(ns.address, ns.name, ns.seconds))
     elif ns.cmd == "mdns":
         out = asyncio.run(mdns(ns.address, ns.action, ns.name, json.loads(ns.props), ns.seconds, ns.every))
+    elif ns.cmd == "hold":
+        out = asyncio.run(hold(ns.host, ns.port, ns.count, ns.seconds))
     elif ns.cmd == "hammer":
         out = hammer(ns.host, [int(x) for x in ns.ports.split(",")], ns.count)
     elif ns.cmd == "burst":

@@ -54,6 +54,7 @@ class Group:
     silent: str = ""  # the member whose silence failed it (agent/cluster/beats.py)
     ports: list[int] = field(default_factory=list)  # its GLOO listeners, closed once formed
     used_s: float = field(default_factory=time.monotonic)
+    users: int = 0  # coordinator: jobs running on it now (from formed to their end)
     grants: dict[tuple[int, str], asyncio.Future[None]] = field(default_factory=dict)  # coordinator
     runs: dict[int, asyncio.Future[Run]] = field(default_factory=dict)  # peer: Run per reservation
     holds: dict[int, asyncio.Task[None]] = field(default_factory=dict)  # peer: reservations held

@@ -234,6 +234,7 @@ class GroupManager:
         elif not group.formed.is_set():  # another job is forming it: its run needs it formed
             await unless_failed(group, group.formed.wait())
         run_id = next(self._runs)
+        group.users += 1  # not idle while a job uses it, however long it takes to reserve the engines
         try:
             async with self._engines(group, run_id) as slot:
                 links = [self.link_mbps(p.node) for p in peers]
@@ -265,6 +266,7 @@ class GroupManager:
             self.drop(group, GroupEvent.FAILED, reason, why)
             raise GroupError(f"distributed run with {', '.join(members[1:])} failed: {why}", reason=reason) from exc
         finally:
+            group.users -= 1
             self.silence.unwatch(group.gid, run_id)
         assert result is not None
         return result
@@ -384,8 +386,7 @@ class GroupManager:
     def membership_changed(self, gone: set[str]) -> None:
         """Drop every group with a member that went away (runs in progress fail at once)."""
         for group in self.groups:
-            left = gone & set(group.members)
-            if left:
+            if left := gone & set(group.members):
                 why = f"{', '.join(sorted(left))} went offline"
                 self.drop(group, GroupEvent.MEMBER_LEFT, FailureReason.PEER_OFFLINE, why)
 

@@ -9,7 +9,7 @@ Last Will) drops it from the peer table and from every group it is in.
 With a cluster secret, health and status are signed and checked for freshness and replays
 (agent/cluster/trust.py): a node is dropped on its own signed goodbye only, and an
 unsigned ``offline`` (which anyone on the broker can publish) triggers a check of the node
-instead of a drop.
+(agent/cluster/liveness.py), never a drop.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import structlog
 
 from agent.cluster.admission import Admission
 from agent.cluster.freshness import STATUS
+from agent.cluster.liveness import Liveness
 from agent.cluster.peers import Peer, PeerTable
-from agent.cluster.probes import answers
 from agent.cluster.trust import Trust
 from transport.health import Health, LinkView, Load, RecentJob, parse_health, parse_status
 from transport.schema import WireError
@@ -72,21 +72,11 @@ class Observer:
         self.peers = peers
         self.trust = trust
         self.on_gone = on_gone
-        self.spawn = spawn
+        self.liveness = Liveness(peers, spawn)
 
-    def check(self, node: str) -> None:
-        """A doubtful goodbye of ``node``: ask its probe server; drop it only when nobody answers."""
-        peer = self.peers.get(node)
-        if peer is None or not peer.online or not peer.probe_port or self.spawn is None:
-            return
-        self.spawn(self._check(peer.node, peer.address, peer.probe_port), f"check-{node}")
-
-    async def _check(self, node: str, address: str, port: int) -> None:
-        for _ in range(2):
-            if await answers(address, port):
-                log.info("goodbye_ignored", node=node, why="it still answers")
-                return
-        self.gone(node)
+    def check(self, node: str, via: str = "mdns") -> None:
+        """A doubtful goodbye of ``node``: a check, never a drop (agent/cluster/liveness.py)."""
+        self.liveness.doubt(node, via)
 
     def status(self, node: str, payload: bytes) -> None:
         """``nodes/{node}/status``: a goodbye drops the node (see the module docstring)."""
@@ -100,8 +90,7 @@ class Observer:
         if state != "offline":
             return
         if fields is None and not self.trust.open:
-            log.info("goodbye_unsigned", node=node, action="checking it")
-            self.check(node)
+            self.check(node, "status")
             return
         if fields is not None and not self.trust.gone(fields, node, now):
             log.warning("admission_refused", node=node, via="status", why="a stale or forged goodbye")
@@ -109,7 +98,7 @@ class Observer:
         self.gone(node)
 
     def gone(self, node: str) -> None:
-        """``node`` is gone (a trusted goodbye, or a check that found nobody there)."""
+        """``node`` is gone (a trusted goodbye)."""
         self.peers.offline(node)
         self.on_gone({node})
 

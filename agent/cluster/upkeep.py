@@ -20,7 +20,7 @@ import time
 
 import structlog
 
-from agent.cluster.group import gather_all, open_descriptors, quietly
+from agent.cluster.group import Group, gather_all, open_descriptors, quietly
 from agent.cluster.group_state import GroupEvent, GroupState
 from agent.cluster.groups import GroupManager
 from engine.errors import FailureReason
@@ -37,6 +37,13 @@ FD_FREE_SHARE = 0.25
 def descriptor_ceiling(baseline: int, soft_limit: int) -> int:
     """How many open descriptors the node may hold before it drops its groups."""
     return min(baseline + FD_SLACK, int(soft_limit * (1 - FD_FREE_SHARE)))
+
+
+def idle(group: Group, now_s: float, idle_s: float) -> bool:
+    """Is ``group`` formed and unused for over ``idle_s``: no reservation held for a peer, no
+    job of this node on it (a job that reserves engines after a long formation is using it)?"""
+    unused = not group.holds and not group.users
+    return group.state is GroupState.READY and unused and now_s - group.used_s > idle_s
 
 
 async def upkeep(groups: GroupManager) -> None:
@@ -64,6 +71,6 @@ async def upkeep(groups: GroupManager) -> None:
             log.warning("descriptors_reclaimed", open=held, ceiling=ceiling, groups=len(groups.groups))
             groups.drop_all(FailureReason.DESCRIPTORS, "too many open descriptors (stray connections)")
         for group in groups.groups:
-            if group.state is GroupState.READY and not group.holds and now - group.used_s > timing.idle_s:
+            if idle(group, now, timing.idle_s):
                 groups.drop(group, GroupEvent.IDLE, FailureReason.IDLE, f"idle for {timing.idle_s:g} s")
         groups.early.expire(now - timing.group_s)
