@@ -16,8 +16,8 @@ from typing import Any
 import aiomqtt
 import structlog
 
+from agent.base.config import Broker, Settings, mqtt_credentials, tls_context
 from agent.compat import BaseExceptionGroup, TaskGroup
-from agent.node.config import Broker, Settings, mqtt_credentials, tls_context
 from engine.errors import BadRequest
 from transport.health import parse_status
 from transport.mqtt import NO_SUBSCRIBERS, MqttLink, Topics, TransportError, backoff_s, transport_error

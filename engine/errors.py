@@ -53,7 +53,7 @@ class FailureReason(str, enum.Enum):
     COLLECTIVE_TIMEOUT = "collective_timeout"  # a collective passed its deadline (a frozen peer, a cut link)
     COLLECTIVE_FAILED = "collective_failed"  # a collective broke (a connection closed or reset)
     SEALED_REJECTED = "sealed_rejected"  # a sealed message failed authentication
-    WEIGHTS_DIFFER = "weights_differ"  # a rank loaded other weights (engine/localcluster.py)
+    WEIGHTS_DIFFER = "weights_differ"  # a rank loaded other weights (transport/localcluster.py)
     CONTROL_FAILED = "control_failed"  # a control message could not be sent (no broker)
     DESCRIPTORS = "descriptors"  # every group was dropped to free file descriptors
     NODE_STOPPING = "node_stopping"  # the node is stopping

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from agent.node.broker import mosquitto_binary  # noqa: E402
-from engine.localcluster import free_port  # noqa: E402
+from transport.localcluster import free_port  # noqa: E402
 from transport.mqtt import MqttLink  # noqa: E402
 
 

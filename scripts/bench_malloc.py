@@ -5,7 +5,7 @@ process per setting (mallopt must come before the model loads), settings interle
 
 Settings: glibc's defaults; a fixed 128 KiB mmap threshold with two arenas (what the agent
 set before 2026-12-05); two arenas; two arenas and ``malloc_trim(0)`` before every job (the
-worst case of agent/node/memory.py's trims, which come at most every 5 s).
+worst case of agent/base/memory.py's trims, which come at most every 5 s).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ the others still run):
 - ``exact``: the plain `transformers` model on the device against PRISM at full exchange and
   CR = 1 (both exact), logits and hidden states; overlap on and off (same chunks) bit for bit;
   raw uint8 pixels against the same image normalised on the CPU. TF32 is off for this step.
-- ``gloo``: two ranks on one device through a real GLOO group (engine.localcluster, tensors
+- ``gloo``: two ranks on one device through a real GLOO group (transport.localcluster, tensors
   staged through pinned CPU memory) against the in-process runner: outputs, bytes, staging.
 - ``bench``: local vs the split (full exchange, Segment Means at ``--cr``), overlap on and off,
   per batch: median ms and the rank-0 breakdown (compute, comm, staging, overhead, overlap).
@@ -168,10 +168,10 @@ def step_exact(ns: argparse.Namespace) -> dict[str, Any]:
 
 
 def step_gloo(ns: argparse.Namespace) -> dict[str, Any]:
-    from engine.localcluster import ClusterConfig, LocalCluster
     from engine.program import plan_job
     from engine.segments import Compression, Method
     from engine.sim import run_simulated
+    from transport.localcluster import ClusterConfig, LocalCluster
 
     comps = [Compression(), Compression(cr=ns.cr), Compression(cr=ns.cr, wire_dtype="fp16")]
     comps.append(Compression(cr=ns.cr, method=Method.CODES))
@@ -244,7 +244,7 @@ def bench_cell(ns: argparse.Namespace, cluster: Any, name: str, model: Any, batc
 def step_bench(ns: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from engine.localcluster import ClusterConfig, LocalCluster
+    from transport.localcluster import ClusterConfig, LocalCluster
 
     torch.set_num_threads(1)
     rows = []

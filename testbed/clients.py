@@ -169,8 +169,8 @@ async def jobs(
     session that rides out broker restarts) to ``node`` or, with no node, the shared topic."""
     import asyncio
 
+    from agent.base.config import Broker
     from agent.client import stream as client_stream
-    from agent.node.config import Broker
 
     stats: dict[str, int] = {}
     got: dict[str, dict[str, Any]] = {}

@@ -13,8 +13,8 @@ import structlog
 import torch
 
 from engine.adapters import Tensors
-from engine.localcluster import ClusterConfig, LocalCluster
 from engine.models import LoadedModel, load
+from transport.localcluster import ClusterConfig, LocalCluster
 
 
 def _interrupt(signum: int, frame: object) -> None:

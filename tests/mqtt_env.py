@@ -18,8 +18,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from engine.localcluster import free_port
 from transport.health import parse_status
+from transport.localcluster import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from agent.base.config import ConfigError
 from agent.cluster.admission import Admission, read_secret
-from agent.node.config import ConfigError
 
 SECRET = b"0123456789abcdef-cluster-secret"
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import asyncio
 
+from agent.base.config import Settings
+from agent.base.engine import Engine
 from agent.cluster.peers import Peer
 from agent.jobs.auto import AutoPolicy
-from agent.node.config import Settings
-from agent.node.engine import Engine
 from policy.decide import Request
 from tests.policy_maps import synthetic_map
 

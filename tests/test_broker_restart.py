@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
+from agent.base.config import Broker
 from agent.client import stream
-from agent.node.config import Broker
 from tests.mqtt_env import Mosquitto, agent, mosquitto_process, wait_online
 
 pytestmark = pytest.mark.mqtt

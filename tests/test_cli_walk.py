@@ -22,8 +22,8 @@ import pytest
 from agent.cli import args, demo, main, policy_cmds, submit_cmd
 from agent.cli.main import build_parser
 from agent.cli.output import result_lines
-from engine.localcluster import free_port
 from tests.mqtt_env import REPO
+from transport.localcluster import free_port
 
 #: A valid invocation of each command; the walk spoils one value at a time.
 BASE: dict[tuple[str, ...], list[str]] = {

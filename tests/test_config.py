@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.node.config import Broker, ConfigError, ModelSpec, load_settings
+from agent.base.config import Broker, ConfigError, ModelSpec, load_settings
 
 
 def test_layers_override_in_order(tmp_path: Path) -> None:
@@ -73,7 +73,7 @@ def test_model_flag_needs_name_and_source() -> None:
 
 
 def test_device_choice() -> None:
-    from agent.node.config import pick_device
+    from agent.base.config import pick_device
 
     assert pick_device("cpu") == "cpu"
     assert pick_device("auto") in ("cpu", "cuda")

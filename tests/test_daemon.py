@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.localcluster import free_port
 from tests.mqtt_env import REPO, agent, mosquitto, pub, sub, wait_online
+from transport.localcluster import free_port
 
 pytestmark = pytest.mark.mqtt
 
@@ -163,8 +163,8 @@ def test_sigterm_publishes_offline_notifies_systemd_and_exits_zero(broker: int) 
 def test_agent_reconnects_and_resubscribes_after_the_broker_restarts() -> None:
     import time
 
-    from engine.localcluster import free_port
     from tests.mqtt_env import wait_online
+    from transport.localcluster import free_port
 
     port = free_port()
     first = mosquitto(port)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.node.energy import CpuModelMeter, Ina3221Meter, RaplMeter, find_meter
+from agent.base.energy import CpuModelMeter, Ina3221Meter, RaplMeter, find_meter
 
 
 def jetson(root: Path, mv: int, ma: int) -> Path:

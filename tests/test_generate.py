@@ -10,12 +10,12 @@ import pytest
 from engine.adapters import Task
 from engine.errors import BadRequest
 from engine.generate import Sampling, cache_bytes, decode
-from engine.localcluster import LocalCluster
 from engine.plan import PartitionPlan
 from engine.program import plan_job, spec_from_dict, spec_to_dict
 from engine.segments import Compression, Method
 from engine.sim import run_local, run_simulated
 from tests.conftest import Models, max_diff, token_inputs
+from transport.localcluster import LocalCluster
 
 NEW = 24
 

@@ -7,12 +7,12 @@ import torch
 
 from engine.adapters import Task
 from engine.errors import BadRequest, GroupError
-from engine.localcluster import LocalCluster
 from engine.models import LoadedModel
 from engine.program import plan_job
 from engine.segments import Compression
 from engine.sim import run_local, run_simulated
 from tests.conftest import Models, inputs_for, max_diff
+from transport.localcluster import LocalCluster
 
 pytestmark = pytest.mark.gloo
 
@@ -127,7 +127,7 @@ def test_a_killed_worker_fails_the_job_and_the_cluster_recovers(models: Models) 
     import os
     import signal
 
-    from engine.localcluster import ClusterConfig
+    from transport.localcluster import ClusterConfig
 
     model = models("tiny-bert")
     inputs = inputs_for("bert")

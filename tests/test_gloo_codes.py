@@ -7,11 +7,11 @@ import torch
 
 from engine.adapters import Task
 from engine.coded import payload_bits
-from engine.localcluster import LocalCluster
 from engine.program import plan_job
 from engine.segments import Compression, Method
 from engine.sim import run_local, run_simulated
 from tests.conftest import Models, inputs_for, max_diff
+from transport.localcluster import LocalCluster
 
 pytestmark = pytest.mark.gloo
 

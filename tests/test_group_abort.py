@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.localcluster import free_port
 from tests.mqtt_env import agent, ask_node, mosquitto, pub, sub, wait_peer
 from tests.test_metrics import scrape, total, value
+from transport.localcluster import free_port
 
 pytestmark = [pytest.mark.mqtt, pytest.mark.gloo]
 

@@ -11,11 +11,11 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
+from agent.base.config import ModelSpec, Settings
 from agent.jobs.intake import Intake
 from agent.jobs.journal import Journal, State
 from agent.jobs.replies import Outbox, job_key
 from agent.jobs.service import JobService, Served
-from agent.node.config import ModelSpec, Settings
 from tests.conftest import Models
 from transport.mqtt import Topics
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from agent.node import memory
+from agent.base import memory
 
 
 def test_trims_are_rate_limited_and_give_memory_back() -> None:

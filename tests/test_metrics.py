@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.node.config import ConfigError, load_settings
+from agent.base.config import ConfigError, load_settings
 from agent.node.daemon import VERSION
 from agent.node.metrics import MAX_OPTIONS, Metrics
 from engine.errors import FailureReason
-from engine.localcluster import free_port
 from tests.mqtt_env import agent, ask_node, mosquitto, need, wait_peer
+from transport.localcluster import free_port
 from transport.schema import Result
 
 CLUSTER = "mtest"

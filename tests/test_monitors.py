@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from agent.base.monitors import read_load
 from agent.cluster.links import LinkTable
 from agent.cluster.probes import ProbeServer, probe
-from agent.node.monitors import read_load
 
 
 def fake_root(tmp_path: Path, gpu: str | None) -> Path:
@@ -93,7 +93,7 @@ def test_probe_measures_rtt_and_bandwidth_on_loopback() -> None:
 
 
 def test_probe_to_nothing_fails_quickly() -> None:
-    from engine.localcluster import free_port
+    from transport.localcluster import free_port
 
     with pytest.raises(ConnectionRefusedError):
         asyncio.run(probe("127.0.0.1", free_port(), timeout_s=2))

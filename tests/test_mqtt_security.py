@@ -159,7 +159,7 @@ def test_anonymous_agent_is_refused_once_with_a_clear_line(tmp_path: Path) -> No
 
 def test_tls_broker_with_a_test_ca(tmp_path: Path) -> None:
     make_test_ca(tmp_path)
-    from engine.localcluster import free_port
+    from transport.localcluster import free_port
 
     tls_port = free_port()
     conf = (

@@ -16,12 +16,12 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
+from agent.base.config import Broker, ModelSpec, Settings
+from agent.base.sdnotify import Notifier
 from agent.jobs.journal import Entry, Journal
 from agent.jobs.replies import job_key
 from agent.jobs.service import Served
-from agent.node.config import Broker, ModelSpec, Settings
 from agent.node.daemon import Node
-from agent.node.sdnotify import Notifier
 from engine.models import fingerprint
 from tests.conftest import Models
 from tests.mqtt_env import Mosquitto, mosquitto_process

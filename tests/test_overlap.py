@@ -13,7 +13,6 @@ from engine.codec import bits_for_budget
 from engine.coded import chunk_bits
 from engine.errors import BadRequest, FailureReason, GroupError
 from engine.inputs import make_inputs
-from engine.localcluster import LocalCluster
 from engine.program import MAX_CHUNKS, plan_job
 from engine.schedule import Step, steps
 from engine.segments import Compression, Method
@@ -21,6 +20,7 @@ from engine.sim import run_local, run_simulated
 from tests.conftest import Models, inputs_for, max_diff
 from tests.test_rendezvous import form, relay_stores
 from transport.gloo import GlooComm
+from transport.localcluster import LocalCluster
 
 CASES = [
     ("tiny-vit", Task.CLASSIFY, "logits"),

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from agent.base.config import Settings, load_settings
 from agent.cli.main import build_parser
-from agent.node.config import Settings, load_settings
 from agent.node.metrics import Metrics
 from tests.mqtt_env import REPO, agent, mosquitto
 from tests.netns import require_netns

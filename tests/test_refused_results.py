@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.localcluster import free_port
 from tests.mqtt_env import agent, mosquitto, need, sub
+from transport.localcluster import free_port
 
 pytestmark = [pytest.mark.mqtt, pytest.mark.timeout(180)]
 

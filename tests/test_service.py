@@ -9,8 +9,8 @@ import time
 
 import pytest
 
+from agent.base.config import ModelSpec, Settings
 from agent.jobs.service import JobService, Served
-from agent.node.config import ModelSpec, Settings
 from engine.errors import FailureReason
 from tests.conftest import Models
 

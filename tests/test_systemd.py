@@ -88,7 +88,7 @@ def test_install_writes_config_env_and_unit(tmp_path: Path) -> None:
 
 
 def test_the_shipped_example_config_loads() -> None:
-    from agent.node.config import load_settings
+    from agent.base.config import load_settings
 
     settings = load_settings(Path(__file__).resolve().parents[1] / "systemd" / "agent.toml", {}, {})
     assert [m.name for m in settings.models] == ["minilm"]

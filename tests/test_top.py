@@ -17,9 +17,9 @@ from agent.cluster.admission import Admission
 from agent.cluster.health import signed_identity, status_payload
 from agent.cluster.trust import Trust
 from agent.jobs.recent import RecentJobs
-from engine.localcluster import free_port
 from tests.test_recent_jobs import split_result
 from transport.health import Health, LinkView, Load
+from transport.localcluster import free_port
 from transport.schema import Result
 
 SECRET = b"a-cluster-secret-of-32-bytes-yes"

@@ -12,7 +12,6 @@ import torch.nn.functional as F  # noqa: N812
 from engine.adapters import Task, Tensors
 from engine.errors import BadRequest
 from engine.fidelity import planned_bytes
-from engine.localcluster import LocalCluster
 from engine.models import load_dir
 from engine.program import plan_job, spec_from_dict, spec_to_dict, split_inputs
 from engine.segments import Compression, Method
@@ -20,6 +19,7 @@ from engine.sim import run_local, run_simulated
 from engine.vit import ViTAdapter
 from engine.wire import compact_tokens, id_dtype, widen_tokens
 from tests.conftest import Models, inputs_for, max_diff, token_inputs
+from transport.localcluster import LocalCluster
 
 
 def raw_image(batch: int, size: int = 32, seed: int = 0) -> torch.Tensor:

@@ -143,7 +143,7 @@ def name(text: str) -> str:
 
 def broker(text: str) -> str:
     """``mqtt://host[:port]`` or ``mqtts://...``, checked now and kept as text."""
-    from agent.node.config import ConfigError, parse_broker
+    from agent.base.config import ConfigError, parse_broker
 
     try:
         parse_broker(text)

@@ -15,8 +15,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from agent.base.config import Broker, ConfigError, Settings, load_settings, parse_broker, pick_device
 from agent.cli import args, output
-from agent.node.config import Broker, ConfigError, Settings, load_settings, parse_broker, pick_device
 
 DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
 #: Settings ``run`` takes from flags (the rest come from --config and PRISM_* variables).
@@ -129,7 +129,8 @@ def run_daemon(ns: argparse.Namespace) -> int:
     """``prism-agent run``."""
     import torch
 
-    from agent.node import logs, main
+    from agent.base import logs
+    from agent.node import main
 
     overrides = {k: getattr(ns, k) for k in RUN_FLAGS}
     for key in ("map_file", "secret_file"):

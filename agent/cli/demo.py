@@ -294,7 +294,7 @@ def run_cli(ns: argparse.Namespace) -> int:
     """``prism-agent demo``."""
     if ns.engine:
         return _engine_demo(ns)
-    from agent.node import logs
+    from agent.base import logs
 
     logs.configure("console", level=logging.WARNING)
     run = run_demo(ns.model, ns.batch, ns.slow, ns.auto_jobs, ns.loopback)

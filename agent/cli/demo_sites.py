@@ -122,10 +122,10 @@ class LoopbackSite:
 
     def start(self, model: str, map_file: Path) -> None:
         """A mosquitto on a free loopback port and the two agents, until they are peers."""
+        from agent.base.config import Broker
         from agent.cli.demo import DemoError
         from agent.node.broker import mosquitto_binary, port_free
-        from agent.node.config import Broker
-        from engine.localcluster import free_port
+        from transport.localcluster import free_port
 
         self.workdir = map_file.parent
         port = free_port()

@@ -13,12 +13,12 @@ from engine.adapters import Task, Tensors
 from engine.cost import macs_reduction
 from engine.fidelity import compare, job_fidelity
 from engine.inputs import make_inputs
-from engine.localcluster import ClusterConfig, LocalCluster
 from engine.models import LoadedModel, load
 from engine.program import JobSpec, plan_job
 from engine.segments import Compression
 from engine.sim import run_local, run_simulated
 from engine.trace import RunResult
+from transport.localcluster import ClusterConfig, LocalCluster
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,10 +20,10 @@ import time
 import uuid
 from typing import Any
 
+from agent.base.config import Broker
 from agent.cli import args, cluster_cmds
 from agent.cli.top_view import JOBS_SHOWN, ClusterView, Snapshot, render
 from agent.client import Auth
-from agent.node.config import Broker
 from transport.mqtt import MqttLink, TransportError, backoff_s, transport_error
 
 #: Seconds ``--once`` listens: retained messages come right after the subscription.

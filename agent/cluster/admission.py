@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.node.config import ConfigError
+from agent.base.config import ConfigError
 
 PROOF_FIELDS = ("ts", "nonce", "proof")
 

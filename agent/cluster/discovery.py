@@ -25,9 +25,9 @@ import structlog
 from zeroconf import IPVersion, ServiceStateChange
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
+from agent.base.supervise import supervise
 from agent.cluster.peers import Peer, PeerTable
 from agent.cluster.trust import Trust
-from agent.node.supervise import supervise
 
 SERVICE = "_prism._tcp.local."
 RESOLVE_TIMEOUT_MS = 3000

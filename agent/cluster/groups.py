@@ -5,7 +5,7 @@ builds its ProcessGroupGloo over a :class:`~transport.rendezvous.RelayStore` (ke
 store port anywhere). A formed group is kept for jobs with the same members, keyed by member tuple, and dropped
 after ``group_idle_s`` unused (closing its GLOO listeners), on any failure, on a teardown or when a member leaves.
 
-**Running.** A run needs every member's engine (agent/node/engine.py) at once. The coordinator takes them in node-id
+**Running.** A run needs every member's engine (agent/base/engine.py) at once. The coordinator takes them in node-id
 order (its own slot in turn, a peer's with ``reserve``, answered by ``grant`` once that peer's engine is free), then
 tells every peer ``run``. Everyone takes engines in the same order, so two coordinators sharing peers never wait on
 each other. Every collective has a deadline (:class:`~transport.deadline.DeadlineGroup`): a frozen peer or a cut
@@ -30,6 +30,7 @@ from typing import Any
 
 import structlog
 
+from agent.base.engine import Engine, Slot
 from agent.cluster.beats import Silence
 from agent.cluster.channel import ControlChannel
 from agent.cluster.failures import reason_of, unless_failed
@@ -37,7 +38,6 @@ from agent.cluster.group import EarlyKeys, Group, LinkUse, Timing, collective_fl
 from agent.cluster.group_state import GroupEvent, GroupState
 from agent.cluster.peers import Peer
 from agent.jobs.service import Served
-from agent.node.engine import Engine, Slot
 from engine.adapters import Tensors
 from engine.distributed import run_rank
 from engine.errors import FailureReason, GroupError

@@ -16,8 +16,8 @@ from typing import Any
 
 import structlog
 
+from agent.base.config import Settings, pick_device
 from agent.cluster.peers import Peer
-from agent.node.config import Settings, pick_device
 from engine.weights import same_weights
 from policy.decide import Decision, PeerLink, Policy, Request, decide
 from policy.perfmap import MapError, PerfMap, hardware_fingerprint, load_map, mismatches, save_map

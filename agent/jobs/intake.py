@@ -24,10 +24,10 @@ from typing import Any, Protocol
 
 import structlog
 
+from agent.base.memory import trim_heap
 from agent.jobs.journal import Entry, Journal, Recovery, State
 from agent.jobs.replies import TRANSIENT, Outbox, Reply, job_key
 from agent.jobs.service import JobService
-from agent.node.memory import trim_heap
 from transport.mqtt import REFUSED, MqttLink, Topics, TransportError, reason_name
 from transport.schema import Limits, Result, WireError, decode
 

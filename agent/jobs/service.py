@@ -3,7 +3,7 @@
 Transport-free: it takes payload bytes and returns a :class:`Result`, so it is tested
 without a broker. Decoding and tokenising run on a thread of their own (fast tokenizers
 must not be shared by concurrent jobs); torch work runs on the node's one engine
-(agent/node/engine.py), shared with the ranks this node runs for others. At most
+(agent/base/engine.py), shared with the ranks this node runs for others. At most
 ``queue_max`` jobs wait; past that a job is answered ``busy`` at once. A job's
 ``deadline_ms`` counts from its arrival: a job that cannot meet it is answered
 ``deadline_exceeded`` at once, and one still waiting or running when it passes gets that
@@ -21,13 +21,13 @@ from typing import Any, Protocol
 
 import structlog
 
+from agent.base.config import ModelSpec, Settings
+from agent.base.energy import CpuModelMeter, Meter
+from agent.base.engine import Engine
+from agent.base.monitors import read_load
 from agent.cluster.peers import Peer
 from agent.jobs.auto import AutoPolicy, interim
 from agent.jobs.inputs import to_output, to_tensors
-from agent.node.config import ModelSpec, Settings
-from agent.node.energy import CpuModelMeter, Meter
-from agent.node.engine import Engine
-from agent.node.monitors import read_load
 from engine.adapters import Task, Tensors
 from engine.errors import BadRequest, FailureReason, GroupError, PrismError
 from engine.models import LoadedModel

@@ -24,7 +24,7 @@ import structlog
 from zeroconf import IPVersion
 from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
 
-from agent.node.config import Broker, ConfigError
+from agent.base.config import Broker, ConfigError
 
 MQTT_SERVICE = "_mqtt._tcp.local."
 log = structlog.get_logger("prism.broker")

@@ -1,7 +1,7 @@
 """A node's lifecycle (docs/design.md §6): one root task group, supervised loops, a graceful stop.
 
 The node opens its job journal (re-running what a crash interrupted), starts its probe server and mDNS advert, then
-runs, each supervised (agent/node/supervise.py): the broker connection (capped full-jitter backoff; a refused login
+runs, each supervised (agent/base/supervise.py): the broker connection (capped full-jitter backoff; a refused login
 is fatal), the watchdog, link probes, group upkeep and the map saver, plus one task per job or group duty. Per
 connection it subscribes (a persistent MQTT 5 session), publishes a retained ``online`` (the Last Will says
 ``offline``), routes messages — jobs to the intake, control to the groups, health and status to the observer — and
@@ -20,6 +20,12 @@ from typing import Any
 
 import structlog
 
+from agent.base.config import Settings, mqtt_credentials, pick_device, tls_context
+from agent.base.energy import Meter, find_meter
+from agent.base.engine import Engine
+from agent.base.monitors import read_load
+from agent.base.sdnotify import Notifier
+from agent.base.supervise import RESTARTS, guarded, supervise
 from agent.cluster.admission import Admission
 from agent.cluster.channel import ControlChannel
 from agent.cluster.discovery import Discovery, advert
@@ -37,13 +43,7 @@ from agent.jobs.intake import Intake
 from agent.jobs.journal import Journal
 from agent.jobs.replies import Outbox
 from agent.jobs.service import JobService, Served
-from agent.node.config import Settings, mqtt_credentials, pick_device, tls_context
-from agent.node.energy import Meter, find_meter
-from agent.node.engine import Engine
 from agent.node.metrics import Metrics
-from agent.node.monitors import read_load
-from agent.node.sdnotify import Notifier
-from agent.node.supervise import RESTARTS, guarded, supervise
 from engine.adapters import Tensors
 from engine.program import ENGINE_VERSION, JobSpec
 from engine.trace import RunResult

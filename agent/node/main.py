@@ -14,15 +14,15 @@ import time
 
 import structlog
 
+from agent.base.config import ConfigError, Settings, pick_device
+from agent.base.memory import tame_malloc
+from agent.base.sdnotify import Notifier
 from agent.cluster.admission import Admission, read_secret
 from agent.jobs.service import Served
 from agent.node.broker import HostedBroker, find_broker, port_free
-from agent.node.config import ConfigError, Settings, pick_device
 from agent.node.daemon import Node
-from agent.node.memory import tame_malloc
-from agent.node.sdnotify import Notifier
-from engine.localcluster import free_port
 from engine.models import fingerprint, load, to_device
+from transport.localcluster import free_port
 
 log = structlog.get_logger("prism.main")
 

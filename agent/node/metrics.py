@@ -26,9 +26,9 @@ from typing import Any
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
+from agent.base.config import ConfigError
+from agent.base.energy import Ina3221Meter, Meter, RaplMeter
 from agent.jobs.recent import RecentJobs
-from agent.node.config import ConfigError
-from agent.node.energy import Ina3221Meter, Meter, RaplMeter
 from engine.errors import FailureReason
 from transport.schema import Result
 

@@ -23,13 +23,12 @@ from pathlib import Path
 
 import torch
 
-from agent.node.energy import CpuModelMeter, Meter, find_meter
+from agent.base.energy import CpuModelMeter, Meter, find_meter
 from agent.profiling.accuracy import Score, exact, score
 from agent.profiling.progress import Progress, kind_of
 from engine.adapters import Adapter, Task, Tensors
 from engine.errors import BadRequest
 from engine.inputs import make_inputs
-from engine.localcluster import ClusterConfig, LocalCluster
 from engine.models import LoadedModel, fingerprint, load
 from engine.program import plan_job
 from engine.segments import Compression, Method
@@ -37,6 +36,7 @@ from engine.sim import run_local
 from engine.trace import RunResult
 from policy.perfmap import METHODS, Cell, ModelShape, PerfMap, hardware_fingerprint, option_name
 from policy.predict import fit_link_efficiency
+from transport.localcluster import ClusterConfig, LocalCluster
 
 #: One option of the grid: (mode, method, cr) with mode local, full or prism.
 GridOption = tuple[str, str | None, float | None]

@@ -27,8 +27,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from agent.node.config import Broker
-from agent.node.energy import CpuModelMeter
+from agent.base.config import Broker
+from agent.base.energy import CpuModelMeter
 from agent.profiling.accuracy import Score, score_output
 from agent.profiling.loopback import Grid, Pass, energy_label, make_cell
 from agent.profiling.progress import Progress, kind_of
