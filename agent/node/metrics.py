@@ -1,11 +1,12 @@
 """Prometheus metrics of one agent (``metrics_port``; 0 or unset: off).
 
-The daemon calls four things: :meth:`Metrics.job_done` once per answered job with its
+The daemon calls five things: :meth:`Metrics.job_done` once per answered job with its
 :class:`~transport.schema.Result` (which also keeps the last few jobs' decisions for the
 health document, :attr:`Metrics.recent`), :meth:`Metrics.result_refused` per result the broker
-refused, :meth:`Metrics.health_tick` once per health period with the
-health document it publishes, and :meth:`Metrics.serving` around its life (the HTTP server
-runs in a thread of ``prometheus-client``; scrapes never touch the event loop). Every label
+refused, :meth:`Metrics.journal_failed` per journal operation the disk refused,
+:meth:`Metrics.health_tick` once per health period with the health document it publishes,
+and :meth:`Metrics.serving` around its life (the HTTP server runs in a thread of
+``prometheus-client``; scrapes never touch the event loop). Every label
 takes values from a small set: free-text fallback reasons become a few codes, error codes
 outside the schema's list become ``other``, and option names are capped.
 
@@ -52,6 +53,7 @@ ERROR_CODES = frozenset(
         "model_error",
         "group_error",
         "deadline_exceeded",
+        "journal_unavailable",
     }
 )
 #: Why a distributed job ran locally, as a bounded set of codes (see :func:`fallback_code`).
@@ -135,6 +137,13 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.journal_errors = Counter(
+            "prism_journal_errors",
+            "Job journal operations the disk refused (full or failing), by operation: take (the job was "
+            "answered journal_unavailable), answer, sent, result.",
+            ["op"],
+            registry=r,
+        )
         self.decisions = Counter(
             "prism_decisions",
             "Mode decisions by requested mode, chosen option and basis (map: the performance map; rule: the "
@@ -214,6 +223,10 @@ class Metrics:
     def result_refused(self, reason: str) -> None:
         """Count one result the broker refused; ``reason`` is its MQTT 5 reason code's name."""
         self.refused.labels(reason.lower().replace(" ", "_")[:40]).inc()
+
+    def journal_failed(self, op: str) -> None:
+        """Count one journal operation the disk refused."""
+        self.journal_errors.labels(op[:16]).inc()
 
     # -- per health period -----------------------------------------------------------------
     def health_tick(self, health: Mapping[str, Any], corrections: Mapping[str, float] | None = None) -> None:
