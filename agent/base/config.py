@@ -86,7 +86,9 @@ class Settings:
     tls_cert: str | None = None
     tls_key: str | None = None
     reconnect_min_s: Positive = 0.2
-    reconnect_max_s: Positive = 10.0
+    # Capped full-jitter backoff: an agent waiting for its broker tries again within 2 s of
+    # it appearing, at the cost of about one connection attempt a second per waiting agent.
+    reconnect_max_s: Positive = 2.0
     session_expiry_s: Annotated[int, Field(ge=0, le=0xFFFFFFFF)] = 300
     log_format: Literal["auto", "json", "console"] = "auto"
     map_file: str | None = None

@@ -13,6 +13,15 @@ A result the broker refuses (a PUBACK reason code >= 0x80, such as an ACL's "not
 authorized" on the job's response topic) is not taken for sent: it is logged
 (``result_refused``), counted, and replaced by the error ``result_refused`` on the job's
 default results topic (see :meth:`Intake._refused`).
+
+A journal the disk refuses (full, failing; :class:`~agent.jobs.journal.JournalError`) never
+stops the flow of messages: a job it cannot take is answered at once with the transient
+error ``journal_unavailable`` (not remembered, so the same job sent again runs once the disk
+has room) and acknowledged like any other, since a broker redelivers an unacknowledged
+message only on the next connection and meanwhile counts it against the client's in-flight
+window (mosquitto's default is 20), past which it sends the node nothing, control included.
+A result the journal cannot store, or a sent mark, is logged and the result goes out from
+memory: only a crash before it is sent loses the difference (the job then runs again).
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ from typing import Any, Protocol
 import structlog
 
 from agent.base.memory import trim_heap
-from agent.jobs.journal import Entry, Journal, Recovery, State
+from agent.jobs.journal import Entry, Journal, JournalError, Recovery, State
 from agent.jobs.replies import TRANSIENT, Outbox, Reply, job_key
 from agent.jobs.service import JobService
 from transport.mqtt import REFUSED, MqttLink, Topics, TransportError, reason_name
@@ -53,6 +62,9 @@ class Counts(Protocol):
 
     def result_refused(self, reason: str) -> None:
         """One result the broker refused, with the name of its reason code."""
+
+    def journal_failed(self, op: str) -> None:
+        """One journal operation (``take``, ``answer``, ``sent``, ``result``) the disk refused."""
 
 
 class Intake:
@@ -98,8 +110,38 @@ class Intake:
         await asyncio.shield(self._take(entry))
 
     async def _take(self, entry: Entry) -> None:
-        await self.journal.take(entry)
+        try:
+            await self.journal.take(entry)
+        except JournalError as exc:
+            self._not_taken(entry, exc)
+            return
         self._start(entry)
+
+    def _not_taken(self, entry: Entry, exc: JournalError) -> None:
+        """Answer ``journal_unavailable`` at once: the job was not taken, a retry may run it."""
+        assert entry.payload is not None
+        job_id = _job_id(entry.payload)
+        self._journal_failed("take", job_id, exc)
+        result = Result.failure(
+            job_id,
+            exc.code,
+            "this node cannot write its job journal (disk full or failing), so it did not take the job;"
+            " send it again later or to another node",
+            node=self.service.settings.node_id,
+        )
+        if self.counts is not None:
+            self.counts.job_done(result)
+        topic = entry.topic or (self.topics.result(job_id) if job_id else None)
+        if topic is None:
+            log.warning("unanswerable_payload", head=entry.payload[:80].decode(errors="replace"))
+            return
+        encoded = result.encode(not entry.payload.lstrip().startswith(b"{"))
+        self.outbox.put(Reply(entry.key, topic, encoded, entry.correlation, job_id, transient=True), pinned=True)
+
+    def _journal_failed(self, op: str, job_id: str | None, exc: JournalError) -> None:
+        log.error("journal_unavailable", op=op, job=job_id, error=str(exc.__cause__ or exc)[:200])
+        if self.counts is not None:
+            self.counts.journal_failed(op)
 
     def _start(self, entry: Entry) -> None:
         self._seq += 1
@@ -123,7 +165,7 @@ class Intake:
         topic = route[0] or (self.topics.result(result.id) if result.id else None)
         if topic is None:
             log.warning("unanswerable_payload", head=payload[:80].decode(errors="replace"))
-            await self.journal.sent(key, forget=True)
+            await self._mark_sent(key, result.id, forget=True)
             return
         as_msgpack = not payload.lstrip().startswith(b"{")
         try:
@@ -131,12 +173,25 @@ class Intake:
         except Exception:
             log.exception("result_unencodable", job=result.id)
             encoded = Result.failure(result.id, "internal", "the result could not be encoded").encode(as_msgpack)
-        await self.journal.answer(key, encoded)
+        journalled = await self._store(key, encoded, result.id)
         transient = result.error is not None and result.error.code in TRANSIENT
-        self.outbox.put(Reply(key, topic, encoded, route[1], result.id, transient))
+        self.outbox.put(Reply(key, topic, encoded, route[1], result.id, transient), pinned=not journalled)
+
+    async def _store(self, key: bytes, encoded: bytes, job_id: str | None) -> bool:
+        """Journal a result; False when the disk refused it (it then goes out from memory)."""
+        try:
+            await self.journal.answer(key, encoded)
+        except JournalError as exc:
+            self._journal_failed("answer", job_id, exc)
+            return False
+        return True
 
     async def _resend(self, key: bytes, route: tuple[str | None, bytes | None]) -> None:
-        stored = await self.journal.result(key)
+        try:
+            stored = await self.journal.result(key)
+        except JournalError as exc:
+            self._journal_failed("result", None, exc)
+            return
         if stored is None:
             return  # sent long ago and pruned: the client has it
         topic = route[0]
@@ -193,8 +248,14 @@ class Intake:
             if payload is not None and code >= REFUSED:
                 await self._refused(reply, payload, code)
                 continue
-            await self.journal.sent(reply.key, forget=reply.transient)
+            await self._mark_sent(reply.key, reply.job, forget=reply.transient)
             self.outbox.sent(reply)
+
+    async def _mark_sent(self, key: bytes, job_id: str | None, *, forget: bool) -> None:
+        try:
+            await self.journal.sent(key, forget=forget)
+        except JournalError as exc:  # marked in memory all the same; a crash would send it again
+            self._journal_failed("sent", job_id, exc)
 
     async def _refused(self, reply: Reply, payload: bytes, code: int) -> None:
         """The broker refused ``reply``: answer on the job's results topic with an error instead.
@@ -213,13 +274,13 @@ class Intake:
         if self.counts is not None:
             self.counts.result_refused(reason)
         if fallback is None:
-            await self.journal.sent(reply.key, forget=True)
+            await self._mark_sent(reply.key, job_id, forget=True)
             self.outbox.sent(reply)
             return
         message = f"the broker refused this job's result on its response topic {reply.topic[:200]} ({reason})"
         error = Result.failure(job_id, "result_refused", message, node=self.service.settings.node_id)
         encoded = error.encode(not payload.lstrip().startswith(b"{"))  # in the result's own format
-        await self.journal.answer(reply.key, encoded)  # a copy of the job gets the error, not the result
+        await self._store(reply.key, encoded, job_id)  # a copy of the job gets the error, not the result
         self.outbox.replace(reply, Reply(reply.key, fallback, encoded, reply.correlation, job_id, transient=True))
 
 

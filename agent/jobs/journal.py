@@ -9,6 +9,10 @@ answered with an error instead of being run a third time: it may be what kills t
 
 All SQLite work runs on one thread of its own; the event loop only awaits it. An index of
 keys and states stays in memory, so telling a duplicate costs no disk access.
+
+A write the disk refuses (full, failing) raises :class:`JournalError`. A job whose
+:meth:`Journal.take` failed is not in the index, so the same job sent again is taken afresh;
+the intake (agent/jobs/intake.py) answers it ``journal_unavailable`` at once.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
+
+from engine.errors import PrismError
 
 T = TypeVar("T")
 
@@ -44,6 +50,12 @@ CREATE TABLE IF NOT EXISTS jobs (
     t REAL NOT NULL
 )
 """
+
+
+class JournalError(PrismError):
+    """The journal could not be read or written (a full disk, an I/O error)."""
+
+    code = "journal_unavailable"
 
 
 class State(enum.IntEnum):
@@ -88,7 +100,10 @@ class Journal:
         self._sent_bytes = 0
 
     async def _do(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        except (sqlite3.Error, OSError) as exc:
+            raise JournalError(f"the job journal {self.path} failed: {exc}") from exc
 
     # -- lifecycle --------------------------------------------------------------------
     async def open(self) -> Recovery:
@@ -135,9 +150,13 @@ class Journal:
         return self.index.get(key)
 
     async def take(self, entry: Entry) -> None:
-        """Record a job before acknowledging it to the broker."""
-        self.index[entry.key] = State.TAKEN
-        await self._do(self._take, entry)
+        """Record a job before acknowledging it to the broker (:class:`JournalError`: not recorded)."""
+        self.index[entry.key] = State.TAKEN  # before the write: a copy arriving meanwhile is a duplicate
+        try:
+            await self._do(self._take, entry)
+        except JournalError:
+            self.index.pop(entry.key, None)  # not taken: the same job sent again is taken afresh
+            raise
 
     def _take(self, e: Entry) -> None:
         assert self._db is not None

@@ -6,7 +6,9 @@ connection; one the broker refused is replaced (:meth:`Outbox.replace`) by an er
 job's results topic (agent/jobs/intake.py). Every result is also in the job journal
 (agent/jobs/journal.py), so the outbox keeps the encoded bytes in memory only while they fit
 its budget; past it a reply carries just its journal key and the sender reads the bytes back
-when its turn comes. Nothing is ever dropped. Transport-free, so it is tested without a broker.
+when its turn comes — unless the journal could not store it (a full disk): such a reply is
+put ``pinned`` and keeps its bytes whatever the budget. Nothing is ever dropped.
+Transport-free, so it is tested without a broker.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections import deque
 from dataclasses import dataclass, replace
 
 #: Result codes that say "not now" rather than "this job's answer": a retried job runs again.
-TRANSIENT = frozenset({"busy", "deadline_exceeded"})
+TRANSIENT = frozenset({"busy", "deadline_exceeded", "journal_unavailable"})
 
 
 def job_key(payload: bytes) -> bytes:
@@ -49,10 +51,11 @@ class Outbox:
     def __len__(self) -> int:
         return len(self._items)
 
-    def put(self, reply: Reply) -> None:
-        """Queue ``reply``; its bytes stay in memory only while they fit the budget."""
+    def put(self, reply: Reply, *, pinned: bool = False) -> None:
+        """Queue ``reply``; its bytes stay in memory only while they fit the budget, or
+        whatever the budget when ``pinned`` (they are in no journal)."""
         size = len(reply.payload or b"")
-        if self.bytes + size > self.max_bytes:
+        if self.bytes + size > self.max_bytes and not pinned:
             reply = replace(reply, payload=None)
         else:
             self.bytes += size

@@ -324,9 +324,8 @@ class Node:
                     continue  # stopping: not acknowledged, so the broker keeps it for someone else
                 try:
                     await self.intake.take(payload, reply_route(message), bool(message.retain))
-                except Exception:
+                except Exception:  # acknowledged all the same: unacknowledged, it holds the in-flight window
                     log.exception("job_not_taken", topic=topic)
-                    continue
             else:
                 try:
                     self._observe(topic, payload)

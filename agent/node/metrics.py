@@ -1,12 +1,13 @@
 """Prometheus metrics of one agent (``metrics_port``; 0 or unset: off).
 
-The daemon calls four things: :meth:`Metrics.job_done` once per answered job with its
+The daemon calls five things: :meth:`Metrics.job_done` once per answered job with its
 :class:`~transport.schema.Result` (which also keeps the last few jobs' decisions for the
 health document, :attr:`Metrics.recent`), :meth:`Metrics.result_refused` per result the broker
-refused, :meth:`Metrics.health_tick` once per health period with the
-health document it publishes, and :meth:`Metrics.serving` around its life (the HTTP server
-runs in a thread of ``prometheus-client``; scrapes never touch the event loop). Every label
-takes values from a small set: a fallback's reason is the result's typed ``fallback_reason``
+refused, :meth:`Metrics.journal_failed` per journal operation the disk refused,
+:meth:`Metrics.health_tick` once per health period with the health document it publishes,
+and :meth:`Metrics.serving` around its life (the HTTP server runs in a thread of
+``prometheus-client``; scrapes never touch the event loop). Every label takes values from a
+small set: a fallback's reason is the result's typed ``fallback_reason``
 (engine.errors.FailureReason), error codes outside the schema's list become ``other``, and
 option names are capped.
 
@@ -54,6 +55,7 @@ ERROR_CODES = frozenset(
         "model_error",
         "group_error",
         "deadline_exceeded",
+        "journal_unavailable",
     }
 )
 #: Distinct option names counted before the rest become ``other`` (a job may ask for any CR).
@@ -111,6 +113,13 @@ class Metrics:
             "Results the broker refused (PUBACK reason code >= 0x80), by reason; each is answered with the "
             "error result_refused on the job's results topic where that is a different topic.",
             ["reason"],
+            registry=r,
+        )
+        self.journal_errors = Counter(
+            "prism_journal_errors",
+            "Job journal operations the disk refused (full or failing), by operation: take (the job was "
+            "answered journal_unavailable), answer, sent, result.",
+            ["op"],
             registry=r,
         )
         self.decisions = Counter(
@@ -193,6 +202,10 @@ class Metrics:
     def result_refused(self, reason: str) -> None:
         """Count one result the broker refused; ``reason`` is its MQTT 5 reason code's name."""
         self.refused.labels(reason.lower().replace(" ", "_")[:40]).inc()
+
+    def journal_failed(self, op: str) -> None:
+        """Count one journal operation the disk refused."""
+        self.journal_errors.labels(op[:16]).inc()
 
     # -- per health period -----------------------------------------------------------------
     def health_tick(self, health: Mapping[str, Any], corrections: Mapping[str, float] | None = None) -> None:

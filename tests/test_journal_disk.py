@@ -1,0 +1,91 @@
+"""A full journal disk: real ENOSPC on a small tmpfs, real agents, mosquitto at its default limits.
+
+The broker here keeps mosquitto's defaults (20 QoS 1 messages in flight per client, no
+persistence), as a user's broker does. Needs root (it mounts a tmpfs); skipped otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from tests.disks import small_disk
+from tests.mqtt_env import agent, mosquitto, pub, sub, wait_peer
+
+pytestmark = [
+    pytest.mark.mqtt,
+    pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs (needs root)"),
+]
+
+CLUSTER = "disk"
+#: More than mosquitto's default max_inflight_messages (20): unacknowledged jobs would fill it.
+FLOOD = 25
+
+
+def job(job_id: str, text: str = "a full disk") -> str:
+    return json.dumps({"id": job_id, "model": "bert", "inputs": {"text": [text]}, "mode": "local"})
+
+
+def collect(port: int, payloads: dict[str, str], node: str, timeout_s: float = 60) -> list[dict[str, object]]:
+    """Publish each payload to ``node``, then one more job, a marker; collect results until
+    every job's and the marker's came. Results leave a node in the order they are ready, and
+    a copy would be ready with its first, so a job answered twice shows twice."""
+    marker = f"marker-{len(payloads)}-{os.urandom(3).hex()}"
+    waiter = sub(port, f"prism/v1/{CLUSTER}/results/#", 10_000, timeout_s=timeout_s)
+    try:
+        for payload in [*payloads.values(), job(marker)]:
+            pub(port, f"prism/v1/{CLUSTER}/nodes/{node}/jobs", payload)
+        got: list[dict[str, object]] = []
+        while not {*payloads, marker} <= {str(r["id"]) for r in got}:
+            got.append(json.loads(waiter.next(timeout_s)))
+    finally:
+        waiter.close()
+    return [r for r in got if r["id"] != marker]
+
+
+def error_code(result: dict[str, object]) -> object:
+    error = result.get("error")
+    return error.get("code") if isinstance(error, dict) else None
+
+
+def test_jobs_on_a_full_disk_are_answered_at_once_and_run_once_the_disk_has_room() -> None:
+    with (
+        small_disk() as disk,
+        mosquitto() as port,
+        agent(port, CLUSTER, "f1", "bert=tiny-bert", env={"PRISM_STATE_DIR": str(disk.path)}) as proc,
+    ):
+        disk.fill()
+        jobs = {f"full-{i}": job(f"full-{i}") for i in range(FLOOD)}
+        full = collect(port, jobs, "f1")
+        # Every job answered once, at once, with an error the client can retry on:
+        assert sorted(str(r["id"]) for r in full) == sorted(jobs)
+        assert {error_code(r) for r in full} == {"journal_unavailable"}
+        disk.free()
+        again = {k: jobs[k] for k in list(jobs)[:6]}  # the client retries with the same bytes
+        later = collect(port, again, "f1")
+        assert sorted(str(r["id"]) for r in later) == sorted(again)
+        assert all(r["ok"] is True for r in later), later
+        log = proc.log_path.read_text()  # type: ignore[attr-defined]
+    assert '"event": "journal_unavailable"' in log
+
+
+def test_a_node_on_a_full_disk_keeps_getting_control_and_serves_its_peers_splits() -> None:
+    fast = {"PRISM_HEALTH_INTERVAL_S": "0.5", "PRISM_PROBE_INTERVAL_S": "0.5"}
+    with (
+        small_disk() as disk,
+        mosquitto() as port,
+        agent(port, CLUSTER, "c1", "bert=tiny-bert", env=fast),
+        agent(port, CLUSTER, "c2", "bert=tiny-bert", env={**fast, "PRISM_STATE_DIR": str(disk.path)}),
+    ):
+        wait_peer(port, CLUSTER, "c1", "c2")
+        disk.fill()
+        jobs = {f"c2-{i}": job(f"c2-{i}") for i in range(FLOOD)}
+        assert {error_code(r) for r in collect(port, jobs, "c2")} == {"journal_unavailable"}
+        # c2's disk is still full: a split c1 coordinates reaches it over control messages.
+        split = json.dumps({"id": "split", "model": "bert", "inputs": {"text": ["one", "two"]}, "mode": "distributed"})
+        (result,) = collect(port, {"split": split}, "c1")
+        assert result["ok"] is True, result
+        assert result["peers"] == ["c2"]
+        assert result["fallback"] is False, result
