@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
+import socket
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
 
+from agent.base.sdnotify import Notifier
 from agent.node.install import install, render_unit
 
 
@@ -92,3 +96,19 @@ def test_the_shipped_example_config_loads() -> None:
 
     settings = load_settings(Path(__file__).resolve().parents[1] / "systemd" / "agent.toml", {}, {})
     assert [m.name for m in settings.models] == ["minilm"]
+
+
+def test_a_notify_socket_that_reads_nothing_never_blocks_the_agent(tmp_path: Path) -> None:
+    """systemd busy (its queue full): a watchdog ping is dropped, the caller goes on at once."""
+    path = str(tmp_path / "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
+        server.bind(path)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as filler:
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                for _ in range(100_000):  # until the receiver's queue is full
+                    filler.sendto(b"WATCHDOG=1", path)
+        sender = threading.Thread(target=Notifier(path).notify, args=("WATCHDOG=1",), daemon=True)
+        sender.start()
+        sender.join(timeout=5)
+        assert not sender.is_alive(), "notify blocked on a full notify socket"

@@ -20,8 +20,11 @@ class Notifier:
         return bool(self._address)
 
     def notify(self, state: str) -> None:
-        """Send e.g. ``READY=1``; errors are ignored (systemd may be gone while we stop)."""
+        """Send e.g. ``READY=1``; errors are ignored (systemd may be gone while we stop). Never
+        blocks the event loop: a receiver whose queue is full loses the datagram (EAGAIN), and
+        the next watchdog ping comes a period later."""
         if not self._address:
             return
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock, contextlib.suppress(OSError):
+            sock.setblocking(False)
             sock.sendto(state.encode(), self._address)
