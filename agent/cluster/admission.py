@@ -21,11 +21,11 @@ import hashlib
 import hmac
 import itertools
 import secrets
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.cluster.clock import wall_s
 from agent.node.config import ConfigError
 
 PROOF_FIELDS = ("ts", "nonce", "proof")
@@ -67,7 +67,7 @@ class Admission:
         self.cluster = cluster
         self.max_age_s = max_age_s
         self.boot = secrets.token_hex(8)
-        self.boot_ts = time.time()
+        self.boot_ts = wall_s()
         self._seq = itertools.count(1)
 
     @property

@@ -18,13 +18,13 @@ import base64
 import binascii
 import json
 import os
-import time
 from collections.abc import Awaitable, Callable
 
 import structlog
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from agent.cluster.clock import wall_s
 from agent.cluster.trust import Trust
 from transport.control import Control, dump_control, parse_control
 from transport.schema import WireError
@@ -62,7 +62,7 @@ class ControlChannel:
             "boot": adm.boot,
             "bt": f"{adm.boot_ts:.3f}",
             "seq": str(adm.next_seq()),
-            "ts": f"{time.time():.3f}",
+            "ts": f"{wall_s():.3f}",
         }
         nonce = os.urandom(12)
         sealed = self._aead.encrypt(nonce, body.encode(), _aad(fields))
@@ -98,7 +98,7 @@ class ControlChannel:
             nonce = base64.b64decode(str(envelope["n"]), validate=True)
             sealed = base64.b64decode(str(envelope["ct"]), validate=True)
             body = self._aead.decrypt(nonce, sealed, _aad(fields))
-            age = time.time() - float(fields["ts"])
+            age = wall_s() - float(fields["ts"])
             boot_ts, seq = float(fields["bt"]), int(fields["seq"])
         except (KeyError, ValueError, binascii.Error, InvalidTag):
             return self._refuse(sender, to, "no valid seal")

@@ -79,6 +79,7 @@ class Settings:
     probe_interval_s: Annotated[float, Field(ge=0.1, le=86400)] = 30.0
     probe_max_connections: Count = 32
     secret_file: str | None = None
+    clock_offset_s: Annotated[float, Field(ge=-1e9, le=1e9)] = 0.0  # a test hook: shifts this agent's wall clock
     device: str = "auto"
     mqtt_username: str | None = None
     mqtt_password_file: str | None = None

@@ -14,6 +14,7 @@ import time
 
 import structlog
 
+from agent.cluster import clock
 from agent.cluster.admission import Admission, read_secret
 from agent.jobs.service import Served
 from agent.node.broker import HostedBroker, find_broker, port_free
@@ -81,6 +82,9 @@ def watchdog_interval_s() -> float | None:
 
 async def main_async(settings: Settings) -> None:
     """Load models, find or host a broker, then serve until signalled."""
+    clock.set_offset(settings.clock_offset_s)
+    if settings.clock_offset_s:
+        log.warning("clock_offset", offset_s=settings.clock_offset_s, hint="a test hook: this agent's clock is shifted")
     admission = Admission(read_secret(settings.secret_file), settings.cluster)  # fail fast on a bad secret
     if not settings.models:
         raise ConfigError("no model to serve: pass --model NAME=SOURCE (or [models] in the config file)")
