@@ -27,7 +27,7 @@ from agent.cluster.freshness import STATUS
 from agent.cluster.peers import Peer, PeerTable
 from agent.cluster.probes import answers
 from agent.cluster.trust import Trust
-from transport.health import Health, LinkView, Load, RecentJob, parse_health, parse_status
+from transport.health import ClockView, Health, LinkView, Load, RecentJob, parse_health, parse_status
 from transport.schema import WireError
 
 log = structlog.get_logger("prism.health")
@@ -165,9 +165,10 @@ def build_health(
     links: Mapping[str, Mapping[str, Any]],
     probe_port: int,
     loops: Mapping[str, int],
-    identity: dict[str, str],
+    admission: Admission,
     speed: Mapping[str, float],
     recent: Sequence[RecentJob] = (),
+    clock: Mapping[str, Any] | None = None,
 ) -> Health:
     """This node's health document."""
     return Health(
@@ -190,5 +191,6 @@ def build_health(
         loops=dict(loops),
         speed=dict(speed),
         recent=list(recent),
-        admission=identity,
+        admission=signed_identity(admission, node, address, fingerprints, probe_port),
+        clock=ClockView.model_validate(clock or {}),
     )
