@@ -19,7 +19,11 @@ def test_a_signed_advert_verifies_and_any_change_breaks_it() -> None:
     assert not adm.verify({**signed, "address": "10.0.0.6"}, now_s=1010.0)
     assert not adm.verify({**signed, "models": '{"bert": 2.5}'}, now_s=1010.0)
     assert not adm.verify({k: v for k, v in signed.items() if k != "proof"}, now_s=1010.0)
-    assert not adm.verify(signed, now_s=1000.0 + 121.0)  # stale
+    assert adm.verify(signed, now_s=1000.0 + 150.0)  # 120 s old, 30 s of clock skew allowed
+    assert not adm.verify(signed, now_s=1000.0 + 151.0)  # stale
+    assert adm.verify(signed, now_s=1000.0 - 30.0)  # our clock 30 s behind the signer's
+    assert not adm.verify(signed, now_s=1000.0 - 31.0)
+    assert not Admission(SECRET, "lab", max_skew_s=5.0).verify(signed, now_s=1000.0 - 6.0)
     assert adm.verify(signed, now_s=1000.0 + 500.0, max_age_s=600.0)
 
 

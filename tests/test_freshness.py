@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from agent.cluster.freshness import STATUS, WINDOW, Freshness
+from agent.cluster.freshness import MAX_NODES, STATUS, WINDOW, Freshness
 
 
 def test_new_sequences_pass_copies_and_old_ones_do_not() -> None:
@@ -41,3 +41,35 @@ def test_a_goodbye_of_an_earlier_connection_or_boot_is_stale() -> None:
     assert not f.gone("b", "boot1", 100.0, 5)  # the first connection's will, replayed
     assert f.accept("b", "boot1", 100.0, 21, "health")
     assert not f.gone("b", "boot0", 50.0, 99)  # a will of a boot before this one
+
+
+def test_a_boot_numbered_higher_is_new_whatever_its_clock_said() -> None:
+    f = Freshness()
+    assert f.accept("b", "first", 1_700_000_003_600_000, 9, "health")  # started with its clock an hour fast
+    assert f.accept("b", "second", 1_700_000_003_600_001, 1, "health")  # the counter went on; the clock went back
+    assert not f.accept("b", "first", 1_700_000_003_600_000, 10, "health")
+
+
+def test_a_restarted_receiver_refuses_what_it_saw_and_takes_what_is_new() -> None:
+    before = Freshness()
+    for seq in (5, 6, 7):
+        assert before.accept("b", "boot1", 100.0, seq, "control")
+    assert before.accept("b", "boot1", 100.0, 9, "health")
+    after = Freshness(before.saved())
+    for seq in (5, 6, 7, 8, 9):  # what it saw, or older than what it saw, on any channel
+        assert not after.accept("b", "boot1", 100.0, seq, "control")
+    assert after.accept("b", "boot1", 100.0, 10, "control")
+    assert not after.accept("b", "boot0", 50.0, 99, "control")  # an older boot stays older
+    assert after.accept("b", "boot2", 200.0, 1, "control")  # the sender restarted meanwhile
+
+
+def test_saved_state_is_bounded_and_bad_entries_are_skipped() -> None:
+    f = Freshness()
+    for i in range(MAX_NODES + 10):
+        f.accept(f"n{i}", "boot", 1.0, 1, "health")
+    saved = f.saved()
+    assert len(saved) == MAX_NODES
+    assert "n0" not in saved  # the least recently heard went first
+    assert f"n{MAX_NODES + 9}" in saved
+    g = Freshness({"good": {"boot": "x", "bt": 2.0, "seq": 4}, "bad": {"boot": "y"}, "worse": "z"})
+    assert g.saved() == {"good": {"boot": "x", "bt": 2.0, "seq": 4}}

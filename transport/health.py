@@ -77,6 +77,15 @@ class RecentJob(_Doc):
     why: str = ""  # the fallback's reason, else the decision's
 
 
+class ClockView(_Doc):
+    """How this node's clock compares with its peers' (agent/cluster/skew.py), from their signed
+    messages: seconds each peer's clock is ahead of this node's (behind: negative)."""
+
+    max_skew_s: float | None = None  # the difference accepted either way (None: an open cluster)
+    ahead_s: dict[Annotated[str, Field(max_length=128)], float] = Field(default_factory=dict, max_length=256)
+    refused: dict[Annotated[str, Field(max_length=128)], float] = Field(default_factory=dict, max_length=256)
+
+
 class Health(_Doc):
     """What a node says about itself (see the module docstring)."""
 
@@ -100,6 +109,7 @@ class Health(_Doc):
     speed: dict[str, Annotated[float, Field(gt=0)]] = Field(default_factory=dict)  # model -> ms per token
     admission: dict[str, str] = Field(default_factory=dict)
     recent: list[RecentJob] = Field(default_factory=list)  # newest last
+    clock: ClockView = Field(default_factory=ClockView)
 
     @field_validator("recent", mode="before")
     @classmethod

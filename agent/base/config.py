@@ -79,6 +79,8 @@ class Settings:
     probe_interval_s: Annotated[float, Field(ge=0.1, le=86400)] = 30.0
     probe_max_connections: Count = 32
     secret_file: str | None = None
+    max_clock_skew_s: Annotated[float, Field(ge=0, le=86400)] = 30.0  # signed times may be this far off, either way
+    clock_offset_s: Annotated[float, Field(ge=-1e9, le=1e9)] = 0.0  # a test hook: shifts this agent's wall clock
     device: str = "auto"
     mqtt_username: str | None = None
     mqtt_password_file: str | None = None
@@ -108,10 +110,14 @@ class Settings:
         """``prism/v1/{cluster}``."""
         return f"prism/v1/{self.cluster}"
 
-    def journal_path(self) -> Path:
-        """Where this node keeps its job journal (one file per cluster and node)."""
+    def state_file(self, kind: str, suffix: str = "") -> Path:
+        """Where this node keeps its ``kind`` of state (one file per cluster and node)."""
         base = Path(self.state_dir).expanduser() if self.state_dir else Path.home() / ".local/state/prism-agent"
-        return base / f"journal-{self.cluster}-{self.node_id}.sqlite3"
+        return base / f"{kind}-{self.cluster}-{self.node_id}{suffix}"
+
+    def journal_path(self) -> Path:
+        """Where this node keeps its job journal."""
+        return self.state_file("journal", ".sqlite3")
 
 
 #: Keys a file or the environment may set, with their validated types.

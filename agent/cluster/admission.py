@@ -5,8 +5,9 @@ A cluster secret (a file only the agent can read) keys:
 - an HMAC-SHA256 proof over a canonical form of the fields of everything that admits a peer
   or speaks for a node — mDNS adverts, the retained health (model fingerprints, address,
   probe port) and ``online``/``offline`` status. Every proof carries a timestamp, the
-  sender's *boot* (a random id drawn at start, with its start time) and a sequence number
-  counted up over the boot, so receivers refuse replays (agent/cluster/freshness.py);
+  sender's *boot* (a random id drawn at start, with its boot number, agent/cluster/boots.py)
+  and a sequence number counted up over the boot, so receivers refuse replays
+  (agent/cluster/freshness.py);
 - a key that encrypts and authenticates the body of every group control message
   (AES-GCM; agent/cluster/channel.py), so rendezvous details never travel in clear text;
 - a key from which every GLOO run derives its own (transport/sealed.py): what crosses a
@@ -20,13 +21,15 @@ from __future__ import annotations
 import hashlib
 import hmac
 import itertools
+import math
 import secrets
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from agent.base.config import ConfigError
+from agent.cluster.clock import wall_s
+from agent.cluster.skew import ClockSkew
 
 PROOF_FIELDS = ("ts", "nonce", "proof")
 
@@ -55,19 +58,30 @@ class Signed:
 
     node: str
     boot: str
-    boot_ts: float
+    boot_n: float  # the boot number (older agents: the boot's start time in seconds)
     seq: int
+    ts: float  # when it was signed, by the sender's clock
 
 
 class Admission:
     """Signs and verifies field sets for one node of one cluster."""
 
-    def __init__(self, secret: bytes | None, cluster: str, max_age_s: float = 120.0) -> None:
+    def __init__(
+        self,
+        secret: bytes | None,
+        cluster: str,
+        max_age_s: float = 120.0,
+        *,
+        boot_n: int | None = None,
+        max_skew_s: float = 30.0,
+    ) -> None:
         self._secret = secret
         self.cluster = cluster
         self.max_age_s = max_age_s
+        self.max_skew_s = max_skew_s
         self.boot = secrets.token_hex(8)
-        self.boot_ts = time.time()
+        # Counted in the state directory by main() (agent/cluster/boots.py); else the clock in ms.
+        self.boot_n = int(wall_s() * 1000) if boot_n is None else boot_n
         self._seq = itertools.count(1)
 
     @property
@@ -97,23 +111,26 @@ class Admission:
         out["ts"] = f"{now_s:.3f}"
         out["nonce"] = secrets.token_hex(8)
         out["boot"] = self.boot
-        out["bt"] = f"{self.boot_ts:.3f}"
+        out["bt"] = str(self.boot_n)
         out["seq"] = str(self.next_seq() if seq is None else seq)
         out["proof"] = self._mac(out)
         return out
 
     def verify(self, fields: Mapping[str, str], now_s: float, max_age_s: float | None = None) -> bool:
-        """True for a valid proof no older than ``max_age_s`` (always True when open).
-        ``max_age_s`` < 0 skips the age check (a Last Will is signed when its connection opens)."""
+        """True for a valid proof no older than ``max_age_s`` (always True when open), clocks
+        apart by up to ``max_skew_s`` either way (agent/cluster/skew.py). ``max_age_s`` < 0 skips
+        the age check (a Last Will is signed when its connection opens)."""
         if self.open:
             return True
         proof = fields.get("proof")
         try:
-            age = now_s - float(fields.get("ts", "nan"))
+            ts = float(fields.get("ts", "nan"))
         except ValueError:
             return False
         limit = self.max_age_s if max_age_s is None else max_age_s
-        if not isinstance(proof, str) or not (limit < 0 or -5.0 <= age <= limit):
+        if ts != ts or not isinstance(proof, str):  # NaN: no time
+            return False
+        if limit >= 0 and ClockSkew(self.max_skew_s).why_not(ts, now_s, limit) is not None:
             return False
         return hmac.compare_digest(proof, self._mac({k: str(v) for k, v in fields.items()}))
 
@@ -121,6 +138,7 @@ class Admission:
     def signer(fields: Mapping[str, str], node: str) -> Signed | None:
         """Boot and sequence of a verified message (None when they are missing or malformed)."""
         try:
-            return Signed(node, str(fields["boot"]), float(fields["bt"]), int(fields["seq"]))
+            signed = Signed(node, str(fields["boot"]), float(fields["bt"]), int(fields["seq"]), float(fields["ts"]))
         except (KeyError, ValueError):
             return None
+        return signed if math.isfinite(signed.boot_n) and math.isfinite(signed.ts) else None

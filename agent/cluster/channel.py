@@ -18,13 +18,14 @@ import base64
 import binascii
 import json
 import os
-import time
 from collections.abc import Awaitable, Callable
 
 import structlog
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from agent.cluster.admission import Admission
+from agent.cluster.clock import wall_s
 from agent.cluster.trust import Trust
 from transport.control import Control, dump_control, parse_control
 from transport.schema import WireError
@@ -60,9 +61,9 @@ class ControlChannel:
             "from": self.node,
             "to": to,
             "boot": adm.boot,
-            "bt": f"{adm.boot_ts:.3f}",
+            "bt": str(adm.boot_n),
             "seq": str(adm.next_seq()),
-            "ts": f"{time.time():.3f}",
+            "ts": f"{wall_s():.3f}",
         }
         nonce = os.urandom(12)
         sealed = self._aead.encrypt(nonce, body.encode(), _aad(fields))
@@ -98,14 +99,14 @@ class ControlChannel:
             nonce = base64.b64decode(str(envelope["n"]), validate=True)
             sealed = base64.b64decode(str(envelope["ct"]), validate=True)
             body = self._aead.decrypt(nonce, sealed, _aad(fields))
-            age = time.time() - float(fields["ts"])
-            boot_ts, seq = float(fields["bt"]), int(fields["seq"])
         except (KeyError, ValueError, binascii.Error, InvalidTag):
             return self._refuse(sender, to, "no valid seal")
-        if not -5.0 <= age <= CONTROL_MAX_AGE_S:
-            return self._refuse(sender, to, f"{age:.0f} s old")
-        if not self.trust.fresh.accept(sender, fields["boot"], boot_ts, seq, "control"):
-            return self._refuse(sender, to, "a replay")
+        who = Admission.signer(fields, sender)
+        if who is None:
+            return self._refuse(sender, to, "no boot, sequence or time in its seal")
+        why = self.trust.fresh_enough(who, "control", wall_s(), CONTROL_MAX_AGE_S)
+        if why is not None:
+            return self._refuse(sender, to, why)
         return sender, parse_control(body.decode(errors="replace"))
 
     def _refuse(self, sender: str, to: str, why: str) -> tuple[str, Control] | None:

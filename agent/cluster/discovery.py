@@ -26,6 +26,7 @@ from zeroconf import IPVersion, ServiceStateChange
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from agent.base.supervise import supervise
+from agent.cluster.clock import wall_s
 from agent.cluster.peers import Peer, PeerTable
 from agent.cluster.trust import Trust
 
@@ -61,7 +62,7 @@ def advert(
     """This node's service record (signed when the cluster has a secret)."""
     props = {"node": node, "cluster": cluster, "version": version, "models": ",".join(models), "addr": address}
     if trust is not None:
-        props = trust.admission.sign(props, time.time())
+        props = trust.admission.sign(props, wall_s())
     instance = name or f"{node}.{SERVICE}"
     # The host the SRV record names. zeroconf registers a record without one under its
     # instance name but refuses to update it (``ServiceInfo must have a server``), so it is
@@ -211,7 +212,7 @@ class Discovery:
         if peer.cluster != self.table.cluster:
             log.debug("mdns_advert_ignored", name=name[:80], reason="other cluster", cluster=peer.cluster[:64])
             return
-        if not self.trust.accept(txt(info), peer.node, "advert", time.time(), ADVERT_MAX_AGE_S):
+        if not self.trust.accept(txt(info), peer.node, "advert", wall_s(), ADVERT_MAX_AGE_S):
             log.warning("admission_refused", node=peer.node[:64], address=peer.address, via="mdns")
             return
         if self.table.seen(peer, time.monotonic()):

@@ -22,11 +22,12 @@ from typing import Any
 import structlog
 
 from agent.cluster.admission import Admission
+from agent.cluster.clock import wall_s
 from agent.cluster.freshness import STATUS
 from agent.cluster.liveness import Liveness
 from agent.cluster.peers import Peer, PeerTable
 from agent.cluster.trust import Trust
-from transport.health import Health, LinkView, Load, RecentJob, parse_health, parse_status
+from transport.health import ClockView, Health, LinkView, Load, RecentJob, parse_health, parse_status
 from transport.schema import WireError
 
 log = structlog.get_logger("prism.health")
@@ -42,7 +43,7 @@ def signed_identity(
         "fingerprints": json.dumps(dict(fingerprints), sort_keys=True),
         "probe_port": str(probe_port),
     }
-    return admission.sign(fields, time.time())
+    return admission.sign(fields, wall_s())
 
 
 def status_payload(trust: Trust, node: str, state: str, seq: int | None = None) -> bytes:
@@ -50,7 +51,7 @@ def status_payload(trust: Trust, node: str, state: str, seq: int | None = None) 
     signed JSON object with a secret (``seq``: the connection's, for a Last Will and its online)."""
     if trust.open:
         return state.encode()
-    signed = trust.admission.sign({"node": node, "status": state}, time.time(), seq=seq)
+    signed = trust.admission.sign({"node": node, "status": state}, wall_s(), seq=seq)
     return json.dumps(signed, separators=(",", ":")).encode()
 
 
@@ -83,7 +84,7 @@ class Observer:
         if node == self.me:
             return
         state, fields = parse_status(payload)
-        now = time.time()
+        now = wall_s()
         if state == "online" and fields is not None:
             self.trust.accept(fields, node, STATUS, now, max_age_s=-1)  # its sequence dates its goodbye
             return
@@ -109,7 +110,7 @@ class Observer:
         try:
             doc = parse_health(payload)
             signed = doc.admission
-            if signed.get("node") != node or not self.trust.accept(signed, node, "health", time.time()):
+            if signed.get("node") != node or not self.trust.accept(signed, node, "health", wall_s()):
                 log.warning("admission_refused", node=node, via="health")
                 return
             peer = Peer(
@@ -153,14 +154,15 @@ def build_health(
     links: Mapping[str, Mapping[str, Any]],
     probe_port: int,
     loops: Mapping[str, int],
-    identity: dict[str, str],
+    admission: Admission,
     speed: Mapping[str, float],
     recent: Sequence[RecentJob] = (),
+    clock: Mapping[str, Any] | None = None,
 ) -> Health:
     """This node's health document."""
     return Health(
         node=node,
-        time=time.time(),
+        time=wall_s(),
         version=version,
         engine=engine,
         boot=boot,
@@ -178,5 +180,6 @@ def build_health(
         loops=dict(loops),
         speed=dict(speed),
         recent=list(recent),
-        admission=identity,
+        admission=signed_identity(admission, node, address, fingerprints, probe_port),
+        clock=ClockView.model_validate(clock or {}),
     )

@@ -31,7 +31,7 @@ from agent.cluster.channel import ControlChannel
 from agent.cluster.discovery import Discovery, advert
 from agent.cluster.group import Timing
 from agent.cluster.groups import GroupManager
-from agent.cluster.health import Observer, build_health, signed_identity, status_payload
+from agent.cluster.health import Observer, build_health, status_payload
 from agent.cluster.links import LinkTable, probe_loop
 from agent.cluster.peers import Peer, PeerTable
 from agent.cluster.probes import ProbeServer
@@ -95,7 +95,7 @@ class Node:
         self.engine = Engine()
         self.journal = Journal(s.journal_path(), sync=s.journal_sync, max_bytes=s.journal_max_bytes)
         self.outbox = Outbox(s.outbox_max_bytes)
-        self.trust = Trust(self.admission)
+        self.trust = Trust(self.admission, s.state_file("fresh", ".json"))
         self.channel = ControlChannel(
             s.node_id, self.trust, self._publish, lambda n: f"{s.topic_root}/nodes/{n}/control"
         )
@@ -375,9 +375,8 @@ class Node:
             loops=dict(RESTARTS),
             speed=self.service.auto.speeds(),
             recent=self.metrics.recent.items(),
-            identity=signed_identity(
-                self.admission, self.settings.node_id, self.address, fingerprints, self.probe_port
-            ),
+            clock=self.trust.clock_report(),
+            admission=self.admission,
         )
 
     async def _health(self, link: MqttLink) -> None:

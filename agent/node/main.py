@@ -17,7 +17,9 @@ import structlog
 from agent.base.config import ConfigError, Settings, pick_device
 from agent.base.memory import tame_malloc
 from agent.base.sdnotify import Notifier
+from agent.cluster import clock
 from agent.cluster.admission import Admission, read_secret
+from agent.cluster.boots import next_boot
 from agent.jobs.service import Served
 from agent.node.broker import HostedBroker, find_broker, port_free
 from agent.node.daemon import Node
@@ -81,7 +83,15 @@ def watchdog_interval_s() -> float | None:
 
 async def main_async(settings: Settings) -> None:
     """Load models, find or host a broker, then serve until signalled."""
-    admission = Admission(read_secret(settings.secret_file), settings.cluster)  # fail fast on a bad secret
+    secret = read_secret(settings.secret_file)  # fail fast on a bad secret
+    clock.set_offset(settings.clock_offset_s)
+    if settings.clock_offset_s:
+        log.warning("clock_offset", offset_s=settings.clock_offset_s, hint="a test hook: this agent's clock is shifted")
+    try:
+        boot_n = await asyncio.to_thread(next_boot, settings.state_file("boot"), clock.wall_s())
+    except OSError as exc:
+        raise ConfigError(f"cannot count this boot in {settings.state_file('boot')}: {exc.strerror}") from None
+    admission = Admission(secret, settings.cluster, boot_n=boot_n, max_skew_s=settings.max_clock_skew_s)
     if not settings.models:
         raise ConfigError("no model to serve: pass --model NAME=SOURCE (or [models] in the config file)")
     files = raise_descriptor_limit()
@@ -115,5 +125,12 @@ async def main_async(settings: Settings) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, node.stop.set)
-        log.info("node_starting", node=settings.node_id, address=address, open_files=files, boot=node.admission.boot)
+        log.info(
+            "node_starting",
+            node=settings.node_id,
+            address=address,
+            open_files=files,
+            boot=admission.boot,
+            boot_n=boot_n,
+        )
         await node.run()
