@@ -234,12 +234,17 @@ class RankProgram:
         self.cache.append((k, v))
 
     def past_kv(self) -> torch.Tensor | None:
-        """Every layer's kept keys and values, (L, 2, 1, heads, N, d), or None on a rank that
-        keeps none. Positions are local rows first, then the senders': attention over a cache
-        does not depend on its order (GPT-2's positions are in the rows)."""
+        """Every layer's kept keys and values, (L, 2, 1, heads, N, d), in position order, or
+        None on a rank that keeps none. Kept local rows first, then the senders'; put back in
+        position order because the decode's cache ends at the prompt's last position (its
+        first step computes that one again and drops the cache's last entry)."""
         if not self.cache:
             return None
-        return torch.stack([torch.stack(kv) for kv in self.cache])
+        past = torch.stack([torch.stack(kv) for kv in self.cache])
+        plan = self.spec.plan
+        kept = torch.tensor([p for q in (self.rank, *self.senders) for p in plan.span(q)], device=past.device)
+        assert kept.numel() == past.shape[-2], "a kept row for every prompt position"
+        return past.index_select(-2, torch.argsort(kept))
 
     def partials(self, h: torch.Tensor) -> Tensors:
         """This rank's sum-reducible share of the output, from the whole batch's final rows."""

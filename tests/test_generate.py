@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 
 import pytest
-import torch
 
 from engine.adapters import Task
 from engine.errors import BadRequest
@@ -34,14 +33,6 @@ def test_a_root_last_plan_puts_rank_0_on_the_final_block() -> None:
         PartitionPlan((3, 3), (1, 1))
 
 
-def _in_positions(past: torch.Tensor, plan: PartitionPlan) -> torch.Tensor:
-    """The last rank's cache (its rows first, then its senders' in rank order) in position order."""
-    last = plan.last_rank
-    blocks = [plan.span(last), *[plan.span(q) for q in range(plan.ranks) if q != last and plan.precedes(q, last)]]
-    order = torch.tensor([p for span in blocks for p in span])
-    return past[..., torch.argsort(order), :]
-
-
 @pytest.mark.parametrize("ranks", [2, 3])
 def test_a_full_exchange_prefill_holds_the_local_cache_and_writes_the_same_text(models: Models, ranks: int) -> None:
     adapter = models("tiny-gpt2").adapter
@@ -50,7 +41,7 @@ def test_a_full_exchange_prefill_holds_the_local_cache_and_writes_the_same_text(
     spec = plan_job(adapter, "tiny-gpt2", Task.GENERATE, inputs, ranks=ranks, comp=Compression(cr=None))
     got = run_simulated(adapter, spec, inputs).outputs["past_kv"]
     assert got.shape == ref.shape  # (layers, K/V, 1, heads, N, d)
-    assert max_diff(_in_positions(got, spec.plan), ref) <= 1e-5
+    assert max_diff(got, ref) <= 1e-5  # in position order: the decode drops the last entry, the last position
     local = decode(adapter, inputs["input_ids"], max_new_tokens=NEW)
     split = decode(adapter, inputs["input_ids"], max_new_tokens=NEW, past=got)
     assert split.tokens == local.tokens
