@@ -7,14 +7,25 @@ job's results topic (agent/jobs/intake.py). Every result is also in the job jour
 (agent/jobs/journal.py), so the outbox keeps the encoded bytes in memory only while they fit
 its budget; past it a reply carries just its journal key and the sender reads the bytes back
 when its turn comes. Nothing is ever dropped. Transport-free, so it is tested without a broker.
+
+A generate job's partials (:class:`PartialSink`) go through the same outbox, so they reach
+the broker in order and before the job's final result; they are not journalled (a job run
+again after a crash streams again from seq 0) and always keep their bytes (a few dozen,
+and :mod:`agent.jobs.token_feed` bounds how many of a job wait).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+
+import msgpack
+
+from agent.jobs.token_feed import Partial
 
 #: Result codes that say "not now" rather than "this job's answer": a retried job runs again.
 TRANSIENT = frozenset({"busy", "deadline_exceeded"})
@@ -35,6 +46,8 @@ class Reply:
     correlation: bytes | None = None
     job: str | None = None
     transient: bool = False
+    partial: bool = False  # a generate job's partial: not journalled
+    on_sent: Callable[[], None] | None = None  # called once the broker has it (partials)
 
 
 class Outbox:
@@ -52,7 +65,7 @@ class Outbox:
     def put(self, reply: Reply) -> None:
         """Queue ``reply``; its bytes stay in memory only while they fit the budget."""
         size = len(reply.payload or b"")
-        if self.bytes + size > self.max_bytes:
+        if self.bytes + size > self.max_bytes and not reply.partial:  # a partial is in no journal
             reply = replace(reply, payload=None)
         else:
             self.bytes += size
@@ -85,3 +98,40 @@ class Outbox:
         while self._items:
             self._changed.clear()
             await self._changed.wait()
+
+
+class PartialSink:
+    """A generate job's partials into the outbox, on the job's reply topic with its
+    correlation data, in the job's own format (JSON or msgpack)."""
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        key: bytes,
+        route: tuple[str | None, bytes | None],
+        result_topic: Callable[[str], str],
+        as_msgpack: bool = False,
+    ) -> None:
+        self.outbox = outbox
+        self.key = key
+        self.topic = route[0]
+        self.correlation = route[1]
+        self.result_topic = result_topic  # for a job without a response topic: results/{id}
+        self.as_msgpack = as_msgpack
+        self._waiting = 0
+
+    def put(self, partial: Partial) -> None:
+        """Queue ``partial`` behind what the outbox holds."""
+        data = partial.to_dict()
+        payload = bytes(msgpack.packb(data, use_bin_type=True)) if self.as_msgpack else json.dumps(data).encode()
+        topic = self.topic or self.result_topic(partial.job_id)
+        self._waiting += 1
+        reply = Reply(self.key, topic, payload, self.correlation, partial.job_id, partial=True, on_sent=self._sent)
+        self.outbox.put(reply)
+
+    def _sent(self) -> None:
+        self._waiting -= 1
+
+    def waiting(self) -> int:
+        """This job's partials the broker has not acknowledged yet."""
+        return self._waiting
