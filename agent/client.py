@@ -1,5 +1,9 @@
 """``prism-agent submit``: publish one job, wait for its result on a private response topic;
-:func:`stream`: many jobs over one persistent session that survives broker restarts."""
+:func:`stream`: many jobs over one persistent session that survives broker restarts;
+:func:`generate`: a generate job's partial results as they come, then its final result.
+
+A message with ``"final": false`` is a generate job's partial, never its result: every
+waiting function here skips it."""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ import base64
 import contextlib
 import json
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,8 +53,10 @@ def build_job(
     min_fidelity: float | None = None,
     objective: str | None = None,
     deadline_ms: float | None = None,
+    generation: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The JSON job for the given inputs (exactly one kind); options left at None are not sent."""
+    """The JSON job for the given inputs (exactly one kind); options left at None are not sent.
+    ``generation``: a generate job's fields (``max_new_tokens``, ``temperature``, ...)."""
     given = [x for x in (text, images, token_ids) if x]
     if len(given) != 1:
         raise BadRequest("give exactly one of --text, --image or --token-ids")
@@ -81,24 +87,41 @@ def build_job(
         "min_fidelity": min_fidelity,
         "objective": objective,
         "deadline_ms": deadline_ms,
+        **(generation or {}),
     }
     job.update({k: v for k, v in options.items() if v is not None})
     return job
 
 
-async def _result(link: MqttLink, job_id: str) -> Any:
+def is_partial(data: Any) -> bool:
+    """Whether a reply is a generate job's partial (not its result)."""
+    return isinstance(data, dict) and data.get("final") is False
+
+
+async def _replies(link: MqttLink, job_id: str) -> AsyncIterator[dict[str, Any]]:
+    """Replies to ``job_id``: its partials, if any, then its result (the last)."""
     async for message in link.messages():
         payload = message.payload if isinstance(message.payload, bytes) else str(message.payload).encode()
         data = json.loads(payload)
         if isinstance(data, dict) and data.get("id") == job_id:
+            yield data
+            if not is_partial(data):
+                return
+    raise TransportError("connection closed before the result arrived")
+
+
+async def _result(link: MqttLink, job_id: str) -> Any:
+    async for data in _replies(link, job_id):
+        if not is_partial(data):
             return data
     raise TransportError("connection closed before the result arrived")
 
 
-async def submit(
-    broker: Broker, cluster: str, job: dict[str, Any], *, node: str | None, timeout_s: float, auth: Auth | None = None
-) -> Any:
-    """Publish ``job`` and return the decoded result; raises ``asyncio.TimeoutError``."""
+@contextlib.asynccontextmanager
+async def _sent(
+    broker: Broker, cluster: str, job: dict[str, Any], node: str | None, auth: Auth | None
+) -> AsyncIterator[MqttLink]:
+    """A link subscribed to a private response topic, with ``job`` published to it."""
     topics = Topics(f"prism/v1/{cluster}", node or "-")
     reply = f"prism/v1/{cluster}/clients/{uuid.uuid4().hex}/result"
     target = topics.node_jobs(node) if node else topics.jobs
@@ -107,6 +130,32 @@ async def submit(
     ) as link:
         await link.subscribe(reply)
         await link.publish(target, json.dumps(job).encode(), response_topic=reply, correlation=job["id"].encode())
+        yield link
+
+
+async def generate(
+    broker: Broker, cluster: str, job: dict[str, Any], *, node: str | None, timeout_s: float, auth: Auth | None = None
+) -> AsyncIterator[dict[str, Any]]:
+    """Publish a generate ``job`` and yield its partials as they come (``"final": false``,
+    in ``seq`` order), then its final result, the last item. ``timeout_s`` bounds the wait
+    for each next message (``asyncio.TimeoutError``)."""
+    async with _sent(broker, cluster, job, node, auth) as link:
+        replies = _replies(link, job["id"])
+        while True:
+            try:
+                data = await asyncio.wait_for(replies.__anext__(), timeout_s)
+            except StopAsyncIteration:
+                return
+            yield data
+            if not is_partial(data):
+                return
+
+
+async def submit(
+    broker: Broker, cluster: str, job: dict[str, Any], *, node: str | None, timeout_s: float, auth: Auth | None = None
+) -> Any:
+    """Publish ``job`` and return the decoded result; raises ``asyncio.TimeoutError``."""
+    async with _sent(broker, cluster, job, node, auth) as link:
         return await asyncio.wait_for(_result(link, job["id"]), timeout_s)
 
 
@@ -297,7 +346,7 @@ async def _collect(link: MqttLink, state: _Stream) -> None:
         return
     async for message in link.messages():
         job_id, result = _reply(message)
-        if job_id in state.payloads and result is not None:
+        if job_id in state.payloads and result is not None and not is_partial(result):
             state.took(job_id, result)
             if state.done:
                 return

@@ -24,7 +24,7 @@ from transport.schema import Job, Limits, Mode, Objective, parse_job
 
 README = (REPO / "README.md").read_text()
 #: Table fields whose flags are not ``--field-name`` (the inputs), or that no flag sets.
-MAPPED = {"v": [], "inputs": ["--text", "--text-file", "--image", "--image-dir", "--token-ids"]}
+MAPPED = {"v": [], "inputs": ["--text", "--text-file", "--image", "--image-dir", "--token-ids", "--prompt"]}
 #: For each other field of the table: flags that set it, and what the agent then reads.
 SAMPLES: dict[str, tuple[list[str], Any]] = {
     "id": (["--id", "j-7"], "j-7"),
@@ -38,6 +38,12 @@ SAMPLES: dict[str, tuple[list[str], Any]] = {
     "min_fidelity": (["--min-fidelity", "0.995"], 0.995),
     "objective": (["--objective", "energy"], Objective.ENERGY),
     "deadline_ms": (["--deadline-ms", "750"], 750.0),
+    "max_new_tokens": (["--task", "generate", "--max-new-tokens", "12"], 12),
+    "temperature": (["--task", "generate", "--temperature", "0.7"], 0.7),
+    "top_k": (["--task", "generate", "--top-k", "40"], 40),
+    "top_p": (["--task", "generate", "--top-p", "0.9"], 0.9),
+    "seed": (["--task", "generate", "--seed", "7"], 7),
+    "stop": (["--task", "generate", "--stop", "50256,13"], (50256, 13)),
 }
 
 

@@ -100,7 +100,7 @@ BAD_STRINGS: dict[tuple[str, str], list[str]] = {
     ("run", "interface"): ["nope0"],
 }
 #: Arguments that take any value, so no value is bad.
-FREE = {("submit", "text"), ("testbed exec", "cmd"), ("testbed submit", "args")}
+FREE = {("submit", "text"), ("submit", "prompt"), ("testbed exec", "cmd"), ("testbed submit", "args")}
 
 
 def _testbed_types() -> dict[str, list[str]]:
@@ -283,6 +283,13 @@ RESULT_LOCAL = {
         {**RESULT_LOCAL, "mode": "distributed", "cr": 8.0, "peers": ["b"], "output": {"label": [1, 0]}},
         {**RESULT_LOCAL, "decision": None, "energy": None, "latency_ms": {}, "output": None},
         {"v": 1, "id": "j2", "ok": False, "error": {"code": "busy", "message": "queue full"}, "node": "a"},
+        {
+            **RESULT_LOCAL,
+            "final": True,
+            "seq": 3,
+            "output": {"text": None, "tokens": [5, 6, 7], "reason": "length", "prompt_tokens": 4},
+            "latency_ms": {**RESULT_LOCAL["latency_ms"], "prefill": 0.44, "first_token": 0.9, "tokens_per_s": 120.0},
+        },
     ],
 )
 def test_a_result_reads_as_text_not_python(result: dict[str, Any]) -> None:

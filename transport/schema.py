@@ -18,6 +18,7 @@ from typing import Any
 import msgpack
 
 from engine.errors import FailureReason, PrismError
+from transport.gen_fields import FieldError, parse_generation
 
 SCHEMA_VERSION = 1
 _ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")  # safe inside an MQTT topic level
@@ -78,6 +79,13 @@ class Job:
     deadline_ms: float | None = None
     method: str | None = None  # "means" | "codes" | "kv": how a split compresses (None: auto's choice)
     min_fidelity: float | None = None  # the job's accuracy floor for auto (a cosine vs local)
+    # task "generate" only (transport/gen_fields.py): None is the agent's default
+    max_new_tokens: int | None = None
+    temperature: float | None = None  # 0: greedy
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: tuple[int, ...] | None = None  # stop token ids (None: the model's end of text, if it has one)
 
     @property
     def batch(self) -> int:
@@ -197,10 +205,15 @@ def parse_job(payload: bytes, limits: Limits) -> Job:
     if batch > limits.max_batch:
         raise _fail(f"batch of {batch} exceeds the limit of {limits.max_batch}", job_id, "too_large")
     peers = _peers(data.get("peers"), data.get("ranks"), job_id)
+    task = _get(data, "task", str, job_id)
+    try:
+        generation = parse_generation(data, task)
+    except FieldError as exc:
+        raise _fail(str(exc), job_id) from None
     return Job(
         id=job_id,
         model=model,
-        task=_get(data, "task", str, job_id),
+        task=task,
         text=text,
         images=images,
         token_ids=token_ids,
@@ -213,6 +226,7 @@ def parse_job(payload: bytes, limits: Limits) -> Job:
         deadline_ms=_deadline(data.get("deadline_ms"), job_id),
         method=_method(data.get("method"), job_id),
         min_fidelity=_fidelity(data.get("min_fidelity"), job_id),
+        **generation,
     )
 
 
@@ -330,6 +344,8 @@ class Result:
     fallback_reason: FailureReason | None = None  # why a split ran locally (decision.fallback_reason: in words)
     node: str | None = None
     energy: dict[str, Any] | None = None
+    final: bool | None = None  # a generate job's last message (after its partials); None on other jobs
+    seq: int | None = None  # with final: how many partials came before it (seq 0..seq-1)
 
     @classmethod
     def failure(cls, job_id: str | None, code: str, message: str, node: str | None = None) -> Result:
@@ -354,6 +370,7 @@ class Result:
             "fallback_reason": None if self.fallback_reason is None else self.fallback_reason.value,
             "node": self.node,
             "energy": self.energy,
+            **({} if self.final is None else {"final": self.final, "seq": self.seq}),
         }
 
     def encode(self, as_msgpack: bool = False) -> bytes:

@@ -49,6 +49,7 @@ class ModelSpec:
     source: str
     task: str | None = None
     min_fidelity: float | None = None  # accuracy floor for auto (a cosine vs local), else the node's
+    max_new_tokens: int | None = None  # most tokens a generate job may ask of this model, else the node's
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +102,8 @@ class Settings:
     journal_sync: Literal["normal", "full"] = "normal"
     journal_max_bytes: Annotated[int, Field(ge=1 << 20)] = 256 << 20
     outbox_max_bytes: Annotated[int, Field(ge=1 << 16)] = 64 << 20
+    max_new_tokens: Annotated[int, Field(ge=1, le=100_000)] = 256  # most tokens a generate job may ask for
+    kv_cache_max_bytes: Annotated[int, Field(ge=1 << 16)] = 512 << 20  # a generation's K/V cache at most
     metrics_port: Annotated[int, Field(ge=0, le=65535)] = 0  # Prometheus /metrics; 0: off
     metrics_address: str = "127.0.0.1"
     limits: Limits = field(default_factory=Limits)
@@ -214,11 +217,12 @@ def _models_from_toml(table: Any, where: str) -> list[ModelSpec]:
         for key in value:
             if key in _RENAMED:
                 raise ConfigError(f"model {name!r}: {key} was replaced by {_RENAMED[key]} ({where})")
-            if key not in ("source", "task", "min_fidelity"):
+            if key not in ("source", "task", "min_fidelity", "max_new_tokens"):
                 raise ConfigError(f"model {name!r}: unknown key {key!r} ({where})")
         task = _check(f"models.{name}.task", str | None, value.get("task"), where, strict=True)
         floor = _check(f"models.{name}.min_fidelity", Fidelity | None, value.get("min_fidelity"), where, strict=True)
-        out.append(ModelSpec(name, value["source"], task, floor))
+        cap = _check(f"models.{name}.max_new_tokens", _LIMITS | None, value.get("max_new_tokens"), where, strict=True)
+        out.append(ModelSpec(name, value["source"], task, floor, cap))
     return out
 
 

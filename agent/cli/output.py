@@ -6,6 +6,7 @@ Nothing here prints a Python repr: no ``None``, ``[]`` or ``{...}`` reaches a pe
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -131,7 +132,17 @@ def result_lines(result: Mapping[str, Any]) -> str:
                 ),
             )
         )
-    if result.get("output"):
-        rows.append(("output", _output(result["output"])))
+    out = result.get("output") or {}
+    if result.get("final") and "reason" in out:  # a generation: its text, why it ended, its pace
+        text = out.get("text")
+        ids = "token ids " + " ".join(map(str, out.get("tokens") or []))
+        rows.append(("wrote", json.dumps(text, ensure_ascii=False) if isinstance(text, str) else ids))
+        pace = f"first token {ms(lat.get('first_token'))} (prefill {ms(lat.get('prefill'))})"
+        count = len(out.get("tokens") or [])
+        rows.append(
+            ("ended", f"{out['reason']} after {count} tokens; {pace}, {lat.get('tokens_per_s', 0):.1f} tokens/s")
+        )
+    elif out:
+        rows.append(("output", _output(out)))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)

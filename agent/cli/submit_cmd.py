@@ -6,6 +6,7 @@ table against this parser), checked by the schema itself. Inputs come from flags
 most ``--batch`` inputs; ``--jobs`` reads whole jobs, one JSON object a line. One job is sent as
 :func:`agent.client.submit` does; several go over one :func:`agent.client.stream`, and their
 results are printed in the order of the jobs as they come (``--json``: one object a line).
+A ``generate`` job with ``--stream`` prints its text (or token ids) as it comes, then its result.
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ from typing import Any
 from agent.cli import args, cluster_cmds, job_files, output
 from transport.schema import METHODS, Mode, Objective
 
-TASKS = ["classify", "features", "embed", "next_token", "loglik"]
+TASKS = ["classify", "features", "embed", "next_token", "loglik", "generate"]
+#: Flag dests of a generate job's own fields (transport/gen_fields.py).
+GENERATION = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop")
 #: Flag dests that set a field of the job (refused with --jobs, whose lines are whole jobs).
 JOB_FLAGS = (
     "model", "id", "task", "mode", "cr", "method", "ranks", "peers",
-    "min_fidelity", "objective", "deadline_ms", "batch",
+    "min_fidelity", "objective", "deadline_ms", "batch", *GENERATION,
 )  # fmt: skip
 #: Inputs a job carries at most, when the command line does not say (a stock agent's limit).
 DEFAULT_BATCH = 64
@@ -35,6 +38,7 @@ def add_parser(sub: Any) -> None:
     cluster_cmds.broker_flags(sm)
     inputs = sm.add_mutually_exclusive_group(required=True)
     inputs.add_argument("--text", action="append", default=None, help="input text (repeat for a batch)")
+    inputs.add_argument("--prompt", default=None, help="a generate job's prompt (text)")
     inputs.add_argument(
         "--text-file", dest="text_file", type=args.file_or_stdin, default=None, help="one input a line ('-': stdin)"
     )
@@ -61,6 +65,14 @@ def add_parser(sub: Any) -> None:
     sm.add_argument(
         "--deadline-ms", dest="deadline_ms", type=args.deadline_ms, default=None, help="ms from arrival at the agent"
     )
+    gen = sm.add_argument_group("generate (task generate)")
+    gen.add_argument("--max-new-tokens", dest="max_new_tokens", type=args.positive, default=None, help="default 32")
+    gen.add_argument("--temperature", type=args.non_negative_float, default=None, help="0: greedy (default)")
+    gen.add_argument("--top-k", dest="top_k", type=args.positive, default=None, help="sample from the k likeliest")
+    gen.add_argument("--top-p", dest="top_p", type=args.positive_float, default=None, help="nucleus mass (0, 1]")
+    gen.add_argument("--seed", type=args.non_negative, default=None, help="the same seed, the same text")
+    gen.add_argument("--stop", type=token_ids, default=None, help="stop token ids 1,2 (default: end of text)")
+    gen.add_argument("--stream", action="store_true", help="print the text as it comes")
     sm.add_argument(
         "--batch", type=args.positive, default=None, help=f"inputs per job (default {DEFAULT_BATCH}; more: more jobs)"
     )
@@ -99,6 +111,8 @@ def build_jobs(ns: argparse.Namespace) -> list[dict[str, Any]]:
         kind, items = "images", ns.image
     elif ns.token_ids:
         kind, items = "token_ids", ns.token_ids
+    elif ns.prompt is not None:
+        kind, items = "text", [ns.prompt]
     else:
         kind, items = "text", ns.text
     from agent.client import build_job
@@ -111,7 +125,10 @@ def build_jobs(ns: argparse.Namespace) -> list[dict[str, Any]]:
             ns.model, **{kind: run}, job_id=job_id, mode=ns.mode or "auto", cr=ns.cr, task=ns.task,
             method=ns.method, ranks=ns.ranks, peers=ns.peers, min_fidelity=ns.min_fidelity,
             objective=ns.objective, deadline_ms=ns.deadline_ms,
+            generation={d: getattr(ns, d) for d in GENERATION if getattr(ns, d) is not None},
         )  # fmt: skip
+        if kind != "images" and ns.task == "generate" and len(run) == 1:
+            job["inputs"] = {kind: run[0]}  # one prompt: a string or one list of ids
         job_files.check(job)  # what no flag alone can say: --ranks against --peers
         jobs.append(job)
     return jobs
@@ -126,7 +143,9 @@ def run(ns: argparse.Namespace) -> int:
     auth = client_auth(settings)
     printer = _Printer(ns.json, [str(j["id"]) for j in jobs])
     try:
-        if len(jobs) == 1:
+        if ns.stream and len(jobs) == 1:
+            asyncio.run(_stream(ns, jobs[0], (settings.cluster, broker, auth), printer))
+        elif len(jobs) == 1:
             one = submit(broker, settings.cluster, jobs[0], node=ns.node, timeout_s=ns.timeout, auth=auth)
             printer.took(asyncio.run(one))
         else:
@@ -149,6 +168,26 @@ def run(ns: argparse.Namespace) -> int:
         )
         return 3
     return 0 if printer.all_ok else 1
+
+
+async def _stream(ns: argparse.Namespace, job: dict[str, Any], where: tuple[str, Any, Any], printer: _Printer) -> None:
+    """A generate job's partials as they come (text, else token ids), then its result."""
+    from agent.client import generate, is_partial
+
+    cluster, broker, auth = where
+    said = False
+    async for data in generate(broker, cluster, job, node=ns.node, timeout_s=ns.timeout, auth=auth):
+        if not is_partial(data):
+            if said and not ns.json:
+                print(flush=True)  # end the streamed line
+            printer.took(data)
+        elif ns.json:
+            print(json.dumps(data), flush=True)
+        else:
+            text = data.get("text")
+            shown = text if isinstance(text, str) else "".join(f" {t}" for t in data.get("tokens") or [])
+            print(shown, end="", flush=True)
+            said = True
 
 
 class _Printer:

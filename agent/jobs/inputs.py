@@ -84,6 +84,8 @@ def to_tensors(job: Job, model: LoadedModel, limits: Limits) -> Tensors:
 
 def to_output(task: Task, outputs: Tensors, top_k: int = 5) -> dict[str, Any]:
     """JSON-friendly output: small tensors as lists, LM logits as their top-k."""
+    if task is Task.GENERATE:  # the service writes a generation's output (agent/jobs/generate.py)
+        return {}
     if task is Task.NEXT_TOKEN:
         values, ids = outputs["logits"].float().topk(min(top_k, outputs["logits"].shape[-1]), dim=-1)
         return {"top_ids": ids.tolist(), "top_logits": values.tolist()}

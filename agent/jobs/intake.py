@@ -35,7 +35,7 @@ import structlog
 
 from agent.base.memory import trim_heap
 from agent.jobs.journal import Entry, Journal, JournalError, Recovery, State
-from agent.jobs.replies import TRANSIENT, Outbox, Reply, job_key
+from agent.jobs.replies import TRANSIENT, Outbox, PartialSink, Reply, job_key
 from agent.jobs.service import JobService
 from transport.mqtt import REFUSED, MqttLink, Topics, TransportError, reason_name
 from transport.schema import Limits, Result, WireError, decode
@@ -152,7 +152,10 @@ class Intake:
         self.running += 1
         self.idle.clear()
         try:
-            result = await self.service.handle(entry.payload)
+            as_msgpack = not entry.payload.lstrip().startswith(b"{")
+            route = (entry.topic, entry.correlation)
+            sink = PartialSink(self.outbox, entry.key, route, self.topics.result, as_msgpack)
+            result = await self.service.handle(entry.payload, sink)
             if self.counts is not None:
                 self.counts.job_done(result)
             await self._reply(entry.key, entry.payload, (entry.topic, entry.correlation), result)
@@ -245,6 +248,11 @@ class Intake:
                     if not isinstance(exc.__cause__, ValueError):
                         raise  # the connection is gone: the next one sends it
                     log.warning("reply_failed", job=reply.job, error=str(exc))
+            if reply.partial:  # not journalled; refused, the final result says so
+                self.outbox.sent(reply)
+                if reply.on_sent is not None:
+                    reply.on_sent()
+                continue
             if payload is not None and code >= REFUSED:
                 await self._refused(reply, payload, code)
                 continue

@@ -26,8 +26,10 @@ from agent.base.energy import CpuModelMeter, Meter
 from agent.base.engine import Engine
 from agent.base.monitors import read_load
 from agent.cluster.peers import Peer
+from agent.jobs import generate
 from agent.jobs.auto import AutoPolicy, interim
 from agent.jobs.inputs import to_output, to_tensors
+from agent.jobs.token_feed import Sink
 from engine.adapters import Task, Tensors
 from engine.errors import BadRequest, FailureReason, GroupError, PrismError
 from engine.models import LoadedModel
@@ -85,6 +87,7 @@ class JobService:
         self.meter: Meter = meter or CpuModelMeter()
         self.engine = engine or Engine()
         self._prep = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prep")
+        self.writer = generate.Writer(self.engine)
         self._pending = 0
         self.stats = {"received": 0, "ok": 0, "failed": 0, "busy": 0, "unparseable": 0}
 
@@ -98,8 +101,9 @@ class JobService:
         log.info("job_failed", job=job_id, code=code, error=message[:200])
         return Result.failure(job_id, code, message, node=self.settings.node_id)
 
-    async def handle(self, payload: bytes) -> Result:
-        """Answer one payload. Never raises (but for cancellation)."""
+    async def handle(self, payload: bytes, sink: Sink | None = None) -> Result:
+        """Answer one payload. Never raises (but for cancellation). A generate job streams
+        its tokens to ``sink`` as partials before this returns its final result."""
         self.stats["received"] += 1
         start = time.monotonic()
         job: Job | None = None
@@ -112,7 +116,7 @@ class JobService:
                 )
             self._pending += 1
             try:
-                return await self._run(job, start)
+                return await self._run(job, start, sink)
             finally:
                 self._pending -= 1
         except WireError as exc:
@@ -159,7 +163,8 @@ class JobService:
             raise BadRequest(f"unknown task '{job.task}'", code="invalid_job") from None
         model.adapter.check_task(task)
         loop = asyncio.get_running_loop()
-        raw = await loop.run_in_executor(self._prep, to_tensors, job, model, self.settings.limits)
+        prep = generate.prompt_tensors if task is Task.GENERATE else to_tensors
+        raw = await loop.run_in_executor(self._prep, prep, job, model, self.settings.limits)
         return task, {k: v.to(model.adapter.device) for k, v in raw.items()}
 
     def _peers(self, job: Job, served: Served) -> list[Peer]:
@@ -176,7 +181,7 @@ class JobService:
             )
         return [able[n] for n in job.peers]
 
-    async def _run(self, job: Job, start: float) -> Result:
+    async def _run(self, job: Job, start: float, sink: Sink | None = None) -> Result:
         served = self.models.get(job.model)
         if served is None:
             known = ", ".join(sorted(self.models)) or "none"
@@ -186,6 +191,10 @@ class JobService:
         peers = self._peers(job, served)
         batch = int(next(iter(tensors.values())).shape[0])
         seq = served.model.adapter.shapes(tensors).n_tokens
+        ask = None  # a generate job: checked before any work; its prefill is decided as a next_token job's
+        if task is Task.GENERATE:
+            cap = served.spec.max_new_tokens or self.settings.max_new_tokens
+            ask = generate.ask_of(job, served.model, cap, self.settings, seq)
         chosen = self._choose(job, batch, seq, peers, deadline)
         decision = chosen.as_dict()
         decision.update(requested=job.mode.value, batch=batch, tokens=seq)
@@ -246,7 +255,12 @@ class JobService:
         energy = self.meter.stop(metering)
         if not fallback and chosen.predicted_ms is not None:
             self.auto.observe(chosen, (engine_s - peer_wait_s) * 1e3)
-        return self._result(
+        made, feed, text = None, None, None
+        if ask is not None:
+            feed = self.writer.feed(job, served.model, sink)
+            past = result.outputs["past_kv"]
+            made, text = await self.writer.write(job, served.model, tensors, past, ask, deadline, feed)
+        answer = self._result(
             job,
             task,
             result,
@@ -260,6 +274,9 @@ class JobService:
             energy,
             batch,
         )
+        if made is None or feed is None:
+            return answer
+        return generate.final(answer, made, text, feed, seq, start)
 
     def _result(
         self,
