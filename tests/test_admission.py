@@ -27,6 +27,15 @@ def test_a_signed_advert_verifies_and_any_change_breaks_it() -> None:
     assert adm.verify(signed, now_s=1000.0 + 500.0, max_age_s=600.0)
 
 
+def test_a_value_cannot_pass_for_other_fields_and_a_non_ascii_proof_is_refused() -> None:
+    adm = Admission(SECRET, "lab")
+    signed = adm.sign({"node": "a\nnodf=x"}, now_s=1000.0)
+    assert adm.verify(signed, now_s=1001.0)
+    # Under sorted "k=v" lines this value signed the same as two fields, node and nodf.
+    assert not adm.verify({**signed, "node": "a", "nodf": "x"}, now_s=1001.0)
+    assert not adm.verify({**signed, "proof": "é" * 64}, now_s=1001.0)  # False, not a TypeError
+
+
 def test_other_secrets_and_other_clusters_are_refused() -> None:
     signed = Admission(SECRET, "lab").sign({"node": "a"}, now_s=0.0)
     assert not Admission(b"another-secret-of-16-bytes", "lab").verify(signed, now_s=1.0)

@@ -2,8 +2,9 @@
 
 A cluster secret (a file only the agent can read) keys:
 
-- an HMAC-SHA256 proof over a canonical form of the fields of everything that admits a peer
-  or speaks for a node — mDNS adverts, the retained health (model fingerprints, address,
+- an HMAC-SHA256 proof (under a key derived for it: the raw secret keys nothing itself) over
+  a canonical form of the fields (sorted-key JSON: no value can pass for other fields) of
+  everything that admits a peer or speaks for a node — mDNS adverts, the retained health (model fingerprints, address,
   probe port) and ``online``/``offline`` status. Every proof carries a timestamp, the
   sender's *boot* (a random id drawn at start, with its boot number, agent/cluster/boots.py)
   and a sequence number counted up over the boot, so receivers refuse replays
@@ -21,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import itertools
+import json
 import math
 import secrets
 from collections.abc import Mapping
@@ -77,6 +79,7 @@ class Admission:
     ) -> None:
         self._secret = secret
         self.cluster = cluster
+        self._mac_key = derive(secret, cluster, "proof") if secret is not None else b""
         self.max_age_s = max_age_s
         self.max_skew_s = max_skew_s
         self.boot = secrets.token_hex(8)
@@ -100,8 +103,8 @@ class Admission:
 
     def _mac(self, fields: Mapping[str, str]) -> str:
         assert self._secret is not None
-        body = "\n".join(f"{k}={fields[k]}" for k in sorted(fields) if k != "proof")
-        return hmac.new(self._secret, f"{self.cluster}\n{body}".encode(), hashlib.sha256).hexdigest()
+        body = json.dumps({k: v for k, v in fields.items() if k != "proof"}, sort_keys=True, separators=(",", ":"))
+        return hmac.new(self._mac_key, body.encode(), hashlib.sha256).hexdigest()
 
     def sign(self, fields: Mapping[str, str], now_s: float, seq: int | None = None) -> dict[str, str]:
         """``fields`` plus ts, nonce, boot, boot time, sequence and proof (unchanged when open)."""
@@ -132,7 +135,8 @@ class Admission:
             return False
         if limit >= 0 and ClockSkew(self.max_skew_s).why_not(ts, now_s, limit) is not None:
             return False
-        return hmac.compare_digest(proof, self._mac({k: str(v) for k, v in fields.items()}))
+        mac = self._mac({k: str(v) for k, v in fields.items()})
+        return hmac.compare_digest(proof.encode("utf-8", "replace"), mac.encode())  # a non-ASCII proof: False
 
     @staticmethod
     def signer(fields: Mapping[str, str], node: str) -> Signed | None:
