@@ -94,7 +94,9 @@ def result_lines(result: Mapping[str, Any]) -> str:
     peers = result.get("peers") or []
     ran = str(result.get("mode"))
     if ran == "distributed":
-        how = "full exchange" if result.get("cr") == "full" else f"PRISM at CR {number(result.get('cr'))}"
+        names = {"codes": "row codes", "kv": "K/V codes"}  # means: PRISM's Segment Means
+        method = names.get(str(result.get("method")), "PRISM")
+        how = "full exchange" if result.get("cr") == "full" else f"{method} at CR {number(result.get('cr'))}"
         ran += f", {how}, with {', '.join(peers)}"
     rows: list[tuple[str, str]] = [
         ("job", f"{result.get('id')} answered by {result.get('node')}"),
