@@ -1,0 +1,173 @@
+"""A local job's engine time through the agent against the engine alone, same inputs, interleaved.
+
+    python scripts/bench_agent_engine.py --model vit-base --batch 8 --rounds 16
+
+Starts mosquitto on a free loopback port and one agent serving the model (one torch thread,
+``mode: local`` jobs), and beside it one plain worker process: the engine alone (one torch
+thread, glibc's defaults, no agent around it). Every round sends one job of ``batch`` random
+PNG images through the agent and runs the same images on the worker, order alternating
+round to round. The worker decodes the PNGs with the agent's own input code, so both run
+the model on the same tensors. Reported per sample: the agent's ``latency_ms.compute`` (the
+model's forward pass as the engine times it inside the agent) and ``engine`` (from the
+engine slot's start to its end: the forward plus the job's input tensors and output), and the
+worker's forward pass timed the same way; medians, spreads (IQR / median), and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from agent.node.broker import mosquitto_binary  # noqa: E402
+from transport.localcluster import free_port  # noqa: E402
+from transport.mqtt import MqttLink  # noqa: E402
+
+WORKER = """
+import json, sys, time, base64
+import torch
+torch.set_num_threads(1)
+from agent.jobs.inputs import to_tensors
+from engine.adapters import Task
+from engine.models import load
+from engine.sim import run_local
+from transport.schema import Job, Limits
+model = load(sys.argv[1])
+print(json.dumps({"ready": True}), flush=True)
+for line in sys.stdin:
+    images = tuple(base64.b64decode(b) for b in json.loads(line))
+    inputs = to_tensors(Job(id="w", model="m", images=images), model, Limits())
+    result = run_local(model.adapter, Task.CLASSIFY, inputs)
+    print(json.dumps({"compute_ms": result.traces[0].compute_s * 1e3}), flush=True)
+"""
+
+
+def images(batch: int, seed: int) -> list[str]:
+    """``batch`` random 224 x 224 RGB PNGs, base64."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(batch):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)).save(buf, format="PNG")
+        out.append(base64.b64encode(buf.getvalue()).decode())
+    return out
+
+
+def spread(values: list[float]) -> str:
+    q = statistics.quantiles(values, n=4)
+    med = statistics.median(values)
+    return f"{med:.1f} ({(q[2] - q[0]) / med * 100:.0f} %)"
+
+
+async def agent_job(link: MqttLink, cluster: str, reply: str, pngs: list[str], job_id: str) -> dict[str, Any]:
+    job = {"id": job_id, "model": "m", "inputs": {"image": pngs}, "mode": "local"}
+    await link.publish(f"prism/v1/{cluster}/jobs", json.dumps(job).encode(), response_topic=reply)
+    async for message in link.messages():
+        data = json.loads(bytes(message.payload))  # type: ignore[arg-type]
+        if data.get("id") == job_id:
+            if not data["ok"]:
+                raise RuntimeError(f"job failed: {data['error']}")
+            return dict(data["latency_ms"])
+    raise RuntimeError("the broker connection ended")
+
+
+async def measure(port: int, worker: subprocess.Popen[str], args: argparse.Namespace) -> dict[str, list[float]]:
+    cluster, reply = "bench", "prism/v1/bench/clients/bench/result"
+    got: dict[str, list[float]] = {"agent_compute": [], "agent_engine": [], "alone_compute": []}
+    assert worker.stdin is not None
+    assert worker.stdout is not None
+    async with MqttLink("127.0.0.1", port, client_id="bench") as link:
+        await link.subscribe(reply)
+        for rnd in range(-2, args.rounds):  # two warm-up rounds
+            pngs = images(args.batch, rnd + 10)
+            order = ("agent", "alone") if rnd % 2 == 0 else ("alone", "agent")
+            for who in order:
+                if who == "agent":
+                    lat = await agent_job(link, cluster, reply, pngs, f"r{rnd}")
+                    if rnd >= 0:
+                        got["agent_compute"].append(lat["compute"] / args.batch)
+                        got["agent_engine"].append(lat["engine"] / args.batch)
+                else:
+                    worker.stdin.write(json.dumps(pngs) + "\n")
+                    worker.stdin.flush()
+                    ms = json.loads(worker.stdout.readline())["compute_ms"]
+                    if rnd >= 0:
+                        got["alone_compute"].append(ms / args.batch)
+    return got
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="vit-base")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=16)
+    p.add_argument("--out", type=Path, default=None, help="write the per-round figures here (JSON)")
+    args = p.parse_args()
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    with tempfile.TemporaryDirectory() as tmp:
+        conf = Path(tmp) / "m.conf"
+        conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\npersistence false\n")
+        broker = subprocess.Popen([mosquitto_binary(), "-c", str(conf)], stderr=subprocess.DEVNULL)
+        run = [sys.executable, "-m", "agent", "run", "--broker", f"mqtt://127.0.0.1:{port}", "--cluster", "bench"]
+        run += ["--node-id", "b1", "--interface", "lo", "--threads", "1", "--model", f"m={args.model}"]
+        agent = subprocess.Popen(
+            run,
+            cwd=REPO,
+            env={**env, "PRISM_STATE_DIR": tmp},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        worker = subprocess.Popen(
+            [sys.executable, "-c", WORKER, args.model],
+            cwd=REPO,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert worker.stdout is not None
+            assert json.loads(worker.stdout.readline()).get("ready")
+            out = subprocess.run(
+                ["mosquitto_sub", "-p", str(port), "-t", "prism/v1/bench/nodes/b1/status", "-C", "1", "-W", "120"],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            assert out.stdout.strip() == "online"
+            start = time.monotonic()
+            got = asyncio.run(measure(port, worker, args))
+        finally:
+            for proc in (agent, worker, broker):
+                proc.terminate()
+                proc.wait()
+    ratio = [a / b for a, b in zip(got["agent_compute"], got["alone_compute"], strict=True)]
+    print(f"{args.model}, batch {args.batch}, {args.rounds} interleaved rounds, {time.monotonic() - start:.0f} s")
+    print("| ms per sample | median (spread) |\n|---|---|")
+    print(f"| engine alone: forward | {spread(got['alone_compute'])} |")
+    print(f"| through the agent: forward (`compute`) | {spread(got['agent_compute'])} |")
+    print(f"| through the agent: engine slot (`engine`) | {spread(got['agent_engine'])} |")
+    print(f"| agent forward / alone, per round | {statistics.median(ratio):.3f} ({min(ratio):.3f}-{max(ratio):.3f}) |")
+    if args.out:
+        args.out.write_text(json.dumps({**got, "ratio": ratio}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
