@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
+from pathlib import Path
 
 import pytest
 
@@ -89,3 +91,32 @@ def test_a_node_on_a_full_disk_keeps_getting_control_and_serves_its_peers_splits
         assert result["ok"] is True, result
         assert result["peers"] == ["c2"]
         assert result["fallback"] is False, result
+
+
+def test_a_peer_whose_journal_is_held_up_still_serves_splits(tmp_path: Path) -> None:
+    """A slow disk (here the journal's database locked by another process, so each write waits
+    out SQLite's 5 s busy timeout) holds up the node's jobs, never its control messages."""
+    fast = {"PRISM_HEALTH_INTERVAL_S": "0.5", "PRISM_PROBE_INTERVAL_S": "0.5"}
+    with (
+        mosquitto() as port,
+        agent(port, CLUSTER, "s1", "bert=tiny-bert", env=fast),
+        agent(port, CLUSTER, "s2", "bert=tiny-bert", env={**fast, "PRISM_STATE_DIR": str(tmp_path)}),
+    ):
+        wait_peer(port, CLUSTER, "s1", "s2")
+        waiter = sub(port, f"prism/v1/{CLUSTER}/results/#", 100, timeout_s=60)
+        lock = sqlite3.connect(tmp_path / f"journal-{CLUSTER}-s2.sqlite3", isolation_level=None)
+        try:
+            lock.execute("BEGIN EXCLUSIVE")  # s2's journal writes now wait, then fail
+            for i in range(3):  # s2's jobs queue behind the lock for ~15 s
+                pub(port, f"prism/v1/{CLUSTER}/nodes/s2/jobs", job(f"slow-{i}"))
+            split = {"id": "split", "model": "bert", "inputs": {"text": ["one", "two"]}, "mode": "distributed"}
+            pub(port, f"prism/v1/{CLUSTER}/nodes/s1/jobs", json.dumps(split))
+            result = json.loads(waiter.next(60))
+            while result["id"] != "split":  # s2's own jobs: journal_unavailable once the wait runs out
+                assert error_code(result) == "journal_unavailable", result
+                result = json.loads(waiter.next(60))
+            assert result["peers"] == ["s2"]
+            assert result["fallback"] is False, result  # s2 took its part: its control was not held up
+        finally:
+            lock.close()
+            waiter.close()

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import structlog
@@ -52,6 +53,17 @@ def _job_id(payload: bytes) -> str | None:
         return None
     value = raw.get("id")
     return value if isinstance(value, str) else None
+
+
+@dataclass(frozen=True, slots=True)
+class Arrival:
+    """A message as it came: a job's payload (None for control or health, handled as they
+    came), its reply route and retain flag, and how to acknowledge it."""
+
+    payload: bytes | None
+    route: tuple[str | None, bytes | None]
+    retained: bool
+    ack: Callable[[], None]
 
 
 class Counts(Protocol):
@@ -90,6 +102,21 @@ class Intake:
         self.running = 0
         self.idle = asyncio.Event()  # set while no job runs
         self.idle.set()
+
+    async def take_all(self, arrivals: asyncio.Queue[Arrival]) -> None:
+        """Take every arrival's job (journal I/O, however slow the disk) and acknowledge every
+        arrival, in the order they came (MQTT wants acknowledgements in order), off the loop
+        that reads them: a control message is handled when it comes, never behind a job's
+        journal write. A job that could not be taken is acknowledged all the same (left
+        unacknowledged, it would hold the broker's in-flight window)."""
+        while True:
+            arrival = await arrivals.get()
+            if arrival.payload is not None:
+                try:
+                    await self.take(arrival.payload, arrival.route, arrival.retained)
+                except Exception:
+                    log.exception("job_not_taken")
+            arrival.ack()
 
     async def take(self, payload: bytes, route: tuple[str | None, bytes | None], retained: bool) -> None:
         """Handle one job message; when this returns the broker may be acknowledged."""

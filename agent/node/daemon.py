@@ -16,6 +16,7 @@ import contextlib
 import time
 from collections.abc import Callable, Coroutine, Mapping
 from contextlib import AbstractAsyncContextManager
+from functools import partial
 from typing import Any
 
 import structlog
@@ -39,7 +40,7 @@ from agent.cluster.trust import Trust
 from agent.cluster.upkeep import upkeep
 from agent.compat import BaseExceptionGroup, TaskGroup
 from agent.jobs.auto import AutoPolicy
-from agent.jobs.intake import Intake
+from agent.jobs.intake import Arrival, Intake
 from agent.jobs.journal import Journal
 from agent.jobs.replies import Outbox
 from agent.jobs.service import JobService, Served
@@ -316,24 +317,23 @@ class Node:
 
     async def _messages(self, link: MqttLink) -> None:
         jobs = {self.topics.jobs, self.topics.my_jobs}
-        async for message in link.messages():
-            topic = str(message.topic)
-            payload = message.payload if isinstance(message.payload, bytes) else str(message.payload).encode()
-            if topic in jobs:
-                if not self.accepting:
+        arrivals: asyncio.Queue[Arrival] = asyncio.Queue()  # at most the broker's in-flight window
+        async with TaskGroup() as tg:
+            tg.create_task(self.intake.take_all(arrivals))  # jobs' journal I/O: control never waits on the disk
+            async for message in link.messages():
+                topic = str(message.topic)
+                payload = message.payload if isinstance(message.payload, bytes) else str(message.payload).encode()
+                if topic in jobs and not self.accepting:
                     continue  # stopping: not acknowledged, so the broker keeps it for someone else
-                try:
-                    await self.intake.take(payload, reply_route(message), bool(message.retain))
-                except Exception:  # acknowledged all the same: unacknowledged, it holds the in-flight window
-                    log.exception("job_not_taken", topic=topic)
-            else:
-                try:
-                    self._observe(topic, payload)
-                except WireError as exc:
-                    log.info("message_ignored", topic=topic[:120], error=str(exc)[:160])
-                except Exception:
-                    log.exception("message_failed", topic=topic[:120])
-            link.ack(message)
+                if topic not in jobs:
+                    try:
+                        self._observe(topic, payload)
+                    except WireError as exc:
+                        log.info("message_ignored", topic=topic[:120], error=str(exc)[:160])
+                    except Exception:
+                        log.exception("message_failed", topic=topic[:120])
+                job, ack = (payload if topic in jobs else None), partial(link.ack, message)
+                arrivals.put_nowait(Arrival(job, reply_route(message), bool(message.retain), ack))
 
     def _observe(self, topic: str, payload: bytes) -> None:
         if topic == self.topics.control:
