@@ -14,7 +14,7 @@ from agent.node.config import ConfigError, load_settings
 from agent.node.daemon import VERSION
 from agent.node.metrics import FALLBACK_CODES, MAX_OPTIONS, Metrics, fallback_code
 from engine.localcluster import free_port
-from tests.mqtt_env import agent, ask_node, mosquitto, need, wait_peer
+from tests.mqtt_env import Agent, agents, ask_node, mosquitto, need, wait_peer
 from transport.schema import Result
 
 CLUSTER = "mtest"
@@ -64,8 +64,7 @@ def test_an_agent_that_served_local_and_split_jobs_exports_them() -> None:
     env = {**FAST, "PRISM_METRICS_PORT": str(metrics_port)}
     with (
         mosquitto() as port,
-        agent(port, CLUSTER, "m1", "bert=tiny-bert", env=env),
-        agent(port, CLUSTER, "m2", "bert=tiny-bert", env=FAST),
+        agents(port, CLUSTER, Agent("m1", env=env), Agent("m2", env=FAST)),
     ):
         wait_peer(port, CLUSTER, "m1", "m2")
         text = {"text": ["the quick brown fox jumps over the lazy dog"] * 2}
