@@ -64,9 +64,13 @@ def rogue_background(bed: Testbed, key: str, *args: str) -> None:
     bed.spawn(key, 2, [sys.executable, "-m", "testbed.rogue", *args])
 
 
-def rogue_result(bed: Testbed, key: str, timeout_s: float = 120.0) -> dict[str, Any]:
+def rogue_result(bed: Testbed, key: str, timeout_s: float = 120.0, stop: bool = False) -> dict[str, Any]:
+    """The JSON summary of a background rogue, once its time is up (or at once, with ``stop``:
+    the attack ends when the test has seen what it waited for)."""
     proc = bed.popen(key)
     assert proc is not None
+    if stop:
+        bed.send(key, signal.SIGTERM)
     proc.wait(timeout=timeout_s)
     out: dict[str, Any] = json.loads(bed.log(key).strip().splitlines()[-1])
     del bed.procs[key]
@@ -100,23 +104,23 @@ def test_replayed_health_and_advert_of_a_crashed_peer_never_make_the_rogue_a_mem
     gone = time.monotonic()
     watch.wait_health("h0", lambda h: "h1" not in h["peers"], 30, after=gone)
     snoop = bed.workdir / "h1-control.json"
+    refused = bed.log("h0").count('"admission_refused"')
     rogue_background(bed, "snoop", "capture", *broker(bed), "--topic", bed.topic("nodes/h1/control"),
-                     "--seconds", "25", "--out", str(snoop))  # fmt: skip
+                     "--seconds", "60", "--out", str(snoop))  # fmt: skip
     rogue_background(bed, "replay", "replay", *broker(bed), "--file", str(capture), "--every", "1",
-                     "--seconds", "20", "--retain")  # fmt: skip
+                     "--seconds", "60", "--retain")  # fmt: skip
     rogue_background(bed, "advert", "mdns", "register", "--address", bed.address(2), "--name", "h1",
-                     "--props", json.dumps(advert["props"]), "--seconds", "20")  # fmt: skip
-    results = ask(bed, watch, [job(f"rj{k}", mode="distributed") for k in range(6)])
-    for key in ("replay", "advert"):
-        rogue_result(bed, key)
-    rogue_result(bed, "snoop")
+                     "--props", json.dumps(advert["props"]), "--seconds", "60")  # fmt: skip
+    bed.wait_log("h0", '"admission_refused"', refused + 1, timeout_s=30)  # the replays are seen and refused
+    results = ask(bed, watch, [job(f"rj{k}", mode="distributed") for k in range(6)])  # under the replays
     for r in results.values():
         assert r["ok"] is True
         assert "h1" not in r["peers"]
         assert r["output"] == reference["output"]  # every result equals local
     assert "h1" not in watch.wait_health("h0", lambda h: True, 10, after=time.monotonic())["peers"]
-    log = bed.log("h0")
-    assert '"admission_refused"' in log  # the replays were seen and refused
+    for key in ("replay", "advert", "snoop"):
+        rogue_result(bed, key, stop=True)
+    assert "h1" not in watch.wait_health("h0", lambda h: True, 10, after=time.monotonic())["peers"]
     leaked = [base64.b64decode(m["payload"]) for m in json.loads(snoop.read_text())]
     assert not any(bed.address(0).encode() in p or b'"op"' in p for p in leaked)  # nothing in clear text
     print(f"replay: 6/6 jobs answered as local, {len(leaked)} control messages to h1 seen sealed by the rogue")
@@ -152,16 +156,18 @@ def test_strangers_writing_and_reading_the_rendezvous_learn_nothing(bed: Testbed
     bed.wait_cluster(("h0", "h1"))
     snoop = bed.workdir / "rendezvous.json"
     rogue_background(bed, "snoop2", "capture", *broker(bed), "--topic", bed.topic("nodes/+/control"),
-                     "--seconds", "20", "--out", str(snoop))  # fmt: skip
+                     "--seconds", "60", "--out", str(snoop))  # fmt: skip
     forged = {"from": "h0", "to": "h1", "body": json.dumps({"op": "store", "gid": "0" * 12, "key": "0", "value": ""})}
+    refused = bed.log("h1").count('"admission_refused"')
     rogue_background(bed, "forge", "forge", *broker(bed), "--topic", bed.topic("nodes/h1/control"),
-                     "--payload", json.dumps(forged), "--every", "0.05", "--seconds", "15")  # fmt: skip
+                     "--payload", json.dumps(forged), "--every", "0.05", "--seconds", "60")  # fmt: skip
+    bed.wait_log("h1", '"admission_refused"', refused + 1, timeout_s=30)  # the forgeries reach h1 before the jobs
     results = {}
     for k in range(5):
         results.update(ask(bed, watch, [job(f"rv{k}", mode="distributed")]))
         time.sleep(1.5)  # past the idle time: the next job forms a new group
-    rogue_result(bed, "forge")
-    rogue_result(bed, "snoop2")
+    rogue_result(bed, "forge", stop=True)
+    rogue_result(bed, "snoop2", stop=True)
     assert all(r["ok"] for r in results.values())
     assert sum(r["mode"] == "distributed" for r in results.values()) >= 4
     seen = [base64.b64decode(m["payload"]) for m in json.loads(snoop.read_text())]
@@ -173,35 +179,44 @@ def test_strangers_writing_and_reading_the_rendezvous_learn_nothing(bed: Testbed
 
 
 def test_unsigned_offline_and_forged_goodbyes_cause_no_fallback(bed: Testbed, watch: Watch) -> None:
+    checked = {name: bed.log("h0").count(f'"{name}"') for name in ("goodbye_unsigned", "goodbye_ignored")}
     rogue_background(bed, "offline", "forge", *broker(bed), "--topic", bed.topic("nodes/h1/status"),
-                     "--payload", "offline", "--every", "2", "--seconds", "20")  # fmt: skip
+                     "--payload", "offline", "--every", "1", "--seconds", "60")  # fmt: skip
     rogue_background(bed, "goodbye", "mdns", "goodbye", "--address", bed.address(2), "--name", "h1",
-                     "--every", "2", "--seconds", "20")  # fmt: skip
+                     "--every", "1", "--seconds", "60")  # fmt: skip
+
+    def seen(name: str) -> int:
+        return bed.log("h0").count(f'"{name}"') - checked[name]
+
     results = {}
-    start = time.monotonic()
+    deadline = time.monotonic() + 60
     k = 0
-    while time.monotonic() - start < 16:
+    # Jobs go on until h0 has checked 8 forged offlines (8 s of them and of mDNS goodbyes, one a
+    # second) and found h1 alive 8 times; each forgery is a chance for a job to fall back.
+    while seen("goodbye_unsigned") < 8 or seen("goodbye_ignored") < 8:
+        assert time.monotonic() < deadline, f"h0 saw {seen('goodbye_unsigned')} forged offlines in 60 s"
         results.update(ask(bed, watch, [job(f"gb{k}", mode="distributed")]))
         k += 1
     for key in ("offline", "goodbye"):
-        rogue_result(bed, key)
+        rogue_result(bed, key, stop=True)
     assert all(r["ok"] for r in results.values())
     fell = [r for r in results.values() if r["fallback"] or r["mode"] != "distributed"]
     assert not fell, fell[:2]
-    assert '"goodbye_ignored"' in bed.log("h0")  # checked, found alive
     print(f"forged goodbyes: {len(results)} distributed jobs, none fell back")
 
 
 def test_replayed_signed_form_and_run_are_refused_without_a_stall(bed: Testbed, watch: Watch) -> None:
     capture = bed.workdir / "control-captured.json"
     rogue_background(bed, "cap3", "capture", *broker(bed), "--topic", bed.topic("nodes/h1/control"),
-                     "--seconds", "8", "--out", str(capture))  # fmt: skip
+                     "--seconds", "60", "--out", str(capture))  # fmt: skip
     time.sleep(1)
     ask(bed, watch, [job(f"cf{k}", mode="distributed") for k in range(3)])
-    rogue_result(bed, "cap3")
+    rogue_result(bed, "cap3", stop=True)
+    assert json.loads(capture.read_text()), "the rogue captured no control message to replay"
     refused_before = bed.log("h1").count('"admission_refused"')
     rogue_background(bed, "replay3", "replay", *broker(bed), "--file", str(capture), "--every", "0.5",
-                     "--seconds", "10")  # fmt: skip
+                     "--seconds", "60")  # fmt: skip
+    bed.wait_log("h1", '"admission_refused"', refused_before + 1, timeout_s=30)  # the replays are on
     took = []
     for k in range(5):
         start = time.monotonic()
@@ -210,7 +225,7 @@ def test_replayed_signed_form_and_run_are_refused_without_a_stall(bed: Testbed, 
         assert r["ok"] is True
         assert r["mode"] == "distributed"
         assert not r["fallback"]
-    rogue_result(bed, "replay3")
+    rogue_result(bed, "replay3", stop=True)
     assert bed.log("h1").count('"admission_refused"') > refused_before
     assert max(took) < 3.0, took  # no stall
     print(f"replayed control: refused; job latencies {[round(t, 2) for t in took]} s")
