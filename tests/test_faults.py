@@ -407,9 +407,8 @@ def test_open_mode_a_forged_health_aims_no_more_than_a_small_probe_a_minute_at_a
         assert seen["bytes"] <= 2 * 64, (source, seen)  # greetings only
     assert bed.address(1) in sources  # the fast prober found it too
     print(f"open mode: third party saw {sources}")
-    bed.stop("h1")
-    bed.start_agent(1, env={"PRISM_QUEUE_MAX": str(QUEUE_MAX)})
-    bed.wait_cluster(NODES)
+    # The last test on the bed: h1 keeps its short probe interval and back-off (bringing it back
+    # with the defaults and waiting for the cluster would cost ~9 s).
 
 
 def test_hosted_broker_dies_with_a_sigkilled_agent() -> None:
