@@ -1,9 +1,9 @@
 """A hostile host's tools, run inside a bed namespace by the security tests
 (``python -m testbed.rogue COMMAND``): capture and replay broker traffic, forge unsigned
-messages, replay or squat mDNS adverts, send mDNS goodbyes, hammer or burst TCP ports, and stand in
-for a third party that counts what it is sent. Each prints one JSON summary on stdout.
-messages, replay or squat mDNS adverts, send mDNS goodbyes, hammer TCP ports, hold every slot
-of a probe server, and stand in for a third party that counts what it is sent. Each prints one JSON summary on stdout.
+messages, replay or squat mDNS adverts, send mDNS goodbyes, hammer or burst TCP ports, hold every
+slot of a probe server, and stand in for a third party that counts what it is sent. Each prints
+one JSON summary on stdout, also when a SIGTERM ends it before its ``--seconds`` are up (a test
+stops an attack once it has seen what it waited for).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import base64
 import contextlib
 import json
 import select
+import signal
 import socket
 import sys
 import time
@@ -22,6 +23,29 @@ from pathlib import Path
 from typing import Any
 
 SERVICE = "_prism._tcp.local."
+
+
+class Window:
+    """How long a command runs: ``seconds``, or until a SIGTERM."""
+
+    def __init__(self, seconds: float) -> None:
+        self.deadline = time.monotonic() + seconds
+        self.stopped = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, self.stopped.set)
+
+    def open(self) -> bool:
+        """Still within the window."""
+        return not self.stopped.is_set() and time.monotonic() < self.deadline
+
+    async def sleep(self, seconds: float) -> None:
+        """``seconds``, or less when the window closes first."""
+        left = min(seconds, self.deadline - time.monotonic())
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.stopped.wait(), max(left, 0.0))
+
+    async def close(self) -> None:
+        """Until the window closes."""
+        await self.sleep(self.deadline - time.monotonic())
 
 
 def _client(host: str, port: int) -> Any:
@@ -33,6 +57,7 @@ def _client(host: str, port: int) -> Any:
 async def capture(host: str, port: int, topics: list[str], seconds: float) -> dict[str, Any]:
     """Record every message on ``topics`` (retained ones included) for ``seconds``."""
     got: list[dict[str, Any]] = []
+    window = Window(seconds)
     async with _client(host, port) as client:
         for topic in topics:
             await client.subscribe(topic, qos=1)
@@ -42,8 +67,11 @@ async def capture(host: str, port: int, topics: list[str], seconds: float) -> di
                 raw = m.payload if isinstance(m.payload, bytes) else str(m.payload).encode()
                 got.append({"topic": str(m.topic), "payload": base64.b64encode(raw).decode(), "retain": m.retain})
 
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(read(), seconds)
+        reading = asyncio.ensure_future(read())
+        await window.close()
+        reading.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reading
     return {"captured": got}
 
 
@@ -52,25 +80,25 @@ async def replay(
 ) -> dict[str, Any]:
     """Publish the captured messages again, all of them every ``every_s``, for ``seconds``."""
     sent = 0
-    deadline = time.monotonic() + seconds
+    window = Window(seconds)
     async with _client(host, port) as client:
-        while time.monotonic() < deadline:
+        while window.open():
             for item in items:
                 await client.publish(item["topic"], base64.b64decode(item["payload"]), qos=1, retain=retain)
                 sent += 1
-            await asyncio.sleep(every_s)
+            await window.sleep(every_s)
     return {"sent": sent}
 
 
 async def forge(host: str, port: int, topic: str, payload: str, every_s: float, seconds: float) -> dict[str, Any]:
     """Publish ``payload`` (unsigned) to ``topic`` every ``every_s`` for ``seconds``."""
     sent = 0
-    deadline = time.monotonic() + seconds
+    window = Window(seconds)
     async with _client(host, port) as client:
-        while time.monotonic() < deadline:
+        while window.open():
             await client.publish(topic, payload.encode(), qos=1, retain=topic.endswith("/status"))
             sent += 1
-            await asyncio.sleep(every_s)
+            await window.sleep(every_s)
     return {"sent": sent}
 
 
@@ -80,6 +108,7 @@ async def mdns(address: str, action: str, name: str, props: dict[str, str], seco
     from zeroconf import DNSOutgoing, DNSPointer, IPVersion  # type: ignore[attr-defined]
     from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
 
+    window = Window(seconds)
     azc = AsyncZeroconf(interfaces=[address], ip_version=IPVersion.V4Only)
     await azc.zeroconf.async_wait_for_start()
     try:
@@ -88,16 +117,15 @@ async def mdns(address: str, action: str, name: str, props: dict[str, str], seco
                 SERVICE, f"{name}.{SERVICE}", addresses=[socket.inet_aton(address)], port=9, properties=props
             )
             await azc.async_register_service(info, allow_name_change=False)
-            await asyncio.sleep(seconds)
+            await window.close()
             return {"registered": info.name}
         sent = 0
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
+        while window.open():
             out = DNSOutgoing(0x8400)  # a response, authoritative
             out.add_answer_at_time(DNSPointer(SERVICE, 12, 1, 0, f"{name}.{SERVICE}"), 0)
             azc.zeroconf.async_send(out)
             sent += 1
-            await asyncio.sleep(every_s)
+            await window.sleep(every_s)
         return {"goodbyes": sent}
     finally:
         await azc.async_close()
@@ -216,8 +244,9 @@ async def third_party(address: str, port: int, seconds: float) -> dict[str, Any]
             pass
         writer.close()
 
+    window = Window(seconds)
     server = await asyncio.start_server(serve, address, port)
-    await asyncio.sleep(seconds)
+    await window.close()
     server.close()
     return {"sources": {k: {"connections": v[0], "bytes": v[1]} for k, v in seen.items()}}
 

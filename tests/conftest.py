@@ -45,6 +45,16 @@ def _fresh_logging() -> Iterator[None]:
     structlog.reset_defaults()
 
 
+@pytest.fixture
+def quick_name_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process nodes on loopback ask whether their mDNS name is taken for 0.1 s rather than
+    1 s (twice per start): an answer there takes milliseconds, and these tests are not about
+    name conflicts (the namespace bed tests those with the real wait)."""
+    from agent.cluster import discovery
+
+    monkeypatch.setattr(discovery, "NAME_CHECK_MS", 100)
+
+
 @pytest.fixture(scope="session")
 def models() -> Models:
     return Models()

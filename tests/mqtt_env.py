@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -170,29 +171,31 @@ def pub(port: int, topic: str, payload: str | bytes) -> None:
     subprocess.run(args, input=data, check=True, timeout=10)
 
 
-def wait_online(port: int, cluster: str, node: str, timeout_s: float = 60.0) -> None:
-    """Block until the node's retained status says online."""
+def wait_online(port: int, cluster: str, *nodes: str, timeout_s: float = 60.0) -> None:
+    """Block until each node's retained status says online. Agents launched together (with
+    ``agent(..., online=False)``) and then waited for start up side by side, not one by one."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        out = subprocess.run(
-            [
-                need("mosquitto_sub"),
-                "-p",
-                str(port),
-                "-t",
-                f"prism/v1/{cluster}/nodes/{node}/status",
-                "-C",
-                "1",
-                "-W",
-                "2",
-            ],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if parse_status(out.stdout.strip().encode())[0] == "online":
-            return
-    raise AssertionError(f"node {node} did not come online in {timeout_s} s")
+    for node in nodes:
+        while True:
+            assert time.monotonic() < deadline, f"node {node} did not come online in {timeout_s} s"
+            out = subprocess.run(
+                [
+                    need("mosquitto_sub"),
+                    "-p",
+                    str(port),
+                    "-t",
+                    f"prism/v1/{cluster}/nodes/{node}/status",
+                    "-C",
+                    "1",
+                    "-W",
+                    "2",
+                ],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if parse_status(out.stdout.strip().encode())[0] == "online":
+                break
 
 
 @contextmanager
@@ -236,6 +239,34 @@ def agent(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+@dataclass(frozen=True)
+class Agent:
+    """One agent of :func:`agents`: its node id, the models it serves, extra environment and flags."""
+
+    node: str
+    models: tuple[str, ...] = ("bert=tiny-bert",)
+    env: dict[str, str] | None = None
+    extra: list[str] | None = None
+
+
+@contextmanager
+def agents(port: int, cluster: str, *specs: Agent) -> Iterator[list[subprocess.Popen[str]]]:
+    """Real agents launched together, online when yielded, SIGTERMed together after: their
+    start-ups (imports, model loads) and their drains overlap instead of queueing."""
+    with contextlib.ExitStack() as stack:
+        procs = [
+            stack.enter_context(agent(port, cluster, a.node, *a.models, env=a.env, extra=a.extra, online=False))
+            for a in specs
+        ]
+        try:
+            wait_online(port, cluster, *(a.node for a in specs))
+            yield procs
+        finally:
+            for proc in procs:  # each agent's own exit then waits for a drain already under way
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
 
 
 def ask_node(port: int, cluster: str, node: str, jobs: list[dict[str, Any]], timeout_s: float = 90) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.mqtt_env import agent, mosquitto, pub, sub
+from tests.mqtt_env import Agent, agents, mosquitto, pub, sub
 
 pytestmark = [pytest.mark.mqtt, pytest.mark.gloo]
 CLUSTER = "adm"
@@ -25,10 +25,14 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, dic
     bad.write_text("wrong guess, but long enough\n")
     with (
         mosquitto() as port,
-        agent(port, CLUSTER, "g1", "bert=tiny-bert", env={**FAST, "PRISM_SECRET_FILE": str(good)}) as g1,
-        agent(port, CLUSTER, "g2", "bert=tiny-bert", env={**FAST, "PRISM_SECRET_FILE": str(good)}) as g2,
-        agent(port, CLUSTER, "wrong", "bert=tiny-bert", env={**FAST, "PRISM_SECRET_FILE": str(bad)}) as wrong,
-        agent(port, CLUSTER, "nosecret", "bert=tiny-bert", env=FAST) as nosecret,
+        agents(
+            port,
+            CLUSTER,
+            Agent("g1", env={**FAST, "PRISM_SECRET_FILE": str(good)}),
+            Agent("g2", env={**FAST, "PRISM_SECRET_FILE": str(good)}),
+            Agent("wrong", env={**FAST, "PRISM_SECRET_FILE": str(bad)}),
+            Agent("nosecret", env=FAST),
+        ) as (g1, g2, wrong, nosecret),
     ):
         yield port, {"g1": g1, "g2": g2, "wrong": wrong, "nosecret": nosecret}
 

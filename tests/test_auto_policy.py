@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from tests.mqtt_env import REPO, agent, ask_node, mosquitto, wait_peer
+from tests.mqtt_env import REPO, Agent, ask_node, mosquitto, wait_peer
+from tests.mqtt_env import agents as started
 
 pytestmark = [pytest.mark.mqtt, pytest.mark.gloo]
 
@@ -127,8 +128,12 @@ def agents(profiled: Path) -> Iterator[tuple[int, Path, subprocess.Popen[str]]]:
     local_map = skewed(profiled, profiled.with_name("local.json"), slow="split", wrong_gpt=True)
     with (
         mosquitto() as port,
-        agent(port, CLUSTER, "a1", "bert=tiny-bert", env=FAST, extra=["--map", str(split_map)]) as a1,
-        agent(port, CLUSTER, "a2", "bert=tiny-bert", "gpt=tiny-gpt2", env=FAST, extra=["--map", str(local_map)]),
+        started(
+            port,
+            CLUSTER,
+            Agent("a1", env=FAST, extra=["--map", str(split_map)]),
+            Agent("a2", ("bert=tiny-bert", "gpt=tiny-gpt2"), env=FAST, extra=["--map", str(local_map)]),
+        ) as (a1, _),
     ):
         wait_peer(port, CLUSTER, "a1", "a2")
         wait_peer(port, CLUSTER, "a2", "a1")

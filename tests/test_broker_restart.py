@@ -13,7 +13,7 @@ import pytest
 
 from agent.base.config import Broker
 from agent.client import stream
-from tests.mqtt_env import Mosquitto, agent, mosquitto_process, wait_online
+from tests.mqtt_env import Agent, Mosquitto, agents, mosquitto_process, wait_online
 
 pytestmark = pytest.mark.mqtt
 
@@ -57,8 +57,7 @@ def test_two_broker_restarts_mid_stream_lose_no_job(tmp_path: Path) -> None:
     ]
     with (
         mosquitto_process(extra_conf=conf) as broker,
-        agent(broker.port, CLUSTER, "r1", "bert=tiny-bert", env=env) as first,
-        agent(broker.port, CLUSTER, "r2", "bert=tiny-bert", env=env) as second,
+        agents(broker.port, CLUSTER, Agent("r1", env=env), Agent("r2", env=env)) as (first, second),
     ):
         results, at_restart = asyncio.run(stream_with_restarts(broker, jobs))
         assert all(n < JOBS for n in at_restart), at_restart  # both restarts hit a running stream

@@ -19,6 +19,7 @@ from agent.cluster.discovery import SERVICE, Discovery, advert, txt
 from agent.cluster.peers import PeerTable
 from agent.cluster.trust import Trust
 
+pytestmark = pytest.mark.usefixtures("quick_name_check")
 SECRET = b"0123456789abcdef-cluster-secret"
 #: Shrunk from a minute and 150 s, so that a run spans several refreshes and an advert left
 #: unrefreshed goes stale within the test.

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from tests.mqtt_env import agent, ask_node, mosquitto, wait_peer
+from tests.mqtt_env import Agent, agents, ask_node, mosquitto, wait_peer
 
 pytestmark = [pytest.mark.mqtt, pytest.mark.gloo]
 
@@ -22,8 +22,10 @@ FAST = {"PRISM_HEALTH_INTERVAL_S": "0.5", "PRISM_PROBE_INTERVAL_S": "0.5"}
 def pair() -> Iterator[tuple[int, subprocess.Popen[str], subprocess.Popen[str]]]:
     with (
         mosquitto() as port,
-        agent(port, CLUSTER, "d1", "bert=tiny-bert", "gpt=tiny-gpt2", env=FAST) as a,
-        agent(port, CLUSTER, "d2", "bert=tiny-bert", "gpt=tiny-gpt2", env=FAST) as b,
+        agents(port, CLUSTER, *(Agent(n, ("bert=tiny-bert", "gpt=tiny-gpt2"), env=FAST) for n in ("d1", "d2"))) as (
+            a,
+            b,
+        ),
     ):
         yield port, a, b
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.mqtt_env import agent, ask_node, mosquitto, pub, sub, wait_peer
+from tests.mqtt_env import Agent, agent, agents, ask_node, mosquitto, pub, sub, wait_peer
 from tests.test_metrics import scrape, total, value
 from transport.localcluster import free_port
 
@@ -56,8 +56,7 @@ def started(proc: subprocess.Popen[str], job_id: str, timeout_s: float) -> None:
 def test_a_peer_reported_offline_mid_run_is_abandoned_at_once() -> None:
     with (
         mosquitto() as port,
-        agent(port, CLUSTER, "g1", "bert=tiny-bert", env=ENV) as coordinator,
-        agent(port, CLUSTER, "g2", "bert=tiny-bert", env=ENV) as peer,
+        agents(port, CLUSTER, Agent("g1", env=ENV), Agent("g2", env=ENV)) as (coordinator, peer),
     ):
         wait_peer(port, CLUSTER, "g1", "g2")
         warm = ask_node(port, CLUSTER, "g1", [job("warm")])["warm"]

@@ -14,7 +14,7 @@ from agent.base.config import ConfigError, load_settings
 from agent.node.daemon import VERSION
 from agent.node.metrics import MAX_OPTIONS, Metrics
 from engine.errors import FailureReason
-from tests.mqtt_env import agent, ask_node, mosquitto, need, wait_peer
+from tests.mqtt_env import Agent, agents, ask_node, mosquitto, need, wait_peer
 from transport.localcluster import free_port
 from transport.schema import Result
 
@@ -65,8 +65,7 @@ def test_an_agent_that_served_local_and_split_jobs_exports_them() -> None:
     env = {**FAST, "PRISM_METRICS_PORT": str(metrics_port)}
     with (
         mosquitto() as port,
-        agent(port, CLUSTER, "m1", "bert=tiny-bert", env=env),
-        agent(port, CLUSTER, "m2", "bert=tiny-bert", env=FAST),
+        agents(port, CLUSTER, Agent("m1", env=env), Agent("m2", env=FAST)),
     ):
         wait_peer(port, CLUSTER, "m1", "m2")
         text = {"text": ["the quick brown fox jumps over the lazy dog"] * 2}

@@ -121,7 +121,7 @@ def test_anonymous_agent_is_refused_once_with_a_clear_line(tmp_path: Path) -> No
     os.chmod(passwd, 0o644)
     conf = f"allow_anonymous false\npassword_file {passwd}\n{READABLE}"
     with mosquitto(extra_conf=conf) as port:
-        proc = subprocess.run(
+        anonymous = subprocess.Popen(
             [
                 sys.executable,
                 "-m",
@@ -140,21 +140,26 @@ def test_anonymous_agent_is_refused_once_with_a_clear_line(tmp_path: Path) -> No
             ],
             cwd=REPO,
             env={**os.environ, "HF_HUB_OFFLINE": "1"},
-            capture_output=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
             text=True,
-            timeout=120,
-            check=False,
         )
-        assert proc.returncode == 1
-        assert '"event": "mqtt_refused"' in proc.stderr
-        assert proc.stderr.count('"event": "mqtt_reconnect"') == 0  # a wrong login is not retried
-        assert "prism-agent: error: broker refused the connection" in proc.stderr
-        # With the password, the same agent gets in.
+        # With the password, the same agent gets in (started alongside the anonymous one).
         secret = tmp_path / "mqtt-password"
         secret.write_text("s3cret-pass\n")
         env = {"PRISM_MQTT_USERNAME": "node", "PRISM_MQTT_PASSWORD_FILE": str(secret)}
-        with running_agent(f"mqtt://127.0.0.1:{port}", "withpass", tmp_path / "good.log", env) as log:
-            assert '"event": "mqtt_connected"' in log.read_text()
+        try:
+            with running_agent(f"mqtt://127.0.0.1:{port}", "withpass", tmp_path / "good.log", env) as log:
+                assert '"event": "mqtt_connected"' in log.read_text()
+            _, stderr = anonymous.communicate(timeout=120)
+        finally:
+            if anonymous.poll() is None:
+                anonymous.kill()
+                anonymous.communicate()
+        assert anonymous.returncode == 1
+        assert '"event": "mqtt_refused"' in stderr
+        assert stderr.count('"event": "mqtt_reconnect"') == 0  # a wrong login is not retried
+        assert "prism-agent: error: broker refused the connection" in stderr
 
 
 def test_tls_broker_with_a_test_ca(tmp_path: Path) -> None:

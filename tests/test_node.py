@@ -27,7 +27,7 @@ from tests.conftest import Models
 from tests.mqtt_env import Mosquitto, mosquitto_process
 from transport.mqtt import MqttLink, TransportError
 
-pytestmark = pytest.mark.mqtt
+pytestmark = [pytest.mark.mqtt, pytest.mark.usefixtures("quick_name_check")]
 
 
 @pytest.fixture

@@ -159,3 +159,36 @@ async def _until(condition: Callable[[], bool], timeout_s: float) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         await asyncio.sleep(0.01)
+
+
+async def test_an_address_that_is_not_a_probe_server_is_left_alone_for_the_back_off() -> None:
+    # A forged health may name anyone's host:port as a probe endpoint (tests/test_faults.py
+    # runs that on the bed): the loop greets it, then leaves it alone for the back-off.
+    from agent.base.config import load_settings
+
+    greeted = [0]
+
+    async def other_service(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        greeted[0] += 1
+        await reader.read(64)
+        writer.write(b"HTTP/1.0 400 Bad Request\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(other_service, "127.0.0.1", 0)
+    peers = PeerTable("c", me="me")
+    peers.seen(Peer("p", "c", "127.0.0.1", probe_port=server.sockets[0].getsockname()[1]), time.monotonic())
+    try:
+        for backoff_s, most in ((LinkTable().probe_backoff_s, 1), (0.2, 10)):
+            greeted[0] = 0
+            task = asyncio.ensure_future(probe_loop(peers, LinkTable(probe_backoff_s=backoff_s), 0.01))
+            await _until(lambda: greeted[0] >= 1, 5.0)
+            if most > 1:
+                await _until(lambda: greeted[0] >= 3, 5.0)  # greeted again once each back-off is up
+            else:
+                await asyncio.sleep(0.5)  # fifty rounds of the loop: none greets it again
+            task.cancel()
+            assert 1 <= greeted[0] <= most, (backoff_s, greeted[0])
+    finally:
+        server.close()
+    assert LinkTable().probe_backoff_s == load_settings(None, {"PRISM_NODE_ID": "n"}, {}).probe_backoff_s == 60.0

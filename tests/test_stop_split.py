@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.mqtt_env import agent, ask_node, mosquitto, pub, sub, wait_peer
+from tests.mqtt_env import Agent, agents, ask_node, mosquitto, pub, sub, wait_peer
 
 pytestmark = [pytest.mark.mqtt, pytest.mark.gloo, pytest.mark.timeout(240)]
 
@@ -91,8 +91,7 @@ def pair() -> Iterator[Pair]:
         stack.callback(notify.close)
         port = stack.enter_context(mosquitto())
         env = {**FAST, "NOTIFY_SOCKET": str(tmp / "notify"), "PRISM_STATE_DIR": str(tmp / "state")}
-        coordinator = stack.enter_context(agent(port, CLUSTER, "c1", "bert=tiny-bert", env=env))
-        peer = stack.enter_context(agent(port, CLUSTER, "p1", "bert=tiny-bert", env=FAST))
+        coordinator, peer = stack.enter_context(agents(port, CLUSTER, Agent("c1", env=env), Agent("p1", env=FAST)))
         wait_peer(port, CLUSTER, "c1", "p1")
         yield Pair(port, coordinator, peer, notify, tmp / "state")
         if peer.poll() is None:

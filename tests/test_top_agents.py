@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.mqtt_env import REPO, agent, ask_node, mosquitto, wait_peer
+from tests.mqtt_env import REPO, Agent, agents, ask_node, mosquitto, wait_peer
 
 CLUSTER = "toptest"
 FAST = {"PRISM_HEALTH_INTERVAL_S": "0.5", "PRISM_PROBE_INTERVAL_S": "0.5"}
@@ -33,8 +33,7 @@ def top_once(port: int) -> dict[str, Any]:
 def test_top_once_json_lists_agents_links_and_last_decisions() -> None:
     with (
         mosquitto() as port,
-        agent(port, CLUSTER, "t1", "bert=tiny-bert", env=FAST),
-        agent(port, CLUSTER, "t2", "bert=tiny-bert", env=FAST),
+        agents(port, CLUSTER, Agent("t1", env=FAST), Agent("t2", env=FAST)),
     ):
         wait_peer(port, CLUSTER, "t1", "t2")
         text = {"text": ["the quick brown fox jumps over the lazy dog"] * 2}

@@ -3,10 +3,10 @@
 Estimates are EWMA-smoothed and carry their age; a step change (a WiFi rate switch, a
 reshaped link) replaces the estimate at once. The probe loop times a transfer to every
 alive peer every ``probe_interval_s``, sized to the link; an address that is not a prism
-probe server (or does not answer) is left alone for a minute. A peer this node is running a
-split with is not probed, and a probe that a run overlapped is thrown away: it would read
-only what the run's exchanges left of the link (a quarter of a 20 Mbit/s link, measured),
-and the policy would price the next split on that.
+probe server (or does not answer) is left alone for ``probe_backoff_s`` (a minute). A peer
+this node is running a split with is not probed, and a probe that a run overlapped is thrown
+away: it would read only what the run's exchanges left of the link (a quarter of a 20 Mbit/s
+link, measured), and the policy would price the next split on that.
 """
 
 from __future__ import annotations
@@ -44,9 +44,11 @@ class LinkEstimate:
 
 @dataclass(slots=True)
 class LinkTable:
-    """Per-peer link estimates, EWMA-smoothed (``alpha`` weights the newest sample)."""
+    """Per-peer link estimates, EWMA-smoothed (``alpha`` weights the newest sample);
+    ``probe_backoff_s``: how long the probe loop leaves an address whose probe failed."""
 
     alpha: float = 0.3
+    probe_backoff_s: float = PROBE_BACKOFF_S
     links: dict[str, LinkEstimate] = field(default_factory=dict)
 
     def _ewma(self, old: float | None, new: float) -> float:
@@ -103,17 +105,19 @@ async def probe_loop(
     runs: RunsWith = lambda node: (False, 0),
     busy: Callable[[], bool] = lambda: False,
 ) -> None:
-    """Forever: probe every alive peer (see the module docstring). ``runs(node)``: whether a
+    """Forever: probe every alive peer (see the module docstring); an address whose probe failed
+    is left alone for ``links.probe_backoff_s``. ``runs(node)``: whether a
     run with ``node`` is on now, and how many this node has begun with it so far. ``busy()``:
     whether this node's engine is working; then a peer whose estimate is younger than
     :data:`STALE_ROUNDS` rounds is left for later (a probe's bulk transfer costs the job CPU)."""
     failed: dict[tuple[str, int], float] = {}
+    backoff_s = links.probe_backoff_s
     while True:
         now = time.monotonic()
         for peer in peers.alive(now):
             target = (peer.address, peer.probe_port)
             on, begun = runs(peer.node)
-            if not peer.probe_port or on or now - failed.get(target, -PROBE_BACKOFF_S) < PROBE_BACKOFF_S:
+            if not peer.probe_port or on or now - failed.get(target, -backoff_s) < backoff_s:
                 continue
             estimate = links.links.get(peer.node)
             measured = None if estimate is None else estimate.measured_s

@@ -92,7 +92,7 @@ class Node:
         self.accepting = True
         self.probe_port = 0
         self.peers = PeerTable(s.cluster, s.node_id, max(15.0, 3 * s.health_interval_s), ENGINE_VERSION)
-        self.links = LinkTable()
+        self.links = LinkTable(probe_backoff_s=s.probe_backoff_s)
         self.engine = Engine()
         self.journal = Journal(s.journal_path(), sync=s.journal_sync, max_bytes=s.journal_max_bytes)
         self.outbox = Outbox(s.outbox_max_bytes)
