@@ -98,9 +98,10 @@ def test_the_same_seed_writes_the_same_text_and_stops_are_kept(models: Models) -
     assert cut.reason == "stop"
     assert cut.tokens == greedy[: greedy.index(stop) + 1]
     streamed: list[int] = []
-    late = decode(adapter, ids, max_new_tokens=400, deadline=time.monotonic() + 0.2, on_token=streamed.append)
+    # A deadline already passed when the decode starts: it stops after the one token a decode makes.
+    late = decode(adapter, ids, max_new_tokens=400, deadline=time.monotonic(), on_token=streamed.append)
     assert late.reason == "deadline"
-    assert 1 <= len(late.tokens) < 400
+    assert len(late.tokens) == 1
     assert streamed == late.tokens
 
 
