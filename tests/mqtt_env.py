@@ -222,6 +222,9 @@ def agent(
         cmd += ["--model", m]
     # Each agent keeps its job journal in a directory of its own (unless the test gives one).
     state = {"PRISM_STATE_DIR": tempfile.mkdtemp(prefix=f"prism-state-{node}-")}
+    # On loopback an mDNS answer takes milliseconds: ask 0.1 s, not 1 s, whether the name is
+    # taken (the namespace bed tests name conflicts with the default).
+    state["PRISM_MDNS_NAME_CHECK_MS"] = "100"
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **state, **(env or {})}
     # Logs go to a file: a pipe nobody reads would fill up and block the agent.
     log = tempfile.NamedTemporaryFile(prefix=f"agent-{node}-", suffix=".log", delete=False)  # noqa: SIM115

@@ -27,7 +27,7 @@ from tests.conftest import Models
 from tests.mqtt_env import Mosquitto, mosquitto_process
 from transport.mqtt import MqttLink, TransportError
 
-pytestmark = [pytest.mark.mqtt, pytest.mark.usefixtures("quick_name_check")]
+pytestmark = pytest.mark.mqtt
 
 
 @pytest.fixture
@@ -46,6 +46,7 @@ def settings(broker: Mosquitto, tmp_path: Path, **extra: Any) -> Settings:
         reconnect_min_s=0.05,
         reconnect_max_s=0.5,
         state_dir=str(tmp_path),
+        mdns_name_check_ms=100,  # loopback answers in milliseconds; the bed tests name conflicts
         **extra,
     )
 

@@ -79,6 +79,7 @@ class Settings:
     peer_silence_s: Annotated[float, Field(ge=1, le=3600)] = 3.0
     probe_interval_s: Annotated[float, Field(ge=0.1, le=86400)] = 30.0
     probe_backoff_s: Annotated[float, Field(ge=1, le=86400)] = 60.0
+    mdns_name_check_ms: Annotated[int, Field(ge=50, le=10000)] = 1000
     probe_max_connections: Count = 32
     secret_file: str | None = None
     max_clock_skew_s: Annotated[float, Field(ge=0, le=86400)] = 30.0  # signed times may be this far off, either way

@@ -101,6 +101,7 @@ class Discovery:
         check: Callable[[str], None] | None = None,
     ) -> None:
         self.table = table
+        self.name_check_ms = NAME_CHECK_MS  # how long a start asks whether its name is taken
         self.make_info = make_info  # a fresh (re-signed) record, under a given instance name
         self.info = make_info(None)
         self._signed_s = time.monotonic()  # when ``info`` was signed
@@ -160,11 +161,11 @@ class Discovery:
         for attempt in range(3):
             info = AsyncServiceInfo(SERVICE, name)
             start = time.monotonic()
-            if await info.async_request(self._zc.zeroconf, NAME_CHECK_MS) or info.properties:
+            if await info.async_request(self._zc.zeroconf, self.name_check_ms) or info.properties:
                 return True
             # A single unanswered ask can miss a holder whose first answer was lost (the
             # name-conflict bed test failed 2 in 3 that way): the wanted name is always asked twice.
-            if attempt >= 1 and time.monotonic() - start < 1.5 * NAME_CHECK_MS / 1e3:
+            if attempt >= 1 and time.monotonic() - start < 1.5 * self.name_check_ms / 1e3:
                 return False
         return False
 

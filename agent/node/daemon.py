@@ -186,6 +186,7 @@ class Node:
                     return advert(s.node_id, s.cluster, self.address, probes.port, VERSION, served, trust, name)
 
                 discovery = Discovery(self.peers, make_info, [self.address], self.trust, check=self.observer.check)
+                discovery.name_check_ms = s.mdns_name_check_ms
                 async with discovery, TaskGroup() as tg:
                     self._tg = tg
                     await self.intake.recover(recovery)
