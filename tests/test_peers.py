@@ -56,18 +56,22 @@ def job(mode: str) -> bytes:
 
 
 @pytest.mark.parametrize(
-    ("mode", "batch", "peers", "want"),
+    ("mode", "batch", "peers", "tokens", "want"),
     [
-        ("local", 16, 3, "local"),
-        ("distributed", 1, 1, "distributed"),
-        ("distributed", 16, 0, "local"),
-        ("auto", 8, 1, "distributed"),
-        ("auto", 7, 1, "local"),
-        ("auto", 64, 0, "local"),
+        ("local", 16, 3, 10, "local"),
+        ("distributed", 1, 1, 10, "distributed"),
+        ("distributed", 16, 0, 10, "local"),
+        ("auto", 8, 1, 10, "distributed"),
+        ("auto", 7, 1, 197, "local"),
+        ("auto", 64, 0, 10, "local"),
+        ("auto", 1, 1, 992, "distributed"),  # one long prompt (a generate job's prefill)
+        ("auto", 1, 1, 511, "local"),
+        ("auto", 1, 0, 992, "local"),
+        ("local", 1, 1, 992, "local"),
     ],
 )
-def test_interim_mode_rule(mode: str, batch: int, peers: int, want: str) -> None:
-    got, reason = choose(parse_job(job(mode), Limits()), batch, peers)
+def test_interim_mode_rule(mode: str, batch: int, peers: int, tokens: int, want: str) -> None:
+    got, reason = choose(parse_job(job(mode), Limits()), batch, peers, tokens)
     assert got == want
     assert reason
 

@@ -174,12 +174,15 @@ class AutoPolicy:
 #: low-bit codes of every row at 1/8 of full exchange's bytes: near the local answer (a
 #: mean cosine of 0.9998 on MiniLM, docs/fidelity.md), where Segment Means lose 0.04-0.08.
 AUTO_MIN_BATCH = 8
+#: ... or from this many tokens a sample, whatever the batch: one long prompt is work enough to
+#: split (GPT-2's 992-token prefill: 1.57x exact, 1.65x under codes@8; docs/benchmarks.md §11).
+AUTO_MIN_TOKENS = 512
 DEFAULT_CR = 8.0
 DEFAULT_METHOD = "codes"
 
 
-def choose(job: Job, batch: int, peers: int) -> tuple[str, str]:
-    """(mode, reason) for a job: pure, table-tested."""
+def choose(job: Job, batch: int, peers: int, tokens: int = 0) -> tuple[str, str]:
+    """(mode, reason) for a job of ``batch`` samples of ``tokens`` tokens: pure, table-tested."""
     if job.mode is Mode.LOCAL:
         return "local", "requested local"
     if job.ranks == 1:
@@ -190,12 +193,14 @@ def choose(job: Job, batch: int, peers: int) -> tuple[str, str]:
         return "distributed", "requested distributed"
     if batch >= AUTO_MIN_BATCH:
         return "distributed", f"auto: batch {batch} >= {AUTO_MIN_BATCH} and {peers} peer(s) available"
-    return "local", f"auto: batch {batch} < {AUTO_MIN_BATCH}"
+    if tokens >= AUTO_MIN_TOKENS:
+        return "distributed", f"auto: {tokens} tokens >= {AUTO_MIN_TOKENS} and {peers} peer(s) available"
+    return "local", f"auto: batch {batch} < {AUTO_MIN_BATCH}, {tokens} tokens < {AUTO_MIN_TOKENS}"
 
 
-def interim(job: Job, batch: int, peers: list[Peer], why: str) -> Decision:
+def interim(job: Job, batch: int, peers: list[Peer], why: str, tokens: int = 0) -> Decision:
     """The decision without a usable map (see ``AUTO_MIN_BATCH``): pure, table-tested."""
-    mode, reason = choose(job, batch, len(peers))
+    mode, reason = choose(job, batch, len(peers), tokens)
     cr = (job.cr if job.cr_given else DEFAULT_CR) if mode == "distributed" else None
     # A CR without a method keeps its old meaning (Segment Means); no CR at all gets the default.
     method = (job.method or ("means" if job.cr_given else DEFAULT_METHOD)) if cr is not None else None

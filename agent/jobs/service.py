@@ -153,7 +153,7 @@ class JobService:
             got = self.auto.decide(request, peers, links, float(load["load1"] or 0.0), int(load["cpus"] or 1))
             if got is not None and (got.mode == "distributed" or job.mode is not Mode.DISTRIBUTED):
                 return got
-        return interim(job, batch, peers, "" if hard else self.auto.why_not(job.model))
+        return interim(job, batch, peers, "" if hard else self.auto.why_not(job.model), seq)
 
     async def _inputs(self, job: Job, served: Served) -> tuple[Task, Tensors]:
         model = served.model
