@@ -147,9 +147,9 @@ class RankProgram:
         keeps = spec.task is Task.GENERATE and rank == plan.last_rank
         self.cache: list[tuple[torch.Tensor, torch.Tensor]] | None = [] if keeps else None
         self._repeats: torch.Tensor | None = None
-        if keeps:  # how many positions each received row stands for (segment means: many)
-            counts = torch.cat([self.layouts[q].counts for q in self.senders], dim=1) if self.senders else None
-            self._repeats = None if counts is None else counts[0].round().long().to(device)
+        if keeps and self.senders:  # how many positions each received row stands for (segment means: many)
+            repeats = torch.cat([self.layouts[q].counts for q in self.senders], dim=1)[0].round().long()
+            self._repeats = None if bool((repeats == 1).all()) else repeats.to(device)
 
     @property
     def my_layout(self) -> SegmentLayout:
@@ -233,7 +233,7 @@ class RankProgram:
         kept = []
         for t in (k, v):
             remote = t[:, :, n:]
-            if self._repeats is not None and not bool((self._repeats == 1).all()):
+            if self._repeats is not None:
                 remote = remote.repeat_interleave(self._repeats, dim=2)
             kept.append(torch.cat([remote, t[:, :, :n]], dim=2))
         self.cache.append((kept[0], kept[1]))

@@ -28,6 +28,14 @@ from transport.localcluster import free_port  # noqa: E402
 from transport.mqtt import MqttLink  # noqa: E402
 
 
+def wait_online(port: int, node: str = "b1", cluster: str = "bench", timeout_s: int = 60) -> None:
+    """Until ``node``'s retained status says online (mosquitto_sub exits non-zero past the timeout)."""
+    topic = f"prism/v1/{cluster}/nodes/{node}/status"
+    cmd = ["mosquitto_sub", "-p", str(port), "-t", topic, "-C", "1", "-W", str(timeout_s)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "online", out.stdout
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
@@ -126,13 +134,7 @@ def main() -> None:
         )
         try:
             time.sleep(1.0)
-            out = subprocess.run(
-                ["mosquitto_sub", "-p", str(port), "-t", "prism/v1/bench/nodes/b1/status", "-C", "1", "-W", "60"],
-                capture_output=True,
-                text=True,
-                check=True,
-            )
-            assert out.stdout.strip() == "online"
+            wait_online(port)
             res = asyncio.run(measure(port, "bench", args.jobs, args.window))
         finally:
             agent.terminate()

@@ -33,6 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from agent.node.broker import mosquitto_binary  # noqa: E402
+from scripts.bench_agent import wait_online  # noqa: E402
 from transport.localcluster import free_port  # noqa: E402
 from transport.mqtt import MqttLink  # noqa: E402
 
@@ -145,13 +146,7 @@ def main() -> None:
         try:
             assert worker.stdout is not None
             assert json.loads(worker.stdout.readline()).get("ready")
-            out = subprocess.run(
-                ["mosquitto_sub", "-p", str(port), "-t", "prism/v1/bench/nodes/b1/status", "-C", "1", "-W", "120"],
-                capture_output=True,
-                text=True,
-                check=True,
-            )
-            assert out.stdout.strip() == "online"
+            wait_online(port, timeout_s=120)
             start = time.monotonic()
             got = asyncio.run(measure(port, worker, args))
         finally:

@@ -99,9 +99,11 @@ class Discovery:
         trust: Trust,
         on_change: Callable[[], None] | None = None,
         check: Callable[[str], None] | None = None,
+        name_check_ms: int | None = None,
     ) -> None:
         self.table = table
-        self.name_check_ms = NAME_CHECK_MS  # how long a start asks whether its name is taken
+        # How long a start asks whether its name is taken (None: NAME_CHECK_MS, read now).
+        self.name_check_ms = NAME_CHECK_MS if name_check_ms is None else name_check_ms
         self.make_info = make_info  # a fresh (re-signed) record, under a given instance name
         self.info = make_info(None)
         self._signed_s = time.monotonic()  # when ``info`` was signed

@@ -185,8 +185,8 @@ class Node:
                 def make_info(name: str | None) -> Any:
                     return advert(s.node_id, s.cluster, self.address, probes.port, VERSION, served, trust, name)
 
-                discovery = Discovery(self.peers, make_info, [self.address], self.trust, check=self.observer.check)
-                discovery.name_check_ms = s.mdns_name_check_ms
+                discovery = Discovery(self.peers, make_info, [self.address], self.trust, check=self.observer.check,
+                                      name_check_ms=s.mdns_name_check_ms)  # fmt: skip
                 async with discovery, TaskGroup() as tg:
                     self._tg = tg
                     await self.intake.recover(recovery)
