@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up .venv with prism-agent and its dependencies; idempotent and quick when nothing changed.
 #   scripts/setup.sh          runtime, with the plot extra (map show --plot)
-#   scripts/setup.sh dev      plus test and lint tools (and promtool, from Debian's prometheus)
+#   scripts/setup.sh dev      plus test and lint tools (and promtool, from Debian's prometheus, and
+#                             libfuse3, from Debian's fuse3, for the failing-disk tests)
 #   scripts/setup.sh jetson   JetPack: keeps the torch already installed (NVIDIA's wheel) and
 #                             installs everything else from pyproject.toml around it
 # TORCH_INDEX_URL=<url> picks where torch comes from (e.g. PyTorch's CPU index on a machine
@@ -39,26 +40,28 @@ if [ ! -x .venv/bin/python ]; then
     fi
 fi
 
+# debian WHAT PACKAGE...: install Debian packages (as root), or say which command would.
+debian() {
+    local what="$1"
+    shift
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "setup: installing $what (Debian: $*)" >&2
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+    else
+        echo "setup: $what is missing; run: sudo apt-get install --no-install-recommends $*" >&2
+        exit 1
+    fi
+}
+
 # The agents' broker (hosted by the demo and the tests) and the stock MQTT clients.
 if ! command -v mosquitto_pub >/dev/null || ! { command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ]; }; then
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-        echo "setup: installing mosquitto (Debian packages)" >&2
-        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients >/dev/null
-    else
-        echo "setup: mosquitto is missing; run: sudo apt-get install mosquitto mosquitto-clients" >&2
-        exit 1
-    fi
+    debian mosquitto mosquitto mosquitto-clients
 fi
-
-# Dev: Prometheus' promtool, which the tests run over a live agent's /metrics and the Grafana dashboard.
-if [ "$extra" = dev ] && ! command -v promtool >/dev/null; then
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-        echo "setup: installing promtool (Debian package prometheus)" >&2
-        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
-    else
-        echo "setup: promtool is missing; run: sudo apt-get install --no-install-recommends prometheus" >&2
-        exit 1
-    fi
+if [ "$extra" = dev ]; then
+    # libfuse3, under the tests' failing disk (a FUSE filesystem whose writes fail with EIO).
+    command -v fusermount3 >/dev/null || debian libfuse3 fuse3
+    # Prometheus' promtool, which the tests run over a live agent's /metrics and the Grafana dashboard.
+    command -v promtool >/dev/null || debian promtool prometheus
 fi
 
 stamp=".venv/.prism-setup-$extra"

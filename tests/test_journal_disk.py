@@ -1,19 +1,22 @@
-"""A full journal disk: real ENOSPC on a small tmpfs, real agents, mosquitto at its default limits.
+"""A full or failing journal disk: real ENOSPC on a small tmpfs, real EIO from a FUSE
+filesystem (tests/failing_fs.py), real agents, mosquitto at its default limits.
 
 The broker here keeps mosquitto's defaults (20 QoS 1 messages in flight per client, no
-persistence), as a user's broker does. Needs root (it mounts a tmpfs); skipped otherwise.
+persistence), as a user's broker does. Needs root (it mounts filesystems); skipped otherwise.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.disks import small_disk
+from tests.disks import Disk, failing_disk, fuse_available, small_disk
 from tests.mqtt_env import agent, mosquitto, pub, sub, wait_peer
 
 pytestmark = [
@@ -52,25 +55,41 @@ def error_code(result: dict[str, object]) -> object:
     return error.get("code") if isinstance(error, dict) else None
 
 
-def test_jobs_on_a_full_disk_are_answered_at_once_and_run_once_the_disk_has_room() -> None:
+NO_FUSE = "needs /dev/fuse, libfuse3 (fuse3) and mfusepy: scripts/setup.sh dev installs them"
+
+
+@pytest.mark.parametrize(
+    ("make_disk", "sqlite_says"),
+    [
+        pytest.param(small_disk, "database or disk is full", id="ENOSPC"),
+        pytest.param(
+            failing_disk, "disk I/O error", id="EIO", marks=pytest.mark.skipif(not fuse_available(), reason=NO_FUSE)
+        ),
+    ],
+)
+def test_jobs_on_a_full_or_failing_disk_are_answered_at_once_and_run_once_the_disk_recovers(
+    make_disk: Callable[[], contextlib.AbstractContextManager[Disk]], sqlite_says: str
+) -> None:
     with (
-        small_disk() as disk,
+        make_disk() as disk,
         mosquitto() as port,
         agent(port, CLUSTER, "f1", "bert=tiny-bert", env={"PRISM_STATE_DIR": str(disk.path)}) as proc,
     ):
-        disk.fill()
+        disk.fail()
         jobs = {f"full-{i}": job(f"full-{i}") for i in range(FLOOD)}
         full = collect(port, jobs, "f1")
         # Every job answered once, at once, with an error the client can retry on:
         assert sorted(str(r["id"]) for r in full) == sorted(jobs)
         assert {error_code(r) for r in full} == {"journal_unavailable"}
-        disk.free()
+        disk.recover()
         again = {k: jobs[k] for k in list(jobs)[:6]}  # the client retries with the same bytes
         later = collect(port, again, "f1")
         assert sorted(str(r["id"]) for r in later) == sorted(again)
         assert all(r["ok"] is True for r in later), later
         log = proc.log_path.read_text()  # type: ignore[attr-defined]
-    assert '"event": "journal_unavailable"' in log
+    refusals = [json.loads(line) for line in log.splitlines() if '"event": "journal_unavailable"' in line]
+    assert refusals
+    assert all(sqlite_says in r["error"] for r in refusals), refusals[:2]  # the disk's own error, logged
 
 
 def test_a_node_on_a_full_disk_keeps_getting_control_and_serves_its_peers_splits() -> None:
