@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Soak the daemon on the namespace test bed (root), before a release; not part of the default run.
 
-    python scripts/soak.py [--only volumes|flap] [--minutes 10] [--rate 2] [--flap-s 30]
+    python scripts/soak.py [--only volumes|flap|late] [--minutes 10] [--rate 2] [--flap-s 30] [--late-min 5]
 
-Two parts, both by default:
+Three parts, all by default:
 
 - ``volumes``: the fault tests of ``tests/volumes.py`` (``SOAK_TESTS``) at their soak volumes
   (``PRISM_SOAK=1``): 10,000 fuzz payloads, a 2,000-job burst, a peer SIGKILLed mid-job 50
@@ -16,6 +16,10 @@ Two parts, both by default:
   restarted, or its link is cut and restored, alternately. At the end it reports lost jobs
   (published, never answered: must be 0) and h0's RSS growth from the end of the warm-up to
   the end (must stay under 5 %), and fails when either does.
+- ``late``: two hosts with a cluster secret. h0 starts alone; h1 starts ``--late-min``
+  minutes later, when h0's first signed advert is long past its 150 s life, and must admit h0
+  over mDNS (and h0 it) within a minute; both run on to ``--minutes`` and must log no
+  ``*_task_failed`` and no ``loop_crashed``.
 
 Exits 1 when a part fails, 2 when no bed can run here.
 """
@@ -33,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from testbed.bed import REPO, Testbed, bed_with_agents, exit_on_sigterm, netns_unavailable, rss_kib
+from testbed.bed import REPO, Testbed, TestbedError, bed_with_agents, exit_on_sigterm, netns_unavailable, rss_kib
 from tests.volumes import SOAK_ENV, SOAK_TESTS
 
 WARMUP_S = 30.0
@@ -64,12 +68,13 @@ def volumes() -> int:
 def main(argv: list[str] | None = None) -> int:
     exit_on_sigterm()  # a killed run takes its bed down
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", choices=["volumes", "flap"], default=None, help="run one part (default: both)")
+    p.add_argument("--only", choices=["volumes", "flap", "late"], default=None, help="run one part (default: all)")
     p.add_argument("--minutes", type=float, default=10.0)
     p.add_argument("--rate", type=float, default=2.0, help="jobs per second")
     p.add_argument("--flap-s", type=float, default=30.0, help="seconds between flaps of h1")
     p.add_argument("--cut-s", type=float, default=5.0, help="how long a link cut lasts")
     p.add_argument("--rss-limit", type=float, default=5.0, help="allowed RSS growth of h0, percent")
+    p.add_argument("--late-min", type=float, default=5.0, help="late: minutes before h1 starts")
     ns = p.parse_args(argv)
     reason = netns_unavailable()
     if reason:
@@ -82,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         failed |= code != 0
     if ns.only in (None, "flap"):
         failed |= flap_stream(ns) != 0
+    if ns.only in (None, "late"):
+        failed |= late_peer(ns) != 0
     return 1 if failed else 0
 
 
@@ -127,6 +134,46 @@ def flap_stream(ns: argparse.Namespace) -> int:
     if not alive:
         failed.append("h0 died")
     print("soak: FAIL: " + "; ".join(failed) if failed else "soak: OK")
+    return 1 if failed else 0
+
+
+def late_peer(ns: argparse.Namespace) -> int:
+    """A peer that starts minutes after h0 admits it over mDNS; neither logs a failed task."""
+    bed = Testbed(2, cluster="late", models=["bert=tiny-bert"]).up()
+    try:
+        secret = bed.workdir / "secret"
+        secret.write_text(os.urandom(24).hex())
+        secret.chmod(0o600)
+        env = {"PRISM_SECRET_FILE": str(secret)}
+        bed.start_broker()
+        start = time.monotonic()
+        bed.start_agent(0, env=env)
+        print(f"soak: late: h0 alone for {ns.late_min:g} min (with a secret), then h1", flush=True)
+        time.sleep(max(0.0, start + ns.late_min * 60 - time.monotonic()))
+        bed.start_agent(1, env=env)
+        joined = time.monotonic()
+        admitted = True
+        try:
+            bed.wait_cluster(["h0", "h1"], timeout_s=60)
+            print(f"soak: late: h0 and h1 admitted each other {time.monotonic() - joined:.1f} s after h1 started")
+        except TestbedError as exc:
+            admitted = False
+            print(f"soak: late: not admitted in 60 s: {exc}")
+        time.sleep(max(0.0, start + ns.minutes * 60 - time.monotonic()))
+        bad = {
+            key: [ln for ln in bed.log(key).splitlines() if "_task_failed" in ln or '"loop_crashed"' in ln]
+            for key in ("h0", "h1")
+        }
+        alive = all(bed.alive(key) for key in ("h0", "h1"))
+        via_mdns = [ln for ln in bed.log("h1").splitlines() if '"peer_seen"' in ln and '"mdns"' in ln and '"h0"' in ln]
+    finally:
+        bed.down()
+    failed = [] if admitted else ["h1 did not admit h0"]
+    failed += [] if via_mdns else ["h1 never admitted h0 over mDNS"]
+    failed += [f"{key} logged {len(lines)} failures (first: {lines[0][:200]})" for key, lines in bad.items() if lines]
+    failed += [] if alive else ["an agent died"]
+    print(f"soak: late: {ns.minutes:g} min; h1 admitted h0 over mDNS: {via_mdns[0][:160] if via_mdns else 'never'}")
+    print("soak: late FAIL: " + "; ".join(failed) if failed else "soak: late OK")
     return 1 if failed else 0
 
 
