@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import random
+import re
+from typing import Any
 
 import msgpack
 import pytest
@@ -79,6 +83,12 @@ BAD = [
     (js({"id": "j", "model": "m", "inputs": {"text": "x"}, "peers": ["a/b"]}), "j", "invalid_job"),
     (js({"id": "j", "model": "m", "inputs": {"text": "x"}, "peers": ["b"], "ranks": 3}), "j", "invalid_job"),
     (js({"v": 2, "id": "j", "model": "m", "inputs": {"text": "x"}}), "j", "invalid_job"),
+    # A list of raw msgpack images, one too large: the list's refusal, not the single image's.
+    (msgpack.packb({"id": "j", "model": "m", "inputs": {"image": [b"x" * 65]}}), "j", "too_large"),
+    # float() of a 400-digit integer raises: once an internal error, now a refusal.
+    (js({"id": "j", "model": "m", "inputs": {"text": "x"}, "task": "generate", "top_p": 10**400}), "j", "invalid_job"),
+    # A trailing newline is not an id (it would end up in the results/{id} topic).
+    (js({"id": "j\n", "model": "m", "inputs": {"text": "x"}}), None, "invalid_job"),
 ]
 
 
@@ -100,3 +110,50 @@ def test_results_encode_as_json_or_msgpack() -> None:
     assert wire["fallback"] is False
     bad = msgpack.unpackb(Result.failure("j2", "unknown_model", "no model 'x'").encode(as_msgpack=True))
     assert bad["error"] == {"code": "unknown_model", "message": "no model 'x'"}
+
+
+@pytest.mark.parametrize(
+    ("fields", "said"),
+    [
+        ({"ranks": 0}, "field 'ranks' must be an integer from 1 to 64, got 0"),
+        ({"cr": "lots"}, "field 'cr' must be a number from 1 to 1000000 or 'full', got 'lots'"),
+        ({"inputs": {"token_ids": [1, -2]}}, "field 'inputs.token_ids' must be a non-empty list (or list of lists)"),
+        ({"inputs": None}, "field 'inputs' is required"),
+        ({"v": 2}, "field 'v' must be 1"),
+    ],
+)
+def test_a_refusal_names_the_field_and_what_it_got(fields: dict[str, Any], said: str) -> None:
+    with pytest.raises(WireError, match=re.escape(said)):
+        parse_job(js({"id": "j", "model": "m", "inputs": {"text": "x"}, **fields}), LIMITS)
+
+
+#: Values no field wants (some too large for LIMITS), for every field in turn.
+HOSTILE: list[Any] = [None, True, -1, 0, 1.5, 1e308, 10**400, float("nan"), "", "x", "x" * 101, "\ud800", [], [[]],
+                      [None], {}, {"a": 1}]  # fmt: skip
+
+
+def test_hostile_field_values_are_wire_errors_never_anything_else() -> None:
+    rng = random.Random(11)
+    good = {"id": "j", "model": "m", "inputs": {"text": ["a"]}, "task": "generate", "peers": ["b"], "cr": 8}
+    fields = [*good, "mode", "ranks", "method", "objective", "deadline_ms", "min_fidelity", "max_new_tokens",
+              "temperature", "top_k", "top_p", "seed", "stop", "inputs.text", "inputs.image",
+              "inputs.token_ids"]  # fmt: skip
+    codes: set[str] = set()
+    for _ in range(1000):
+        job: dict[str, Any] = json.loads(json.dumps(good))
+        for name in rng.sample(fields, rng.randint(1, 3)):
+            value = rng.choice(HOSTILE)
+            if name.startswith("inputs."):
+                job["inputs"] = {name.split(".")[1]: value}
+            else:
+                job[name] = value
+        payloads = [json.dumps(job).encode()]
+        # msgpack has no 400-digit integers and no lone surrogates: those go as JSON only
+        with contextlib.suppress(OverflowError, UnicodeEncodeError):
+            payloads.append(msgpack.packb(job))
+        for payload in payloads:
+            try:
+                parse_job(payload, LIMITS)
+            except WireError as exc:
+                codes.add(exc.code)
+    assert codes == {"invalid_job", "too_large", "bad_request"}

@@ -16,7 +16,7 @@ import copy
 import functools
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -174,4 +174,4 @@ def final(result: Result, made: Generation, text: str | None, feed: Feed, prompt
     latency["decode"] = made.decode_s * 1e3
     latency["tokens_per_s"] = made.tokens_per_s
     output = {"text": text, "tokens": made.tokens, "reason": made.reason, "prompt_tokens": prompt}
-    return replace(result, output=output, latency_ms=latency, final=True, seq=feed.seq)
+    return result.model_copy(update={"output": output, "latency_ms": latency, "final": True, "seq": feed.seq})
