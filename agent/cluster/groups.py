@@ -5,13 +5,11 @@ builds its ProcessGroupGloo over a :class:`~transport.rendezvous.RelayStore` (ke
 store port anywhere). A formed group is kept for jobs with the same members, keyed by member tuple, and dropped
 after ``group_idle_s`` unused (closing its GLOO listeners), on any failure, on a teardown or when a member leaves.
 
-**Running.** A run needs every member's engine (agent/base/engine.py) at once. The coordinator takes them in node-id
-order (its own slot in turn, a peer's with ``reserve``, answered by ``grant`` once that peer's engine is free), then
-tells every peer ``run``. Everyone takes engines in the same order, so two coordinators sharing peers never wait on
-each other. Every collective has a deadline (:class:`~transport.deadline.DeadlineGroup`): a frozen peer or a cut
-link fails the run in seconds, the group is dropped and the job runs locally; so does a peer that stops saying
-``beat`` while the coordinator waits on it (agent/cluster/beats.py), in any phase. A peer's failure is reported with
-``failed``, so the coordinator stops waiting at once. Each group's messages are handled by its own tasks: a slow
+**Running.** A run needs every member's engine at once; the coordinator takes them (agent/cluster/reserve.py), then
+tells every peer ``run``. Every collective has a deadline (:class:`~transport.deadline.DeadlineGroup`): a frozen peer
+or a cut link fails the run in seconds, the group is dropped and the job runs locally; so does a peer that stops
+saying ``beat`` while the coordinator waits on it (agent/cluster/beats.py), in any phase. A peer's failure is reported
+with ``failed``, so the coordinator stops waiting at once. Each group's messages are handled by its own tasks: a slow
 group never holds up another.
 """
 
@@ -24,19 +22,20 @@ import contextlib
 import itertools
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import structlog
 
-from agent.base.engine import Engine, Slot
+from agent.base.engine import Engine
 from agent.cluster.beats import Silence
 from agent.cluster.channel import ControlChannel
 from agent.cluster.failures import reason_of, unless_failed
 from agent.cluster.group import EarlyKeys, Group, LinkUse, Timing, collective_floor, gather_all, quietly, release
 from agent.cluster.group_state import GroupEvent, GroupState
 from agent.cluster.peers import Peer
+from agent.cluster.reserve import Reservations
 from agent.jobs.service import Served
 from engine.adapters import Tensors
 from engine.distributed import run_rank
@@ -84,6 +83,7 @@ class GroupManager:
         self.on_silent = on_silent
         self.address_of = address_of  # a member's IPv4 address: its GLOO connects come from there
         self.silence = Silence(self.timing.silence_s, stall_s=3 * self.timing.beat_s)
+        self.reservations = Reservations(node, engine, channel, self.silence, self.timing, on_unresponsive)
         self._mine: dict[tuple[str, ...], Group] = {}  # groups I coordinate, by members
         self._groups: dict[str, Group] = {}  # every live group, by gid
         self.early = EarlyKeys()  # store keys that came before their group's form
@@ -236,7 +236,7 @@ class GroupManager:
         run_id = next(self._runs)
         group.users += 1  # not idle while a job uses it, however long it takes to reserve the engines
         try:
-            async with self._engines(group, run_id) as slot:
+            async with self.reservations.engines(group, run_id) as slot:
                 links = [self.link_mbps(p.node) for p in peers]
                 floor = collective_floor(self.timing.collective_s, spec, served.model.adapter.hidden_size, links)
                 await gather_all(
@@ -270,46 +270,6 @@ class GroupManager:
             self.silence.unwatch(group.gid, run_id)
         assert result is not None
         return result
-
-    @contextlib.asynccontextmanager
-    async def _engines(self, group: Group, run_id: int) -> AsyncIterator[Slot]:
-        """Every member's engine for ``run_id``, taken in node-id order; mine is yielded."""
-        mine: Slot | None = None
-        asked: list[str] = []
-        try:
-            async with contextlib.AsyncExitStack() as stack:
-                for node in sorted(group.members):
-                    if node == self.node:
-                        what, busy = (
-                            f"rank 0 of {group.gid}",
-                            f"this node's engine was not free in {self.timing.group_s:g} s",
-                        )
-                        try:
-                            mine = await stack.enter_async_context(self.engine.slot(what, self.timing.group_s))
-                        except asyncio.TimeoutError:
-                            raise GroupError(busy, reason=FailureReason.ENGINE_BUSY) from None
-                        continue
-                    fut = asyncio.get_running_loop().create_future()
-                    group.grants[(run_id, node)] = fut
-                    asked.append(node)
-                    self.silence.watch(group.gid, run_id, node, time.monotonic())
-                    await self.channel.tell(node, Reserve(gid=group.gid, run=run_id))
-                    try:
-                        await unless_failed(group, asyncio.wait_for(fut, self.timing.group_s))
-                    except asyncio.TimeoutError:
-                        self.on_unresponsive(node)
-                        why = f"{node} did not free its engine in {self.timing.group_s:g} s"
-                        raise GroupError(why, reason=FailureReason.GRANT_TIMEOUT) from None
-                assert mine is not None
-                yield mine
-        except BaseException:
-            for node in asked:  # they may hold their engine for a run that will not come
-                with contextlib.suppress(Exception):
-                    await self.channel.tell(node, Release(gid=group.gid, run=run_id))
-            raise
-        finally:
-            for node in group.members:
-                group.grants.pop((run_id, node), None)
 
     def _begin(self, group: Group, run_id: int) -> None:
         """Key this run's sealed traffic (every member derives the same key)."""

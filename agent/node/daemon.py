@@ -136,12 +136,7 @@ class Node:
     async def run_distributed(self, served: Served, spec: JobSpec, inputs: Tensors, peers: list[Peer]) -> RunResult:
         """Run over a GLOO group with ``peers``; what crossed the group also feeds the link table."""
         result = await self.groups.run(served, spec, inputs, peers)
-        mine = result.traces[0]
-        if mine.link_s > 0 and mine.exchange_bytes_recv > 0:
-            # Bytes over exchange time: a lower bound (it waits for the slower rank), kept beside the probes'.
-            mbps = (mine.exchange_bytes_recv + mine.exchange_bytes_sent) * 8 / mine.link_s / 1e6
-            for peer in peers:
-                self.links.observe_gloo(peer.node, time.monotonic(), mbps)
+        self.links.observe_run([p.node for p in peers], result.traces[0], time.monotonic())
         return result
 
     def link_report(self) -> dict[str, dict[str, Any]]:
