@@ -42,7 +42,7 @@ from engine.distributed import run_rank
 from engine.errors import FailureReason, GroupError
 from engine.program import JobSpec, spec_from_dict, spec_to_dict
 from engine.trace import RunResult
-from transport.control import Control, Failed, Form, Grant, Release, Reserve, Run, StoreSet, Teardown
+from transport.control import Busy, Control, Failed, Form, Grant, Release, Reserve, Run, StoreSet, Teardown
 from transport.deadline import DeadlineGroup
 from transport.gloo import GlooComm, make_group
 from transport.rendezvous import RelayStore
@@ -68,6 +68,7 @@ class GroupManager:
         data_key: bytes | None = None,
         on_unresponsive: Callable[[str], None] = lambda node: None,
         on_silent: Callable[[str], None] = lambda node: None,
+        on_busy: Callable[[str, int], None] = lambda node, queue: None,
         address_of: Callable[[str], str | None] = lambda node: None,
     ) -> None:
         self.node = node
@@ -83,7 +84,7 @@ class GroupManager:
         self.on_silent = on_silent
         self.address_of = address_of  # a member's IPv4 address: its GLOO connects come from there
         self.silence = Silence(self.timing.silence_s, stall_s=3 * self.timing.beat_s)
-        self.reservations = Reservations(node, engine, channel, self.silence, self.timing, on_unresponsive)
+        self.reservations = Reservations(node, engine, channel, self.silence, self.timing, on_unresponsive, on_busy)
         self._mine: dict[tuple[str, ...], Group] = {}  # groups I coordinate, by members
         self._groups: dict[str, Group] = {}  # every live group, by gid
         self.early = EarlyKeys()  # store keys that came before their group's form
@@ -109,9 +110,10 @@ class GroupManager:
             log.info("control_ignored", op=msg.op, gid=msg.gid, sender=sender, why="no such group here")
         elif group.rank == 0:
             self.silence.heard(group.gid, sender, time.monotonic())
-            granted = group.grants.get((msg.run, sender)) if isinstance(msg, Grant) else None
-            if granted is not None and not granted.done():
-                granted.set_result(None)
+            if isinstance(msg, Grant | Busy):
+                answer = group.grants.get((msg.run, sender))
+                if answer is not None and not answer.done():
+                    answer.set_result(msg)
             elif isinstance(msg, Failed):
                 group.fail(FailureReason.PEER_FAILED, f"{sender}: {msg.error}")
         elif sender != group.coordinator:
@@ -263,7 +265,8 @@ class GroupManager:
         except Exception as exc:
             why = group.failure or str(exc) or type(exc).__name__
             reason = group.reason or reason_of(exc, FailureReason.INTERNAL)
-            self.drop(group, GroupEvent.FAILED, reason, why)
+            if reason is not FailureReason.PEER_BUSY:  # a busy peer leaves the group ready for the next run
+                self.drop(group, GroupEvent.FAILED, reason, why)
             raise GroupError(f"distributed run with {', '.join(members[1:])} failed: {why}", reason=reason) from exc
         finally:
             group.users -= 1
@@ -283,6 +286,11 @@ class GroupManager:
         lease_s = self.timing.group_s
         try:
             await asyncio.wait_for(group.formed.wait(), lease_s)
+            if self.engine.jobs:  # my own jobs are ahead: say so now, hold nothing (agent/cluster/reserve.py)
+                queue = self.engine.depth
+                log.info("reserve_refused", gid=group.gid, run=run_id, coordinator=group.coordinator, queue=queue)
+                await self.channel.tell(group.coordinator, Busy(gid=group.gid, run=run_id, queue=queue))
+                return
             async with self.engine.slot(f"rank {group.rank} of {group.gid}", lease_s, group.coordinator) as slot:
                 fut = group.runs.setdefault(run_id, asyncio.get_running_loop().create_future())
                 await self.channel.tell(group.coordinator, Grant(gid=group.gid, run=run_id))

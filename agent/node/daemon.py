@@ -59,7 +59,7 @@ GRACE_S = 30.0
 FLUSH_S = 10.0
 #: A connection that lasted this long resets the reconnect backoff.
 GOOD_CONNECTION_S = 10.0
-#: A peer that failed to form a group or to free its engine sits out splits this long.
+#: A peer that failed to form a group, or said nothing while asked for its engine, sits out splits this long.
 UNRESPONSIVE_S = 30.0
 LinkFactory = Callable[[], AbstractAsyncContextManager[MqttLink]]
 
@@ -112,6 +112,7 @@ class Node:
             data_key=None if self.admission.open else self.admission.key("gloo"),
             on_unresponsive=self._sit_out,
             on_silent=lambda node: self._sit_out(node, until_heard=True),
+            on_busy=self.peers.busy,
             address_of=lambda node: getattr(self.peers.get(node), "address", None),
         )
         auto = AutoPolicy.load(s, {name: served.fingerprint for name, served in models.items()})
