@@ -47,7 +47,8 @@ class FailureReason(str, enum.Enum):
     PEER_OFFLINE = "peer_offline"  # a member went offline (its Last Will, or it left discovery)
     PEER_SILENT = "peer_silent"  # a member stopped saying beat while the coordinator waited on it
     PEER_FAILED = "peer_failed"  # a member reported that its rank failed (``failed``)
-    GRANT_TIMEOUT = "grant_timeout"  # a member did not free its engine in time
+    PEER_BUSY = "peer_busy"  # a member's engine was busy with its own jobs: it said so at once (``busy``)
+    GRANT_TIMEOUT = "grant_timeout"  # a member did not free its engine in time (or say it was busy)
     ENGINE_BUSY = "engine_busy"  # this node's own engine was not free in time
     FORMATION_FAILED = "formation_failed"  # the rendezvous or the GLOO group could not be built
     COLLECTIVE_TIMEOUT = "collective_timeout"  # a collective passed its deadline (a frozen peer, a cut link)

@@ -296,3 +296,20 @@ def wait_peer(port: int, cluster: str, node: str, peer: str, timeout_s: float = 
         if out and peer in json.loads(out).get("peers", []):
             return
     raise AssertionError(f"{node} never listed {peer} as a peer")
+
+
+def logged(proc: subprocess.Popen[str], event: str, **fields: Any) -> list[dict[str, Any]]:
+    """The agent's JSON log lines for ``event`` whose fields have the values given."""
+    lines = Path(proc.log_path).read_text().splitlines()  # type: ignore[attr-defined]
+    entries = (json.loads(line) for line in lines if line.startswith("{"))
+    return [e for e in entries if e.get("event") == event and all(e.get(k) == v for k, v in fields.items())]
+
+
+def wait_logged(proc: subprocess.Popen[str], event: str, timeout_s: float, **fields: Any) -> dict[str, Any]:
+    """The first log line for ``event`` with ``fields``, once the agent writes it (within ``timeout_s``)."""
+    deadline = time.monotonic() + timeout_s
+    while not (found := logged(proc, event, **fields)):
+        assert proc.poll() is None, f"the agent exited with {proc.returncode}"
+        assert time.monotonic() < deadline, f"no {event} {fields} logged in {timeout_s} s"
+        time.sleep(0.05)
+    return found[0]

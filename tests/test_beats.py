@@ -51,3 +51,12 @@ def test_a_late_check_restarts_the_clocks_instead_of_blaming_the_peers() -> None
     for t in (5.5, 6.0, 6.5, 7.0, 7.5, 8.0):
         assert s.silent(t) == []
     assert s.silent(8.5) == [("g", "a", 3.5)]
+
+
+def test_whether_a_peer_said_anything_since_the_coordinator_asked() -> None:
+    s = Silence(limit_s=3.0, stall_s=10.0)
+    assert not s.heard_since("g", "a", 0.0)  # never heard
+    s.heard("g", "a", 5.0)
+    assert s.heard_since("g", "a", 4.0)
+    assert not s.heard_since("g", "a", 6.0)  # only before the ask
+    assert not s.heard_since("h", "a", 4.0)  # about another group

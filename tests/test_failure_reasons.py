@@ -51,6 +51,7 @@ def test_every_group_error_raised_names_its_reason() -> None:
     [
         (GroupError("b went offline", reason=FailureReason.PEER_OFFLINE), FailureReason.PEER_OFFLINE),
         (GroupError("b was silent for 3.2 s", reason=FailureReason.PEER_SILENT), FailureReason.PEER_SILENT),
+        (GroupError("b's engine is busy", reason=FailureReason.PEER_BUSY), FailureReason.PEER_BUSY),
         (BadRequest("cannot split 3 tokens over 4 ranks"), FailureReason.CANNOT_SPLIT),
         (RuntimeError("a bug"), FailureReason.INTERNAL),
     ],

@@ -51,6 +51,16 @@ def test_a_silent_peer_sits_out_until_it_is_heard_from_again_or_its_time_is_up()
     assert [p.node for p in table.able("bert", 1.0, now_s=41)] == ["a", "b"]
 
 
+def test_a_peer_that_said_busy_counts_as_loaded_until_its_next_health_and_is_not_suspended() -> None:
+    table = PeerTable("c", me="me", max_age_s=100)
+    table.seen(peer("a"), now_s=0)
+    table.seen(peer("b", queue=1), now_s=0)
+    table.busy("a", 2)  # it answered busy: two jobs of its own on its engine
+    assert [(p.node, p.queue) for p in table.able("bert", 1.0, now_s=1)] == [("b", 1), ("a", 2)]  # last, not out
+    table.seen(peer("a"), now_s=2)  # its next health: idle again
+    assert [(p.node, p.queue) for p in table.able("bert", 1.0, now_s=3)] == [("a", 0), ("b", 1)]
+
+
 def job(mode: str) -> bytes:
     return json.dumps({"id": "j", "model": "m", "inputs": {"text": "x"}, "mode": mode}).encode()
 

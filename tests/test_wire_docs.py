@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from transport.control import Beat, Form, Run, dump_control, parse_control
+from transport.control import Beat, Busy, Form, Run, dump_control, parse_control
 from transport.health import Health, parse_health
 from transport.schema import WireError
 
@@ -42,6 +42,7 @@ def test_control_messages_round_trip() -> None:
         Form(gid="0123456789ab", members=["a", "b", "c"], timeout_s=10),
         Run(gid="0123456789ab", run=3, spec={"model": "bert"}, collective_s=2.5),
         Beat(gid="0123456789ab"),
+        Busy(gid="0123456789ab", run=3, queue=2),
     ]
     for msg in msgs:
         assert parse_control(dump_control(msg)) == msg
@@ -56,6 +57,7 @@ def test_control_messages_round_trip() -> None:
         '{"op": "run", "gid": "0123456789ab", "run": -1, "spec": {}, "collective_s": 1}',
         '{"op": "explode", "gid": "0123456789ab"}',
         '{"op": "teardown", "gid": "0123456789ab", "extra": 1}',
+        '{"op": "busy", "gid": "0123456789ab", "run": 3, "queue": 0}',  # busy with nothing
         "x" * 70_000,
     ],
 )

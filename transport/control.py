@@ -2,7 +2,8 @@
 
 A coordinator forms a GLOO group with ``form`` (the rendezvous itself travels as ``store``
 messages, see :mod:`transport.rendezvous`), takes its members' engines in a fixed order with
-``reserve``/``grant`` (so two coordinators never wait on each other), starts a run with
+``reserve``/``grant`` (so two coordinators never wait on each other; a member whose engine is
+busy with its own jobs answers ``busy`` at once instead), starts a run with
 ``run`` and gives engines back with ``release``; ``failed`` tells the coordinator a rank gave
 up, ``teardown`` drops the group. While a peer forms a group or holds its engine it says
 ``beat`` to the coordinator every half second (agent/cluster/beats.py). Every message names
@@ -58,6 +59,16 @@ class Grant(_Msg):
     run: int = Field(ge=0)
 
 
+class Busy(_Msg):
+    """A member's own jobs hold or wait for its engine (``queue`` pieces of work in all): said at
+    once instead of ``grant``, and the member keeps no reservation for run ``run``. Older agents
+    never say it (they queue behind their jobs, and ``grant`` late)."""
+
+    op: Literal["busy"] = "busy"
+    run: int = Field(ge=0)
+    queue: int = Field(ge=1, le=1_000_000)
+
+
 class Run(_Msg):
     """Run your rank of ``spec`` now (the engine was granted for ``run``)."""
 
@@ -95,7 +106,7 @@ class Teardown(_Msg):
 
 
 Control = Annotated[
-    Form | StoreSet | Reserve | Grant | Run | Release | Failed | Beat | Teardown, Field(discriminator="op")
+    Form | StoreSet | Reserve | Grant | Busy | Run | Release | Failed | Beat | Teardown, Field(discriminator="op")
 ]
 _ADAPTER: TypeAdapter[Control] = TypeAdapter(Control)
 

@@ -4,10 +4,11 @@ Every piece of torch work a node does (a local job, its rank 0 of a split it coo
 rank of another node's split) runs on this thread, one at a time: each already uses all of
 the node's torch threads. Work first takes a *slot* (FIFO), holds it while it runs, and gives
 it back; a distributed run holds the slots of all its members at once (taken in a fixed
-order, see agent/cluster/groups.py), which is why taking a slot and running on the thread
+order, see agent/cluster/reserve.py), which is why taking a slot and running on the thread
 are separate steps. ``depth`` (holders and waiters) is the queue health reports, so peer
 work is counted too; ``depth_for`` splits off the ranks held for each coordinator, so a
-coordinator pricing its next split does not count its own previous run as a rival.
+coordinator pricing its next split does not count its own previous run as a rival, and
+``jobs`` the node's own jobs, which a peer asked for its engine does not queue behind.
 
 A caller that stops waiting for its work (a deadline passed, a peer left) gets control back
 at once, but the slot stays taken until the thread is really done: the next work never
@@ -68,12 +69,18 @@ class Engine:
         return self.depth > 0
 
     def depth_for(self) -> dict[str, int]:
-        """Of ``depth``: the ranks held or awaited for each other node's runs."""
+        """Of ``depth``: the ranks held or awaited for each coordinator's runs (this node's rank 0 of its own too)."""
         return {node: n for node, n in self._owners.items() if node and n > 0}
+
+    @property
+    def jobs(self) -> int:
+        """Of ``depth``: this node's own jobs (work that is no rank of a split); while any hold or
+        wait for the engine, a peer answers a ``reserve`` with ``busy`` (agent/cluster/reserve.py)."""
+        return self._owners[""]
 
     @contextlib.asynccontextmanager
     async def slot(self, what: str, timeout_s: float | None = None, owner: str = "") -> AsyncIterator[Slot]:
-        """Hold the engine for ``what`` (a rank of ``owner``'s run, if given); raises
+        """Hold the engine for ``what`` (a rank of ``owner``'s run, if given: else one of this node's jobs); raises
         ``TimeoutError`` when it is not free in ``timeout_s``."""
         self._waiting += 1
         self._owners[owner] += 1

@@ -44,6 +44,10 @@ class Silence:
         """A word from ``node`` about group ``gid`` (a beat or any other control message)."""
         self._heard[(gid, node)] = now_s
 
+    def heard_since(self, gid: str, node: str, since_s: float) -> bool:
+        """Has ``node`` said anything about group ``gid`` (a beat, say) since ``since_s``?"""
+        return self._heard.get((gid, node), float("-inf")) >= since_s
+
     def silent(self, now_s: float) -> list[tuple[str, str, float]]:
         """(gid, node, seconds quiet) for each watch with a peer quiet for over ``limit_s``; each
         such watch is reported once (it is dropped)."""

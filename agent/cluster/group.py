@@ -18,7 +18,7 @@ from typing import Any
 from agent.cluster.group_state import GroupEvent, GroupState, next_state
 from engine.errors import FailureReason, GroupError
 from engine.program import JobSpec
-from transport.control import Run
+from transport.control import Busy, Grant, Run
 from transport.deadline import DeadlineGroup
 from transport.gloo import GlooComm
 from transport.rendezvous import RelayStore
@@ -55,7 +55,7 @@ class Group:
     ports: list[int] = field(default_factory=list)  # its GLOO listeners, closed once formed
     used_s: float = field(default_factory=time.monotonic)
     users: int = 0  # coordinator: jobs running on it now (from formed to their end)
-    grants: dict[tuple[int, str], asyncio.Future[None]] = field(default_factory=dict)  # coordinator
+    grants: dict[tuple[int, str], asyncio.Future[Grant | Busy]] = field(default_factory=dict)  # coordinator: answers
     runs: dict[int, asyncio.Future[Run]] = field(default_factory=dict)  # peer: Run per reservation
     holds: dict[int, asyncio.Task[None]] = field(default_factory=dict)  # peer: reservations held
 

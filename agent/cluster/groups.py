@@ -5,13 +5,11 @@ builds its ProcessGroupGloo over a :class:`~transport.rendezvous.RelayStore` (ke
 store port anywhere). A formed group is kept for jobs with the same members, keyed by member tuple, and dropped
 after ``group_idle_s`` unused (closing its GLOO listeners), on any failure, on a teardown or when a member leaves.
 
-**Running.** A run needs every member's engine (agent/base/engine.py) at once. The coordinator takes them in node-id
-order (its own slot in turn, a peer's with ``reserve``, answered by ``grant`` once that peer's engine is free), then
-tells every peer ``run``. Everyone takes engines in the same order, so two coordinators sharing peers never wait on
-each other. Every collective has a deadline (:class:`~transport.deadline.DeadlineGroup`): a frozen peer or a cut
-link fails the run in seconds, the group is dropped and the job runs locally; so does a peer that stops saying
-``beat`` while the coordinator waits on it (agent/cluster/beats.py), in any phase. A peer's failure is reported with
-``failed``, so the coordinator stops waiting at once. Each group's messages are handled by its own tasks: a slow
+**Running.** A run needs every member's engine at once; the coordinator takes them (agent/cluster/reserve.py), then
+tells every peer ``run``. Every collective has a deadline (:class:`~transport.deadline.DeadlineGroup`): a frozen peer
+or a cut link fails the run in seconds, the group is dropped and the job runs locally; so does a peer that stops
+saying ``beat`` while the coordinator waits on it (agent/cluster/beats.py), in any phase. A peer's failure is reported
+with ``failed``, so the coordinator stops waiting at once. Each group's messages are handled by its own tasks: a slow
 group never holds up another.
 """
 
@@ -24,26 +22,27 @@ import contextlib
 import itertools
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import structlog
 
-from agent.base.engine import Engine, Slot
+from agent.base.engine import Engine
 from agent.cluster.beats import Silence
 from agent.cluster.channel import ControlChannel
 from agent.cluster.failures import reason_of, unless_failed
 from agent.cluster.group import EarlyKeys, Group, LinkUse, Timing, collective_floor, gather_all, quietly, release
 from agent.cluster.group_state import GroupEvent, GroupState
 from agent.cluster.peers import Peer
+from agent.cluster.reserve import Reservations
 from agent.jobs.service import Served
 from engine.adapters import Tensors
 from engine.distributed import run_rank
 from engine.errors import FailureReason, GroupError
 from engine.program import JobSpec, spec_from_dict, spec_to_dict
 from engine.trace import RunResult
-from transport.control import Control, Failed, Form, Grant, Release, Reserve, Run, StoreSet, Teardown
+from transport.control import Busy, Control, Failed, Form, Grant, Release, Reserve, Run, StoreSet, Teardown
 from transport.deadline import DeadlineGroup
 from transport.gloo import GlooComm, make_group
 from transport.rendezvous import RelayStore
@@ -69,6 +68,7 @@ class GroupManager:
         data_key: bytes | None = None,
         on_unresponsive: Callable[[str], None] = lambda node: None,
         on_silent: Callable[[str], None] = lambda node: None,
+        on_busy: Callable[[str, int], None] = lambda node, queue: None,
         address_of: Callable[[str], str | None] = lambda node: None,
     ) -> None:
         self.node = node
@@ -84,6 +84,7 @@ class GroupManager:
         self.on_silent = on_silent
         self.address_of = address_of  # a member's IPv4 address: its GLOO connects come from there
         self.silence = Silence(self.timing.silence_s, stall_s=3 * self.timing.beat_s)
+        self.reservations = Reservations(node, engine, channel, self.silence, self.timing, on_unresponsive, on_busy)
         self._mine: dict[tuple[str, ...], Group] = {}  # groups I coordinate, by members
         self._groups: dict[str, Group] = {}  # every live group, by gid
         self.early = EarlyKeys()  # store keys that came before their group's form
@@ -109,9 +110,10 @@ class GroupManager:
             log.info("control_ignored", op=msg.op, gid=msg.gid, sender=sender, why="no such group here")
         elif group.rank == 0:
             self.silence.heard(group.gid, sender, time.monotonic())
-            granted = group.grants.get((msg.run, sender)) if isinstance(msg, Grant) else None
-            if granted is not None and not granted.done():
-                granted.set_result(None)
+            if isinstance(msg, Grant | Busy):
+                answer = group.grants.get((msg.run, sender))
+                if answer is not None and not answer.done():
+                    answer.set_result(msg)
             elif isinstance(msg, Failed):
                 group.fail(FailureReason.PEER_FAILED, f"{sender}: {msg.error}")
         elif sender != group.coordinator:
@@ -236,7 +238,7 @@ class GroupManager:
         run_id = next(self._runs)
         group.users += 1  # not idle while a job uses it, however long it takes to reserve the engines
         try:
-            async with self._engines(group, run_id) as slot:
+            async with self.reservations.engines(group, run_id) as slot:
                 links = [self.link_mbps(p.node) for p in peers]
                 floor = collective_floor(self.timing.collective_s, spec, served.model.adapter.hidden_size, links)
                 await gather_all(
@@ -263,53 +265,14 @@ class GroupManager:
         except Exception as exc:
             why = group.failure or str(exc) or type(exc).__name__
             reason = group.reason or reason_of(exc, FailureReason.INTERNAL)
-            self.drop(group, GroupEvent.FAILED, reason, why)
+            if reason is not FailureReason.PEER_BUSY:  # a busy peer leaves the group ready for the next run
+                self.drop(group, GroupEvent.FAILED, reason, why)
             raise GroupError(f"distributed run with {', '.join(members[1:])} failed: {why}", reason=reason) from exc
         finally:
             group.users -= 1
             self.silence.unwatch(group.gid, run_id)
         assert result is not None
         return result
-
-    @contextlib.asynccontextmanager
-    async def _engines(self, group: Group, run_id: int) -> AsyncIterator[Slot]:
-        """Every member's engine for ``run_id``, taken in node-id order; mine is yielded."""
-        mine: Slot | None = None
-        asked: list[str] = []
-        try:
-            async with contextlib.AsyncExitStack() as stack:
-                for node in sorted(group.members):
-                    if node == self.node:
-                        what, busy = (
-                            f"rank 0 of {group.gid}",
-                            f"this node's engine was not free in {self.timing.group_s:g} s",
-                        )
-                        try:
-                            mine = await stack.enter_async_context(self.engine.slot(what, self.timing.group_s))
-                        except asyncio.TimeoutError:
-                            raise GroupError(busy, reason=FailureReason.ENGINE_BUSY) from None
-                        continue
-                    fut = asyncio.get_running_loop().create_future()
-                    group.grants[(run_id, node)] = fut
-                    asked.append(node)
-                    self.silence.watch(group.gid, run_id, node, time.monotonic())
-                    await self.channel.tell(node, Reserve(gid=group.gid, run=run_id))
-                    try:
-                        await unless_failed(group, asyncio.wait_for(fut, self.timing.group_s))
-                    except asyncio.TimeoutError:
-                        self.on_unresponsive(node)
-                        why = f"{node} did not free its engine in {self.timing.group_s:g} s"
-                        raise GroupError(why, reason=FailureReason.GRANT_TIMEOUT) from None
-                assert mine is not None
-                yield mine
-        except BaseException:
-            for node in asked:  # they may hold their engine for a run that will not come
-                with contextlib.suppress(Exception):
-                    await self.channel.tell(node, Release(gid=group.gid, run=run_id))
-            raise
-        finally:
-            for node in group.members:
-                group.grants.pop((run_id, node), None)
 
     def _begin(self, group: Group, run_id: int) -> None:
         """Key this run's sealed traffic (every member derives the same key)."""
@@ -323,6 +286,11 @@ class GroupManager:
         lease_s = self.timing.group_s
         try:
             await asyncio.wait_for(group.formed.wait(), lease_s)
+            if self.engine.jobs:  # my own jobs are ahead: say so now, hold nothing (agent/cluster/reserve.py)
+                queue = self.engine.depth
+                log.info("reserve_refused", gid=group.gid, run=run_id, coordinator=group.coordinator, queue=queue)
+                await self.channel.tell(group.coordinator, Busy(gid=group.gid, run=run_id, queue=queue))
+                return
             async with self.engine.slot(f"rank {group.rank} of {group.gid}", lease_s, group.coordinator) as slot:
                 fut = group.runs.setdefault(run_id, asyncio.get_running_loop().create_future())
                 await self.channel.tell(group.coordinator, Grant(gid=group.gid, run=run_id))

@@ -21,6 +21,7 @@ import structlog
 
 from agent.cluster.peers import PeerTable
 from agent.cluster.probes import SlowLink, probe, probe_bytes
+from engine.trace import RankTrace
 
 log = structlog.get_logger("prism.links")
 #: How long an address whose probe failed is left alone.
@@ -77,6 +78,14 @@ class LinkTable:
         """Bytes over time of a GLOO job: a lower bound on the link, kept apart from the probes'."""
         link = self.links.setdefault(peer, LinkEstimate())
         link.gloo_mbps = self._ewma(link.gloo_mbps, mbps)
+
+    def observe_run(self, peers: list[str], mine: RankTrace, now_s: float) -> None:
+        """What crossed a GLOO run with ``peers`` (``mine``: this rank's trace) feeds each one's link."""
+        if mine.link_s > 0 and mine.exchange_bytes_recv > 0:
+            # Bytes over exchange time: a lower bound (it waits for the slower rank), kept beside the probes'.
+            mbps = (mine.exchange_bytes_recv + mine.exchange_bytes_sent) * 8 / mine.link_s / 1e6
+            for peer in peers:
+                self.observe_gloo(peer, now_s, mbps)
 
     def report(self, now_s: float) -> dict[str, dict[str, Any]]:
         """JSON view for health: per peer, RTT, bandwidth (and its error) and age in seconds."""

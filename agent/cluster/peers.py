@@ -66,6 +66,13 @@ class PeerTable:
         fresh = [p for p in self._peers.values() if p.online and now_s - p.last_seen_s <= self.max_age_s]
         return sorted(fresh, key=lambda p: (p.queue, p.load1, p.node))
 
+    def busy(self, node: str, queue: int) -> None:
+        """``node`` said its engine is busy, ``queue`` pieces of work on it: that is its queue until it
+        is next seen (its health carries its queue). It is not suspended: ``auto`` prices it as busy."""
+        peer = self._peers.get(node)
+        if peer is not None:
+            self._peers[node] = replace(peer, queue=max(peer.queue, queue))
+
     def suspend(self, node: str, until_s: float, heard_after_s: float | None = None) -> None:
         """Leave ``node`` out of splits until ``until_s`` (it failed to form a group or to answer),
         or, given ``heard_after_s``, until it is heard from after then (it had gone silent)."""

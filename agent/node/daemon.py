@@ -59,7 +59,7 @@ GRACE_S = 30.0
 FLUSH_S = 10.0
 #: A connection that lasted this long resets the reconnect backoff.
 GOOD_CONNECTION_S = 10.0
-#: A peer that failed to form a group or to free its engine sits out splits this long.
+#: A peer that failed to form a group, or said nothing while asked for its engine, sits out splits this long.
 UNRESPONSIVE_S = 30.0
 LinkFactory = Callable[[], AbstractAsyncContextManager[MqttLink]]
 
@@ -112,6 +112,7 @@ class Node:
             data_key=None if self.admission.open else self.admission.key("gloo"),
             on_unresponsive=self._sit_out,
             on_silent=lambda node: self._sit_out(node, until_heard=True),
+            on_busy=self.peers.busy,
             address_of=lambda node: getattr(self.peers.get(node), "address", None),
         )
         auto = AutoPolicy.load(s, {name: served.fingerprint for name, served in models.items()})
@@ -136,12 +137,7 @@ class Node:
     async def run_distributed(self, served: Served, spec: JobSpec, inputs: Tensors, peers: list[Peer]) -> RunResult:
         """Run over a GLOO group with ``peers``; what crossed the group also feeds the link table."""
         result = await self.groups.run(served, spec, inputs, peers)
-        mine = result.traces[0]
-        if mine.link_s > 0 and mine.exchange_bytes_recv > 0:
-            # Bytes over exchange time: a lower bound (it waits for the slower rank), kept beside the probes'.
-            mbps = (mine.exchange_bytes_recv + mine.exchange_bytes_sent) * 8 / mine.link_s / 1e6
-            for peer in peers:
-                self.links.observe_gloo(peer.node, time.monotonic(), mbps)
+        self.links.observe_run([p.node for p in peers], result.traces[0], time.monotonic())
         return result
 
     def link_report(self) -> dict[str, dict[str, Any]]:
