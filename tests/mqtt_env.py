@@ -305,11 +305,13 @@ def logged(proc: subprocess.Popen[str], event: str, **fields: Any) -> list[dict[
     return [e for e in entries if e.get("event") == event and all(e.get(k) == v for k, v in fields.items())]
 
 
-def wait_logged(proc: subprocess.Popen[str], event: str, timeout_s: float, **fields: Any) -> dict[str, Any]:
-    """The first log line for ``event`` with ``fields``, once the agent writes it (within ``timeout_s``)."""
+def wait_logged(
+    proc: subprocess.Popen[str], event: str, timeout_s: float, count: int = 1, **fields: Any
+) -> dict[str, Any]:
+    """The ``count``-th log line for ``event`` with ``fields``, once the agent writes it (within ``timeout_s``)."""
     deadline = time.monotonic() + timeout_s
-    while not (found := logged(proc, event, **fields)):
+    while len(found := logged(proc, event, **fields)) < count:
         assert proc.poll() is None, f"the agent exited with {proc.returncode}"
-        assert time.monotonic() < deadline, f"no {event} {fields} logged in {timeout_s} s"
-        time.sleep(0.05)
-    return found[0]
+        assert time.monotonic() < deadline, f"{len(found)} of {count} {event} {fields} logged in {timeout_s} s"
+        time.sleep(0.05)  # polling a log file: there is no event to wait on
+    return found[count - 1]

@@ -38,6 +38,7 @@ def _autos(condition: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 @pytest.mark.netns
+@pytest.mark.serial  # the map is profiled during the test: other tests on the cores would price splits wrong
 def test_demo_auto_splits_on_the_fast_link_and_stays_local_on_the_slow_one(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
