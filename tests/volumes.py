@@ -21,6 +21,7 @@ SOAK_TESTS = (
     "tests/test_node_faults.py::test_the_two_one_packet_kills_again_and_again",
     "tests/test_node_faults.py::test_large_results_some_during_an_outage_stay_within_the_memory_budget",
     "tests/test_gloo_flood.py",
+    "tests/test_daemon.py::test_ready_before_any_broker_and_jobs_once_one_appears",
 )
 
 
