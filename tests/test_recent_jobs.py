@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 from agent.jobs.recent import KEEP, RecentJobs
+from engine.errors import FailureReason
 from transport.health import MAX_RECENT, parse_health
 from transport.schema import Result
 
@@ -30,7 +31,7 @@ def test_health_carries_the_last_few_decisions_and_reads_old_and_long_documents(
     for i in range(KEEP + 3):
         recent.record(split_result(f"j{i}"), NOW + i)
     recent.record(
-        split_result("fb", mode="local", peers=(), fallback=True,
+        split_result("fb", mode="local", peers=(), fallback=True, fallback_reason=FailureReason.PEER_OFFLINE,
                decision={"option": "means@8", "predicted_ms": 30.0, "reason": "x",
                          "fallback_reason": "a peer of the run went offline " + "x" * 500}),
         NOW + 99,
@@ -42,6 +43,7 @@ def test_health_carries_the_last_few_decisions_and_reads_old_and_long_documents(
     assert (j.option, j.peers, j.predicted_ms, j.measured_ms, j.fidelity) == ("codes@8", ["b"], 40.0, 50.0, 0.99991)
     fb = kept[-1]
     assert fb.fallback
+    assert fb.fallback_reason == "peer_offline"  # the code, beside the words
     assert fb.why.startswith("a peer of the run went offline")
     assert len(fb.why) <= 160
     failed = RecentJobs()

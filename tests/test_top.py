@@ -17,6 +17,7 @@ from agent.cluster.admission import Admission
 from agent.cluster.health import signed_identity, status_payload
 from agent.cluster.trust import Trust
 from agent.jobs.recent import RecentJobs
+from engine.errors import FailureReason
 from tests.test_recent_jobs import split_result
 from transport.health import Health, LinkView, Load
 from transport.localcluster import free_port
@@ -99,7 +100,7 @@ def test_the_view_renders_as_an_operator_reads_it() -> None:
     recent = RecentJobs()
     recent.record(split_result("job-split"), NOW - 3)
     recent.record(
-        split_result("job-fb", mode="local", peers=(), fallback=True,
+        split_result("job-fb", mode="local", peers=(), fallback=True, fallback_reason=FailureReason.PEER_OFFLINE,
                decision={"option": "means@8", "predicted_ms": 30.0, "reason": "r",
                          "fallback_reason": "a peer of the run went offline"}),
         NOW - 2,
@@ -118,7 +119,8 @@ def test_the_view_renders_as_an_operator_reads_it() -> None:
     split = next(line for line in text.splitlines() if "job-split" in line)
     for shown in ("codes@8", "40.0", "50.0 1.25x", "0.99991"):  # predicted, measured and how far off
         assert shown in split, shown
-    assert "fallback: a peer of the run went offline" in next(ln for ln in text.splitlines() if "job-fb" in ln)
+    fallback = next(ln for ln in text.splitlines() if "job-fb" in ln)
+    assert "fallback (peer_offline): a peer of the run went offline" in fallback
     assert "unknown_model" in next(ln for ln in text.splitlines() if "job-bad" in ln)
 
     empty = Console(record=True, width=100, file=io.StringIO())

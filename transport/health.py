@@ -74,7 +74,8 @@ class RecentJob(_Doc):
     total_ms: float | None = None  # from intake to answer
     fidelity: float | None = None  # the option's profiled cosine against local
     fallback: bool = False  # a split that ran locally instead
-    why: str = ""  # the fallback's reason, else the decision's
+    fallback_reason: str | None = None  # its code (the result's fallback_reason: peer_offline, peer_busy, ...)
+    why: str = ""  # the fallback's reason in words, else the decision's
 
 
 class ClockView(_Doc):

@@ -80,6 +80,7 @@ class JobRow:
     total_ms: float | None
     fidelity: float | None
     fallback: bool
+    fallback_reason: str | None
     why: str
 
 
@@ -213,6 +214,7 @@ def _job_row(node: str, job: RecentJob, now_s: float) -> JobRow:
         total_ms=job.total_ms,
         fidelity=job.fidelity,
         fallback=job.fallback,
+        fallback_reason=job.fallback_reason,
         why=job.why,
     )
 
@@ -299,7 +301,8 @@ def _jobs(rows: tuple[JobRow, ...]) -> Table:
         if not j.ok:
             option, why = Text(j.error or "failed", style="red"), j.why
         elif j.fallback:
-            option, why = Text(f"{j.option} → local", style="yellow"), f"fallback: {j.why}"
+            code = f" ({j.fallback_reason})" if j.fallback_reason else ""
+            option, why = Text(f"{j.option} → local", style="yellow"), f"fallback{code}: {j.why}"
         else:
             option, why = Text(j.option or j.mode or "-"), j.why
         meas = Text(_ms(j.measured_ms))

@@ -43,6 +43,7 @@ def recent_job(result: Result, time_s: float) -> RecentJob:
         total_ms=_number(result.latency_ms.get("total")),
         fidelity=_number(decision.get("fidelity")),
         fallback=result.fallback,
+        fallback_reason=None if result.fallback_reason is None else result.fallback_reason.value,
         why=str(why)[:WHY_CHARS],
     )
 
