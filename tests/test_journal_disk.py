@@ -11,13 +11,15 @@ import contextlib
 import json
 import os
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from tests.disks import Disk, failing_disk, fuse_available, small_disk
-from tests.mqtt_env import agent, mosquitto, pub, sub, wait_peer
+from tests.mqtt_env import REPO, agent, logged, mosquitto, pub, sub, wait_logged, wait_peer
 
 pytestmark = [
     pytest.mark.mqtt,
@@ -139,3 +141,30 @@ def test_a_peer_whose_journal_is_held_up_still_serves_splits(tmp_path: Path) -> 
         finally:
             lock.close()
             waiter.close()
+
+
+@pytest.mark.skipif(not fuse_available(), reason=NO_FUSE)
+def test_submit_sends_a_job_again_while_the_disk_fails_and_gets_it_answered_once_it_recovers() -> None:
+    """``prism-agent submit`` as a user types it: the node answers journal_unavailable (the job
+    was not taken), the client sends the same job again after a pause, and once the disk works
+    the job runs, once."""
+    with (
+        failing_disk() as disk,
+        mosquitto() as port,
+        agent(port, CLUSTER, "e1", "bert=tiny-bert", env={"PRISM_STATE_DIR": str(disk.path)}) as proc,
+    ):
+        disk.fail()
+        cmd = [sys.executable, "-m", "agent", "submit", "--broker", f"mqtt://127.0.0.1:{port}", "--cluster", CLUSTER]
+        cmd += ["--node", "e1", "--model", "bert", "--id", "again", "--text", "a failing disk", "--json"]
+        client = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_logged(proc, "journal_unavailable", 30, job="again")  # refused at least once, not taken
+            disk.recover()
+            out, err = client.communicate(timeout=60)
+        finally:
+            client.kill()
+        assert client.returncode == 0, err[-2000:]
+        result = json.loads(out)  # the JSON alone on stdout
+        assert result["ok"] is True, result
+        assert "job_sent_again" in err  # the client said why it waited
+        assert len(logged(proc, "job_done", job="again")) == 1

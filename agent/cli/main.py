@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -130,7 +131,11 @@ def run(argv: Sequence[str] | None = None) -> int:
 
         return testbed.run_cli(ns)
     if ns.command in ("submit", "peers", "run", "top"):
+        from agent.base import logs
         from agent.cli import cluster_cmds, submit_cmd, top
+
+        if ns.command != "run":  # a client's stdout is its output: its notes go to stderr (the daemon sets its own)
+            logs.configure("console", level=logging.WARNING)
 
         handlers = {
             "submit": submit_cmd.run,

@@ -8,19 +8,18 @@ waiting function here skips it."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import json
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import aiomqtt
 import structlog
 
 from agent.base.config import Broker, Settings, mqtt_credentials, tls_context
+from agent.client.job import build_job
 from agent.compat import BaseExceptionGroup, TaskGroup
 from engine.errors import BadRequest
 from transport.health import parse_status
@@ -28,69 +27,18 @@ from transport.mqtt import NO_SUBSCRIBERS, MqttLink, Topics, TransportError, bac
 
 log = structlog.get_logger("prism.client")
 
+__all__ = ["Auth", "build_job", "client_auth", "generate", "is_partial", "peers", "stream", "submit", "submit_all"]
+
 Auth = dict[str, Any]
+
+#: Pauses before sending a job again that a node could not journal (``submit``).
+RETRY_S = (0.5, 1.0, 2.0, 4.0)
 
 
 def client_auth(settings: Settings) -> Auth:
     """Username, password and TLS context for a client, from the same settings the agent reads."""
     username, password = mqtt_credentials(settings)
     return {"username": username, "password": password, "tls": tls_context(settings)}
-
-
-def build_job(
-    model: str,
-    *,
-    text: list[str] | None = None,
-    images: list[Path] | None = None,
-    token_ids: list[list[int]] | None = None,
-    mode: str = "auto",
-    cr: float | str | None = None,
-    task: str | None = None,
-    job_id: str | None = None,
-    method: str | None = None,
-    ranks: int | None = None,
-    peers: list[str] | None = None,
-    min_fidelity: float | None = None,
-    objective: str | None = None,
-    deadline_ms: float | None = None,
-    generation: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """The JSON job for the given inputs (exactly one kind); options left at None are not sent.
-    ``generation``: a generate job's fields (``max_new_tokens``, ``temperature``, ...)."""
-    given = [x for x in (text, images, token_ids) if x]
-    if len(given) != 1:
-        raise BadRequest("give exactly one of --text, --image or --token-ids")
-    inputs: dict[str, Any]
-    if text:
-        inputs = {"text": text}
-    elif images:
-        try:
-            inputs = {"image": [base64.b64encode(p.read_bytes()).decode() for p in images]}
-        except OSError as exc:
-            raise BadRequest(f"cannot read image: {exc.filename}: {exc.strerror}") from None
-    else:
-        inputs = {"token_ids": token_ids}
-    job: dict[str, Any] = {
-        "v": 1,
-        "id": job_id or uuid.uuid4().hex[:12],
-        "model": model,
-        "inputs": inputs,
-        "mode": mode,
-    }
-    if cr is not None:
-        job["cr"] = cr if cr == "full" else float(cr)
-    options = {
-        "task": task,
-        "method": method,
-        "ranks": ranks,
-        "peers": peers,
-        "min_fidelity": min_fidelity,
-        "objective": objective,
-        "deadline_ms": deadline_ms,
-        **(generation or {}),
-    }
-    job.update({k: v for k, v in options.items() if v is not None})
-    return job
 
 
 def is_partial(data: Any) -> bool:
@@ -120,8 +68,9 @@ async def _result(link: MqttLink, job_id: str) -> Any:
 @contextlib.asynccontextmanager
 async def _sent(
     broker: Broker, cluster: str, job: dict[str, Any], node: str | None, auth: Auth | None
-) -> AsyncIterator[MqttLink]:
-    """A link subscribed to a private response topic, with ``job`` published to it."""
+) -> AsyncIterator[tuple[MqttLink, Callable[[], Awaitable[None]]]]:
+    """A link subscribed to a private response topic, with ``job`` published to it; and a
+    function that publishes it again (the same bytes)."""
     topics = Topics(f"prism/v1/{cluster}", node or "-")
     reply = f"prism/v1/{cluster}/clients/{uuid.uuid4().hex}/result"
     target = topics.node_jobs(node) if node else topics.jobs
@@ -129,8 +78,12 @@ async def _sent(
         broker.host, broker.port, client_id=f"prism-submit-{uuid.uuid4().hex[:8]}", **(auth or {})
     ) as link:
         await link.subscribe(reply)
-        await link.publish(target, json.dumps(job).encode(), response_topic=reply, correlation=job["id"].encode())
-        yield link
+
+        async def send() -> None:
+            await link.publish(target, json.dumps(job).encode(), response_topic=reply, correlation=job["id"].encode())
+
+        await send()
+        yield link, send
 
 
 async def generate(
@@ -139,7 +92,7 @@ async def generate(
     """Publish a generate ``job`` and yield its partials as they come (``"final": false``,
     in ``seq`` order), then its final result, the last item. ``timeout_s`` bounds the wait
     for each next message (``asyncio.TimeoutError``)."""
-    async with _sent(broker, cluster, job, node, auth) as link:
+    async with _sent(broker, cluster, job, node, auth) as (link, _):
         replies = _replies(link, job["id"])
         while True:
             try:
@@ -154,9 +107,27 @@ async def generate(
 async def submit(
     broker: Broker, cluster: str, job: dict[str, Any], *, node: str | None, timeout_s: float, auth: Auth | None = None
 ) -> Any:
-    """Publish ``job`` and return the decoded result; raises ``asyncio.TimeoutError``."""
-    async with _sent(broker, cluster, job, node, auth) as link:
-        return await asyncio.wait_for(_result(link, job["id"]), timeout_s)
+    """Publish ``job`` and return the decoded result; raises ``asyncio.TimeoutError``.
+
+    A node that could not journal the job (``journal_unavailable``: not taken, not remembered)
+    gets it again, the same bytes, after :data:`RETRY_S` (and to any node, when ``node`` is
+    None), while ``timeout_s`` lasts; the last answer is returned."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    async with _sent(broker, cluster, job, node, auth) as (link, send):
+        for pause_s in RETRY_S:
+            result = await asyncio.wait_for(_result(link, job["id"]), deadline - loop.time())
+            if _error_code(result) != "journal_unavailable" or loop.time() + pause_s >= deadline:
+                return result
+            log.warning("job_sent_again", job=job["id"], code="journal_unavailable", after_s=pause_s)
+            await asyncio.sleep(pause_s)  # the disk's time to recover; the job is held nowhere meanwhile
+            await send()
+        return await asyncio.wait_for(_result(link, job["id"]), deadline - loop.time())
+
+
+def _error_code(result: Any) -> Any:
+    error = result.get("error") if isinstance(result, dict) else None
+    return error.get("code") if isinstance(error, dict) else None
 
 
 async def submit_all(
