@@ -140,6 +140,19 @@ def test_a_fallback_counts_under_the_reason_its_result_carries_whatever_its_word
     assert total(samples, "prism_fallbacks_total") == 2
 
 
+def test_a_generate_job_counts_its_tokens_and_its_time_to_first_token() -> None:
+    m = Metrics("a", "1")
+    latency = {"total": 900.0, "engine": 120.0, "first_token": 140.0, "decode": 700.0, "tokens_per_s": 40.0}
+    output = {"text": "and so on", "tokens": [262, 523, 319], "reason": "length", "prompt_tokens": 12}
+    m.job_done(_result(output=output, latency_ms=latency, final=True, seq=3))
+    m.job_done(_result())  # not a generate job: no tokens, no first token
+    samples = _samples(m)
+    assert value(samples, "prism_generated_tokens_total") == 3
+    assert value(samples, "prism_job_latency_seconds_sum", stage="first_token", ran="local") == pytest.approx(0.14)
+    assert value(samples, "prism_job_latency_seconds_count", stage="first_token", ran="local") == 1
+    assert value(samples, "prism_job_latency_seconds_sum", stage="decode", ran="local") == pytest.approx(0.7)
+
+
 def test_labels_stay_bounded_and_agents_do_not_share_a_registry() -> None:
     first, second = Metrics("a", "1"), Metrics("b", "1")  # the global registry would refuse the second
     for i in range(MAX_OPTIONS + 10):  # a job may ask for any CR: option names must not grow without bound

@@ -40,7 +40,7 @@ LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10
 #: Measured engine time over the map's prediction.
 RATIO_BUCKETS = (0.25, 0.5, 0.67, 0.8, 0.9, 1.1, 1.25, 1.5, 2.0, 4.0)
 #: Parts of a job's latency that get a histogram (``latency_ms`` keys of a result).
-STAGES = ("total", "queue", "engine", "peer_wait", "compute", "comm", "staging", "overhead")
+STAGES = ("total", "queue", "engine", "peer_wait", "compute", "comm", "staging", "overhead", "first_token", "decode")
 #: Error codes a result may carry (transport.schema, the job service); others count as ``other``.
 ERROR_CODES = frozenset(
     {
@@ -137,6 +137,9 @@ class Metrics:
             registry=r,
         )
         self.energy = Counter("prism_energy_joules", "Energy spent on jobs on this node.", ["meter"], registry=r)
+        self.generated = Counter(
+            "prism_generated_tokens", "Tokens written by generate jobs (their decode, on this node).", registry=r
+        )
         self.queue = Gauge("prism_queue_jobs", "Jobs admitted and not yet answered.", registry=r)
         self.load1 = Gauge("prism_load1", "1-minute load average.", registry=r)
         self.peers = Gauge("prism_admitted_peers", "Peers alive and admitted (same cluster secret).", registry=r)
@@ -195,6 +198,9 @@ class Metrics:
             engine_ms = result.latency_ms.get("engine", 0.0)
             if predicted and not result.fallback and engine_ms > 0:
                 self.prediction.labels(str(decision.get("mode") or ran)).observe(engine_ms / float(predicted))
+        tokens = (result.output or {}).get("tokens") if result.final else None  # a generate job's last message
+        if isinstance(tokens, list):
+            self.generated.inc(len(tokens))
         energy = result.energy or {}
         if energy.get("joules") is not None:
             self.energy.labels(str(energy.get("source") or "unknown")).inc(max(0.0, float(energy["joules"])))
