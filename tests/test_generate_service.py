@@ -61,6 +61,19 @@ async def test_partials_come_in_order_and_add_up_to_the_local_text(models: Model
         assert key in result.latency_ms
 
 
+async def test_the_energy_of_a_generate_job_covers_its_decode(models: Models) -> None:
+    svc = service(models)  # no sensor here: the CPU-time model, this process's CPU seconds x 4 W
+    cpu0 = time.process_time()
+    result = await asyncio.wait_for(svc.handle(job(max_new_tokens=200, stop=[]), None), 60)
+    cpu_s = time.process_time() - cpu0
+    assert result.ok, result.error
+    assert result.output is not None
+    assert len(result.output["tokens"]) == 200
+    assert result.latency_ms["decode"] > 4 * result.latency_ms["prefill"]  # most of the work is the decode
+    assert result.energy is not None
+    assert result.energy["joules"] >= 0.6 * cpu_s * 4.0, (result.energy, cpu_s)  # before: the prefill's alone
+
+
 async def test_the_model_s_end_of_text_stops_by_default_and_a_deadline_cuts(models: Models) -> None:
     svc = service(models, max_new_tokens=480)
     greedy = await svc.handle(job(max_new_tokens=40, stop=[]))

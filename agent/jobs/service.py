@@ -252,7 +252,6 @@ class JobService:
         # A split's group formation and its wait for the peers' engines are not the option's
         # cost (the next job finds the group formed): left out of what auto learns.
         peer_wait_s = max(0.0, engine_s - result.traces[0].wall_s) if used else 0.0
-        energy = self.meter.stop(metering)
         if not fallback and chosen.predicted_ms is not None:
             self.auto.observe(chosen, (engine_s - peer_wait_s) * 1e3)
         made, feed, text = None, None, None
@@ -260,6 +259,7 @@ class JobService:
             feed = self.writer.feed(job, served.model, sink)
             past = result.outputs["past_kv"]
             made, text = await self.writer.write(job, served.model, tensors, past, ask, deadline, feed)
+        energy = self.meter.stop(metering)  # the whole job's: a generate job's decode too
         answer = self._result(
             job,
             task,
