@@ -75,6 +75,12 @@ class Adapter:
         """Model width D."""
         return int(self.config.hidden_size)
 
+    @property
+    def ffn_ratio(self) -> float:
+        """The FFN's expansion, its inner width over D (GPT-2's ``n_inner``, else 4 as GPT-2 builds it)."""
+        inner = getattr(self.config, "intermediate_size", None) or getattr(self.config, "n_inner", None)
+        return float(inner or 4 * self.hidden_size) / self.hidden_size
+
     def default_task(self) -> Task:
         """What a job without a ``task`` asks of this model."""
         return self.tasks[0]

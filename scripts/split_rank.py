@@ -62,11 +62,7 @@ def control(comm: GlooComm, message: dict[str, Any] | None) -> dict[str, Any]:
 def macs(model: LoadedModel, spec: JobSpec) -> dict[str, Any]:
     """Block MACs of one device over all the tokens and of every rank of ``spec``'s plan."""
     adapter = model.adapter
-    d = adapter.hidden_size
-    f = (
-        float(getattr(adapter.config, "intermediate_size", None) or getattr(adapter.config, "n_inner", None) or 4 * d)
-        / d
-    )
+    d, f = adapter.hidden_size, adapter.ffn_ratio
     ranks = rank_macs(spec.plan, spec.comp, d, f, adapter.causal)
     return {"local": block_macs_local(spec.plan.n_tokens, d, f), "ranks": ranks}
 

@@ -127,9 +127,7 @@ def bench_engine(args: JobArgs, warmup: int, repeat: int) -> dict[str, Any]:
         cluster.prepare(model)
         full_ms, full = _timed(lambda: cluster.run(model, full_spec, inputs), warmup, repeat)
         dist_ms, prism = _timed(lambda: cluster.run(model, spec, inputs), warmup, repeat)
-    config = model.adapter.config
-    d = model.adapter.hidden_size
-    f = float(getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * d) / d
+    d, f = model.adapter.hidden_size, model.adapter.ffn_ratio
     return {
         "model": model.name,
         "task": task.value,

@@ -230,10 +230,7 @@ def _runner(
 
 def model_shape(adapter: Adapter) -> ModelShape:
     """What the policy's share weighing needs of the model: width, FFN expansion, causal."""
-    config = adapter.config
-    d = adapter.hidden_size
-    inner = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * d
-    return ModelShape(hidden=d, ffn=float(inner) / d, causal=adapter.causal)
+    return ModelShape(hidden=adapter.hidden_size, ffn=adapter.ffn_ratio, causal=adapter.causal)
 
 
 def profile_loopback(grid: Grid, progress: Progress | None = None) -> PerfMap:
