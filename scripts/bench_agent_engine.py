@@ -11,6 +11,9 @@ the model on the same tensors. Reported per sample: the agent's ``latency_ms.com
 model's forward pass as the engine times it inside the agent) and ``engine`` (from the
 engine slot's start to its end: the forward plus the job's input tensors and output), and the
 worker's forward pass timed the same way; medians, spreads (IQR / median), and the ratio.
+
+``--rss-jobs N`` then sends N more jobs through the agent alone and reports its resident
+memory every 50 jobs (what the agent's allocator settings must keep flat, agent/base/memory.py).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ sys.path.insert(0, str(REPO))
 
 from agent.node.broker import mosquitto_binary  # noqa: E402
 from scripts.bench_agent import wait_online  # noqa: E402
+from testbed.procs import rss_kib  # noqa: E402
 from transport.localcluster import free_port  # noqa: E402
 from transport.mqtt import MqttLink  # noqa: E402
 
@@ -88,7 +92,9 @@ async def agent_job(link: MqttLink, cluster: str, reply: str, pngs: list[str], j
     raise RuntimeError("the broker connection ended")
 
 
-async def measure(port: int, worker: subprocess.Popen[str], args: argparse.Namespace) -> dict[str, list[float]]:
+async def measure(
+    port: int, worker: subprocess.Popen[str], agent_pid: int, args: argparse.Namespace
+) -> dict[str, list[float]]:
     cluster, reply = "bench", "prism/v1/bench/clients/bench/result"
     got: dict[str, list[float]] = {"agent_compute": [], "agent_engine": [], "alone_compute": []}
     assert worker.stdin is not None
@@ -110,6 +116,11 @@ async def measure(port: int, worker: subprocess.Popen[str], args: argparse.Names
                     ms = json.loads(worker.stdout.readline())["compute_ms"]
                     if rnd >= 0:
                         got["alone_compute"].append(ms / args.batch)
+        for i in range(args.rss_jobs):  # the agent alone: its memory over many jobs
+            await agent_job(link, cluster, reply, images(args.batch, 1000 + i % 16), f"m{i}")
+            if (i + 1) % 50 == 0 or i + 1 == args.rss_jobs:
+                got.setdefault("rss_jobs", []).append(float(i + 1))
+                got.setdefault("rss_mib", []).append(rss_kib(agent_pid) / 1024)
     return got
 
 
@@ -118,6 +129,7 @@ def main() -> None:
     p.add_argument("--model", default="vit-base")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--rounds", type=int, default=16)
+    p.add_argument("--rss-jobs", type=int, default=0, help="then this many jobs through the agent alone, RSS logged")
     p.add_argument("--out", type=Path, default=None, help="write the per-round figures here (JSON)")
     args = p.parse_args()
     port = free_port()
@@ -148,7 +160,7 @@ def main() -> None:
             assert json.loads(worker.stdout.readline()).get("ready")
             wait_online(port, timeout_s=120)
             start = time.monotonic()
-            got = asyncio.run(measure(port, worker, args))
+            got = asyncio.run(measure(port, worker, agent.pid, args))
         finally:
             for proc in (agent, worker, broker):
                 proc.terminate()
@@ -160,6 +172,11 @@ def main() -> None:
     print(f"| through the agent: forward (`compute`) | {spread(got['agent_compute'])} |")
     print(f"| through the agent: engine slot (`engine`) | {spread(got['agent_engine'])} |")
     print(f"| agent forward / alone, per round | {statistics.median(ratio):.3f} ({min(ratio):.3f}-{max(ratio):.3f}) |")
+    if got.get("rss_jobs"):
+        first = got["rss_mib"][0]
+        print("| jobs through the agent (after the rounds) | agent RSS, MiB | since the first row |\n|---|---|---|")
+        for n, mib in zip(got["rss_jobs"], got["rss_mib"], strict=True):
+            print(f"| {n:.0f} | {mib:.1f} | {mib - first:+.1f} ({(mib - first) / first * 100:+.1f} %) |")
     if args.out:
         args.out.write_text(json.dumps({**got, "ratio": ratio}, indent=1) + "\n")
 
