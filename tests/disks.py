@@ -21,6 +21,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -101,7 +103,9 @@ def fuse_available() -> bool:
 
 @contextlib.contextmanager
 def failing_disk(timeout_s: float = 10.0) -> Iterator[FailingDisk]:
-    """A FUSE mount over a fresh backing directory, served by its own process; unmounted after."""
+    """A FUSE mount over a fresh backing directory, served by its own process; unmounted after.
+    Skips the test where the kernel or a sandbox refuses FUSE mounts (as tests/netns.py does
+    where namespaces cannot be made)."""
     work = Path(tempfile.mkdtemp(prefix="prism-failing-disk-"))
     backing, mount, flag = work / "backing", work / "mnt", work / "fail"
     backing.mkdir()
@@ -114,8 +118,9 @@ def failing_disk(timeout_s: float = 10.0) -> Iterator[FailingDisk]:
     try:
         deadline = time.monotonic() + timeout_s
         while not os.path.ismount(mount):
-            if server.poll() is not None:
-                raise RuntimeError(f"the FUSE server exited: {server.stderr.read().decode()[-400:]}")  # type: ignore[union-attr]
+            if server.poll() is not None:  # no mount at all: this machine's kernel or sandbox refuses FUSE
+                why = server.stderr.read().decode(errors="replace").strip()[-300:]  # type: ignore[union-attr]
+                pytest.skip(f"FUSE cannot mount here: {why}")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{mount} was not mounted in {timeout_s:g} s")
             time.sleep(0.02)  # polling a mount table: there is no event to wait on
