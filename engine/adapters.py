@@ -58,6 +58,7 @@ class Adapter:
         self.dtype = first.dtype
         self.device = first.device
         self._rotated_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._kv_bias: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.onednn = uses_onednn(model)  # the model's own linears run oneDNN (engine/kernels.py)
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -151,6 +152,19 @@ class Adapter:
         k, v = kv.chunk(2, dim=-1)
         d = self.head_dim(i)
         return heads(k, d), heads(v, d)
+
+    def kv_bias(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer i's K and V biases as (D,) fp32 each (zeros where the model has none).
+
+        Kept per layer: :meth:`kv_map` builds the whole (D, 2D) weight (1.3 ms a layer for
+        vit-base), which a ``kv`` job, needing only the biases, paid per layer and job.
+        """
+        cached = self._kv_bias.get(i)
+        if cached is None:
+            _, b = self.kv_map(i)  # (2D,)
+            kb, vb = b.detach().float().chunk(2)
+            cached = self._kv_bias[i] = (kb.contiguous(), vb.contiguous())
+        return cached
 
     def _folded_kv(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         # Weights are frozen for inference and an adapter never changes device or dtype

@@ -40,7 +40,6 @@ class CodedKV(Coder):
         super().__init__(job)
         adapter = job.adapter
         self.rows_of = {q: job.plan.sizes[q] for q in job.senders}
-        self._bias: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         # Layer 0 of every sender's rows, K and V rebuilt here from the inputs (the sender's own call).
         self.held: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for q in self.senders:
@@ -48,21 +47,12 @@ class CodedKV(Coder):
             _, k0, v0 = adapter.project(0, x0[:, :0], x0)
             self.held[q] = (k0, v0)
 
-    def bias(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer i's K and V biases as (D,) fp32 (zeros where the model has none)."""
-        cached = self._bias.get(i)
-        if cached is None:
-            _, b = self.adapter.kv_map(i)  # (2D,)
-            kb, vb = b.detach().float().chunk(2)
-            cached = self._bias[i] = (kb.contiguous(), vb.contiguous())
-        return cached
-
     def encode(self, i: int, k: torch.Tensor, v: torch.Tensor, c: int = 0) -> torch.Tensor:
         """This rank's layer-i payload (uint8) from the K and V (b, heads, n, d) of chunk c's rows."""
         if not self.receivers or i == 0:
             return torch.empty(0, dtype=torch.uint8, device=k.device)  # nobody reads it, or rebuilt
         b, h, n, d = k.shape
-        kb, vb = self.bias(i)
+        kb, vb = self.adapter.kv_bias(i)
         rows = torch.empty(2 * n, b, h * d, device=k.device)  # position-major: V positions, then K positions
         for t, bias, part in ((v, vb, rows[:n]), (k, kb, rows[n:])):
             # (b, h, n, d) is a view of the projection's (b, n, D) output: back to it, positions first
@@ -81,7 +71,7 @@ class CodedKV(Coder):
         values = v.new_empty(b, h, total, d)
         keys[:, :, :n], values[:, :, :n] = k, v
         start = n
-        kb, vb = self.bias(i)
+        kb, vb = self.adapter.kv_bias(i)
         for j, q in enumerate(self.senders):
             m = self.rows_of[q]
             if i == 0:
