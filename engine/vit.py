@@ -80,13 +80,22 @@ class ViTAdapter(Adapter):
         return Shapes(int(pixels.shape[0]), n_patches + 1)
 
     def _patches(self, px: torch.Tensor, span: range) -> torch.Tensor:
-        """The pixels of the patches in ``span``: (B, m, C, p, p), patches in row-major order."""
+        """The pixels of the patches in ``span``: (B, m, C, p, p), patches in row-major order.
+
+        Only the rows of patches the span touches are rearranged (a rank's share of the image,
+        not all of it: every rank of a ``codes`` or ``kv`` job cuts every rank's patches).
+        """
         b, c, hgt, wid = px.shape
         p = self.patch
-        patches = px.view(b, c, hgt // p, p, wid // p, p).permute(0, 2, 4, 1, 3, 5)
-        patches = patches.reshape(b, -1, c, p, p)  # (B, n_patches, C, p, p)
-        first = max(span.start, 1) - 1  # token t >= 1 is patch t - 1
-        return patches[:, first : span.stop - 1].contiguous()
+        across = wid // p
+        first, stop = max(span.start, 1) - 1, max(span.stop - 1, 0)  # token t >= 1 is patch t - 1
+        if stop <= first:
+            return px.new_empty(b, 0, c, p, p)
+        top, bottom = first // across, (stop - 1) // across + 1  # the rows of patches it touches
+        rows = px[:, :, top * p : bottom * p].view(b, c, bottom - top, p, across, p)
+        patches = rows.permute(0, 2, 4, 1, 3, 5).reshape(b, -1, c, p, p)  # (B, those rows' patches, C, p, p)
+        start = first - top * across
+        return patches[:, start : start + stop - first].contiguous()
 
     def split_inputs(
         self, inputs: Tensors, spans: list[range], *, every_row: bool = False
