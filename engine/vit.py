@@ -85,7 +85,7 @@ class ViTAdapter(Adapter):
         Only the rows of patches the span touches are rearranged (a rank's share of the image,
         not all of it: every rank of a ``codes`` or ``kv`` job cuts every rank's patches).
         """
-        b, c, hgt, wid = px.shape
+        b, c, _, wid = px.shape
         p = self.patch
         across = wid // p
         first, stop = max(span.start, 1) - 1, max(span.stop - 1, 0)  # token t >= 1 is patch t - 1
