@@ -4,13 +4,14 @@
 
 Starts mosquitto on a free loopback port and one agent serving the model (one torch thread,
 ``mode: local`` jobs), and beside it one plain worker process: the engine alone (one torch
-thread, glibc's defaults, no agent around it). Every round sends one job of ``batch`` random
-PNG images through the agent and runs the same images on the worker, order alternating
-round to round. The worker decodes the PNGs with the agent's own input code, so both run
-the model on the same tensors. Reported per sample: the agent's ``latency_ms.compute`` (the
-model's forward pass as the engine times it inside the agent) and ``engine`` (from the
-engine slot's start to its end: the forward plus the job's input tensors and output), and the
-worker's forward pass timed the same way; medians, spreads (IQR / median), and the ratio.
+thread, no agent around it; the agent's glibc settings unless ``--worker-malloc default``).
+Every round sends one job of ``batch`` random PNG images through the agent and runs the same
+images on the worker, order alternating round to round. The worker decodes the PNGs with the
+agent's own input code, so both run the model on the same tensors. Reported per sample: the
+agent's ``latency_ms.compute`` (the model's forward pass as the engine times it inside the
+agent) and ``engine`` (from the engine slot's start to its end: the forward plus the job's
+input tensors and output), and the worker's forward pass timed the same way; medians, spreads
+(IQR / median), and the ratio.
 
 ``--rss-jobs N`` then sends N more jobs through the agent alone and reports its resident
 memory every 50 jobs (what the agent's allocator settings must keep flat, agent/base/memory.py).
@@ -45,6 +46,9 @@ WORKER = """
 import json, sys, time, base64
 import torch
 torch.set_num_threads(1)
+if sys.argv[2] == "agent":
+    from agent.base.memory import tame_malloc
+    tame_malloc()
 from agent.jobs.inputs import to_tensors
 from engine.adapters import Task
 from engine.models import load
@@ -129,6 +133,12 @@ def main() -> None:
     p.add_argument("--model", default="vit-base")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--rounds", type=int, default=16)
+    p.add_argument(
+        "--worker-malloc",
+        choices=["agent", "default"],
+        default="agent",
+        help="the engine-alone worker's glibc settings: the agent's (the agent's own cost alone), or glibc's",
+    )
     p.add_argument("--rss-jobs", type=int, default=0, help="then this many jobs through the agent alone, RSS logged")
     p.add_argument("--out", type=Path, default=None, help="write the per-round figures here (JSON)")
     args = p.parse_args()
@@ -148,7 +158,7 @@ def main() -> None:
             stderr=subprocess.DEVNULL,
         )
         worker = subprocess.Popen(
-            [sys.executable, "-c", WORKER, args.model],
+            [sys.executable, "-c", WORKER, args.model, args.worker_malloc],
             cwd=REPO,
             env=env,
             stdin=subprocess.PIPE,

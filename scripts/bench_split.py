@@ -36,6 +36,9 @@ caps host 1's rank alone at half a CPU; with it, ``--weights`` defaults to 2 for
 but host 1, which gets 1. Every row of the jsonl names the cgroups in force (``cgroups``: rank,
 path, quota, and how many periods the kernel has throttled it so far).
 
+Every rank process, rank 0's ``local`` runs included, takes the agent's glibc settings
+(agent/base/memory.py) unless ``--malloc default``.
+
 Writes ``OUT.jsonl`` (every run) and ``OUT.md`` (the tables).
 """
 
@@ -95,6 +98,7 @@ class Ranks:
         port = random.randint(29600, 29900)
         ranks = str(bed.hosts)
         base = [sys.executable, RANK, "--ranks", ranks, "--master", f"{bed.address(0)}:{port}", "--model", args.model]
+        base += ["--malloc", args.malloc]
         pin = (lambda rank: ["--cpu", str(rank % (os.cpu_count() or 1))]) if args.pin else (lambda rank: [])
         self.followers = {
             f"rank{r}": bed.spawn(f"rank{r}", r, [*base, "--rank", str(r), *pin(r)], ENV) for r in range(1, bed.hosts)
@@ -191,7 +195,7 @@ def run_cell(
             if rnd < 0:
                 continue
             row = {"mbps": mbps, "batch": batch, "option": opt["name"], "round": rnd, **answer}
-            row.update(hosts=args.hosts, cap=args.cap, cgroups=cap_state(caps))
+            row.update(hosts=args.hosts, cap=args.cap, malloc=args.malloc, cgroups=cap_state(caps))
             row["per_sample_ms"] = answer["ms"] / batch
             if opt["op"] == "split":
                 row.update(bound(row, mbps))
@@ -340,6 +344,9 @@ def main() -> None:
     cpu.add_argument("--half-speed", action="store_true", help="cap host 1's rank at half a CPU")
     cpu.add_argument("--cap", type=float, default=None, help="cap every rank (local too) at this fraction of a CPU")
     p.add_argument("--pin", action="store_true", help="each host's rank on a CPU of its own (rank r on CPU r)")
+    p.add_argument(
+        "--malloc", choices=["agent", "default"], default="agent", help="ranks' glibc settings: the agent's, or glibc's"
+    )
     p.add_argument("--bound-cell", default="50,8", help="link,batch of the bound table")
     p.add_argument("--run-timeout-s", type=float, default=600.0)
     p.add_argument("--start-timeout-s", type=float, default=300.0)

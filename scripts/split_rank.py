@@ -36,6 +36,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from agent.base.memory import tame_malloc  # noqa: E402
 from engine.adapters import Task  # noqa: E402
 from engine.cost import block_macs_local, rank_macs  # noqa: E402
 from engine.distributed import run_rank  # noqa: E402
@@ -148,7 +149,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--timeout-s", type=float, default=900.0, help="GLOO collectives and the rendezvous")
     p.add_argument("--cpu", type=int, default=None, help="pin this process (and its threads) to one CPU")
+    p.add_argument("--malloc", choices=["agent", "default"], default="agent", help="glibc: the agent's settings or its")
     args = p.parse_args()
+    if args.malloc == "agent":
+        tame_malloc()  # before the model loads, as the agent does (agent/base/memory.py)
     if args.cpu is not None:
         os.sched_setaffinity(0, {args.cpu})  # before torch and GLOO start their threads
     torch.set_num_threads(args.threads)
