@@ -82,8 +82,11 @@ def options(args: argparse.Namespace) -> list[dict[str, Any]]:
         if mode in ("full", "means") and args.wire_dtype:
             req["wire_dtype"] = args.wire_dtype
         label = mode if mode == "full" else f"{mode}@{req['cr']:g}"
-        on = {"overlap": True, "chunks": args.chunks} if args.chunks else {"overlap": True}
-        out.append({**req, "name": f"{label} on", **on})
+        chunk_counts = [int(c) for c in args.chunks.split(",")] if args.chunks else [None]
+        for count in chunk_counts:  # several: each a variant of its own, named for its count
+            name = f"{label} on" if len(chunk_counts) == 1 else f"{label} on c{count}"
+            out.append({**req, "name": name, "overlap": True, **({"chunks": count} if count else {})})
+        on = {"overlap": True, **({"chunks": chunk_counts[0]} if chunk_counts[0] else {})}
         if not args.overlap_only:
             out.append({**req, "name": f"{label} off", "overlap": False})
         if args.weights:
@@ -336,7 +339,9 @@ def main() -> None:
     p.add_argument("--kv-cr", type=float, default=4.0, help="kv byte budget (1/CR of full)")
     p.add_argument("--wire-dtype", choices=["fp16", "bf16"], default=None, help="segment rows (full, means)")
     p.add_argument("--runs", type=int, default=16, help="timed rounds per cell")
-    p.add_argument("--chunks", type=int, default=None, help="batch pieces with overlap (default: the engine's)")
+    p.add_argument(
+        "--chunks", default=None, help="batch pieces with overlap (default: engine's); several (2,4): one variant each"
+    )
     p.add_argument("--overlap-only", action="store_true", help="only the overlapped runs (no 'off' variants)")
     p.add_argument("--weights", default=None, help="add weighted plans, one weight a host, e.g. 2,1")
     p.add_argument("--hosts", type=int, default=2, help="P: namespace hosts, one rank each")

@@ -52,11 +52,13 @@ def test_every_option_runs_on_a_shaped_and_an_unshaped_link(tmp_path: Path) -> N
 
 def test_three_capped_hosts_against_local_at_the_same_cap(tmp_path: Path) -> None:
     out = tmp_path / "p3"
-    rows = bench(out, "--hosts", "3", "--cap", "0.5", "--rates", "0", "--modes", "means,kv")
-    assert {r["option"] for r in rows} == {"local", "means@9.9 on", "means@9.9 off", "kv@4 on", "kv@4 off"}
+    flags = ["--hosts", "3", "--cap", "0.5", "--rates", "0", "--modes", "means,kv", "--overlap-only", "--chunks", "1,2"]
+    rows = bench(out, *flags)
+    assert {r["option"] for r in rows} == {"local", "means@9.9 on c1", "means@9.9 on c2", "kv@4 on c1", "kv@4 on c2"}
     assert len(rows) == 2 * 5
+    assert all(r["chunks"] == int(r["option"][-1]) for r in rows if r["option"] != "local")  # a variant per count
     for row in rows:  # every rank, rank 0 and so local included, in a cgroup of its own at half a CPU
-        assert (row["hosts"], row["cap"]) == (3, 0.5)
+        assert (row["hosts"], row["cap"], row["malloc"]) == (3, 0.5, "agent")
         assert [c["rank"] for c in row["cgroups"]] == [0, 1, 2]
         assert len({c["cgroup"] for c in row["cgroups"]}) == 3
         assert all((c["quota_us"], c["period_us"]) == (5000, 10000) for c in row["cgroups"])
@@ -67,4 +69,4 @@ def test_three_capped_hosts_against_local_at_the_same_cap(tmp_path: Path) -> Non
     table = out.with_suffix(".md").read_text()
     assert "P = 3, every rank capped at 0.5 CPU, unshaped, batch 2" in table
     assert "predicted x |" in table
-    assert all(f"| {name} |" in table for name in ("local", "means@9.9 on", "kv@4 on", "kv@4 off"))
+    assert all(f"| {name} |" in table for name in ("local", "means@9.9 on c1", "kv@4 on c1", "kv@4 on c2"))
