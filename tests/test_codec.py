@@ -89,11 +89,17 @@ def _bit_serial_pack(codes: list[int], b: int) -> list[int]:
     return [sum(bit << j for j, bit in enumerate(stream[m : m + 8])) for m in range(0, len(stream), 8)]
 
 
+@pytest.mark.parametrize("little_endian", [True, False], ids=["words", "big-endian-path"])
 @pytest.mark.parametrize("b", range(1, MAX_BITS + 1))
-def test_pack_writes_the_bit_serial_wire_format(b: int) -> None:
+def test_pack_writes_the_bit_serial_wire_format(b: int, little_endian: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both paths (whole words on little-endian hosts, the plain one big-endian hosts take)
+    write the same bytes and read them back."""
+    monkeypatch.setattr(codec, "_LITTLE", little_endian)
     gen = torch.Generator().manual_seed(b)
     codes = torch.randint(0, 2**b, (77,), generator=gen, dtype=torch.uint8)
-    assert codec.pack(codes, b).tolist() == _bit_serial_pack(codes.tolist(), b)
+    packed = codec.pack(codes, b)
+    assert packed.tolist() == _bit_serial_pack(codes.tolist(), b)
+    assert torch.equal(codec.unpack(packed, b, 77), codes)
 
 
 def test_pack_is_lsb_first() -> None:
