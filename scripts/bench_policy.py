@@ -334,9 +334,9 @@ def plot(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(batches), figsize=(3.2 * len(batches), 3.4), sharey=True)
+    fig, axes = plt.subplots(1, len(batches), figsize=(3.2 * len(batches), 3.4), sharey=True, squeeze=False)
     xs = list(range(len(rates)))
-    for ax, b in zip(axes, batches, strict=True):
+    for ax, b in zip(axes[0], batches, strict=True):  # squeeze=False: a row of axes even for one batch
         for o in options:
             style = {"linewidth": 2.5, "color": "black", "linestyle": "--"} if o == "auto" else {}
             ax.plot(xs, [cell[(m, b, o)] for m in rates], marker="o", label=o, **style)
@@ -344,8 +344,8 @@ def plot(
         ax.set_title(f"batch {b}")
         ax.set_xlabel("link (Mbit/s)")
         ax.set_yscale("log")
-    axes[0].set_ylabel(what)
-    axes[-1].legend(fontsize=7)
+    axes[0][0].set_ylabel(what)
+    axes[0][-1].legend(fontsize=7)
     fig.suptitle(f"{args.model}, {args.hosts} hosts: {what} by mode, link and batch")
     fig.tight_layout()
     fig.savefig(args.out.with_name(args.out.name + suffix + ".png"), dpi=110)
