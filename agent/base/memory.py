@@ -41,7 +41,7 @@ _M_MMAP_THRESHOLD = -3
 #: Blocks up to this size come from the heap (glibc's own upper bound for the setting on
 #: 64-bit): every activation of a job, where the dynamic default let many be mmapped.
 MMAP_THRESHOLD = 32 << 20
-#: Free memory at the heap's top that free() leaves in the process (the timed trim returns it).
+#: Free memory at the heap's top that free() leaves in the process (a trim returns it).
 TRIM_THRESHOLD = 1 << 30
 
 
@@ -60,7 +60,7 @@ _heap = _Heap()
 
 
 def tame_malloc() -> bool:
-    """Two malloc arenas, and freed memory kept for the next job until the timed trim. True
+    """Two malloc arenas, and freed memory kept for the next job until a trim. True
     when the C library took the settings (glibc on Linux)."""
     try:
         libc = ctypes.CDLL(None)
