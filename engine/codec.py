@@ -176,7 +176,8 @@ def _padded(flat: torch.Tensor, multiple: int) -> torch.Tensor:
     return flat if flat.storage_offset() % multiple == 0 else flat.clone()
 
 
-def _lane_masks(b: int) -> list[tuple[int, int]]:
+@functools.lru_cache(maxsize=MAX_BITS)
+def _lane_masks(b: int) -> tuple[tuple[int, int], ...]:
     """(lane width in bits, mask of the low b * lane / 8 bits of every lane) for the three
     rounds of packing eight b-bit codes in an int64: lanes of 16, 32 and 64 bits."""
     rounds = []
@@ -185,7 +186,7 @@ def _lane_masks(b: int) -> list[tuple[int, int]]:
         per_word = 64 // lane
         mask = sum(((1 << held) - 1) << (lane * j) for j in range(per_word))
         rounds.append((lane, mask if mask < 2**63 else mask - 2**64))
-    return rounds
+    return tuple(rounds)
 
 
 def pack(codes: torch.Tensor, b: int) -> torch.Tensor:
