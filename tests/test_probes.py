@@ -106,6 +106,42 @@ async def test_a_bulk_that_outruns_its_time_bounds_the_link_instead_of_failing()
     assert 0 < slow.value.mbps < 1 * 8 / 0.5  # 1 MiB not through in ~1 s: under ~16 Mbit/s
 
 
+async def test_a_fast_link_is_read_with_a_payload_sized_to_it_in_the_first_round(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A first probe knows nothing of the link and sends 256 KiB: on a link of gigabits that
+    # times TCP's slow start (a veth link of 2-3 Gbit/s read 307 Mbit/s), and splits were
+    # priced on it for a whole round (30 s by default). The loop probes again at once, sized.
+    import agent.cluster.links as links_module
+
+    sent: list[int] = []
+
+    async def counted(address: str, port: int, *, payload_bytes: int) -> tuple[float, float]:
+        sent.append(payload_bytes)
+        return await probe(address, port, payload_bytes=payload_bytes)
+
+    monkeypatch.setattr(links_module, "probe", counted)
+    async with ProbeServer("127.0.0.1") as server:
+        peers = PeerTable("c", me="me")
+        peers.seen(Peer("p", "c", "127.0.0.1", probe_port=server.port), time.monotonic())
+        links = LinkTable()
+        task = asyncio.ensure_future(probe_loop(peers, links, 60.0))  # one round in this test
+
+        def read_with_a_sized_probe() -> bool:
+            estimate = links.links.get("p")
+            if estimate is None or estimate.mbps is None or estimate.samples != len(sent):
+                return False
+            return sent[-1] >= links_module.UNDERSIZED * probe_bytes(estimate.mbps)
+
+        try:
+            await _until(lambda: len(sent) >= 2 and read_with_a_sized_probe(), 10.0)
+        finally:
+            task.cancel()
+    assert sent[0] == 256 << 10
+    assert sent[1] > 4 * sent[0]  # loopback carries gigabits: the next is sized to what the first read
+    assert len(sent) <= 1 + links_module.RESIZES
+
+
 async def _probed(peers: PeerTable, runs: RunsWith) -> tuple[LinkTable, float]:
     """Run the probe loop for half a second with ``runs``; what it measured."""
     links = LinkTable()
