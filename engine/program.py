@@ -32,6 +32,13 @@ from engine.wire import widen_tokens
 #: Most chunks a batch is cut into by default under overlap: each exchange then hides
 #: behind three quarters of a layer's compute, and chunks of >= 2 samples keep GEMMs large.
 MAX_CHUNKS = 4
+#: Where a job's link time is under this share of its compute there is little to hide, and
+#: every chunk costs its own codec calls, GLOO messages and smaller GEMMs: such a job runs in
+#: ``FAST_LINK_CHUNKS`` (:func:`chunks_for`). vit-base batch 8 at P = 2 (docs/benchmarks.md
+#: §10): two chunks saved 3-6 % unshaped (link share ~0.03), tied at 100 Mbit/s for codes@8
+#: and means (0.14-0.23), and lost kv@4 10 % there (0.53).
+FAST_LINK_SHARE = 0.25
+FAST_LINK_CHUNKS = 2
 
 #: What :meth:`RankProgram.prepare` computes before the remote rows arrive: Q, K, V of the
 #: local rows, each (B, heads, n, d).
@@ -253,6 +260,16 @@ class RankProgram:
         if self.spec.gather_hidden:
             out["hidden"] = place_rows(h, self.span, self.spec.shapes)
         return out
+
+
+def chunks_for(batch: int, link_ms: float | None, compute_ms: float | None) -> int:
+    """Chunks for a job run with overlap: ``min(batch, MAX_CHUNKS)``, or at most
+    ``FAST_LINK_CHUNKS`` where the link time one rank's sends take (``link_ms``) is under
+    ``FAST_LINK_SHARE`` of the job's compute (``compute_ms``); unknown figures keep the default."""
+    chunks = min(batch, MAX_CHUNKS)
+    if link_ms is None or compute_ms is None or compute_ms <= 0 or link_ms >= FAST_LINK_SHARE * compute_ms:
+        return chunks
+    return min(chunks, FAST_LINK_CHUNKS)
 
 
 def plan_job(

@@ -74,6 +74,10 @@ def test_demo_auto_splits_on_the_fast_link_and_stays_local_on_the_slow_one(
         assert r["cosine_vs_local"] == pytest.approx(1.0, abs=1e-6)
     # Auto's choice was the faster one: the forced split on the slow link took longer than local there.
     slow_split = next(r for r in slow["results"] if r["role"] == "split")
+    # On the fast link the exchanges have nothing to hide behind: the splits ran the batch in two
+    # chunks; on the slow link the forced split needed the longer window of four.
+    assert [r["decision"]["chunks"] for r in _autos(fast) if r["mode"] == "distributed"] in ([2], [2, 2])
+    assert slow_split["decision"]["chunks"] == 4
     assert slow_split["latency_ms"]["engine"] > max(r["latency_ms"]["engine"] for r in _autos(slow))
     assert "two different choices" in run["summary"]
 

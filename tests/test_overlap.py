@@ -13,7 +13,7 @@ from engine.codec import bits_for_budget
 from engine.coded import chunk_bits
 from engine.errors import BadRequest, FailureReason, GroupError
 from engine.inputs import make_inputs
-from engine.program import MAX_CHUNKS, plan_job
+from engine.program import FAST_LINK_CHUNKS, FAST_LINK_SHARE, MAX_CHUNKS, chunks_for, plan_job
 from engine.schedule import Step, steps
 from engine.segments import Compression, Method
 from engine.sim import run_local, run_simulated
@@ -78,6 +78,24 @@ def test_plan_job_overlaps_by_default_and_checks_chunks(models: Models) -> None:
     assert (off.overlap, off.chunks) == (False, 1)
     with pytest.raises(BadRequest, match=r"chunks must be 1\.\.6"):
         plan_job(adapter, "tiny-bert", Task.EMBED, inputs, ranks=2, comp=Compression(cr=4), chunks=7)
+
+
+@pytest.mark.parametrize(
+    ("batch", "link_ms", "compute_ms", "chunks"),
+    [
+        (8, 25.0, 800.0, FAST_LINK_CHUNKS),  # vit-base b8 kv@4 unshaped: nothing to hide, fewer chunks
+        (8, 580.0, 1100.0, MAX_CHUNKS),  # kv@4 at 100 Mbit/s: the exchange needs the longer window
+        (8, FAST_LINK_SHARE * 800.0, 800.0, MAX_CHUNKS),  # at the share itself: the default
+        (8, None, 800.0, MAX_CHUNKS),  # an unknown link, or no prediction: the default
+        (8, 25.0, None, MAX_CHUNKS),
+        (1, 1.0, 800.0, 1),  # never more chunks than samples
+        (3, 1.0, 800.0, 2),
+    ],
+)
+def test_a_fast_link_runs_in_fewer_chunks(
+    batch: int, link_ms: float | None, compute_ms: float | None, chunks: int
+) -> None:
+    assert chunks_for(batch, link_ms, compute_ms) == chunks
 
 
 # -- the numbers --------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ answer then.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -32,8 +33,9 @@ from agent.jobs.inputs import to_output, to_tensors
 from agent.jobs.token_feed import Sink
 from engine.adapters import Task, Tensors
 from engine.errors import BadRequest, FailureReason, GroupError, PrismError
+from engine.fidelity import planned_bytes
 from engine.models import LoadedModel
-from engine.program import JobSpec, plan_job
+from engine.program import JobSpec, chunks_for, plan_job
 from engine.segments import Compression, Method
 from engine.sim import run_local
 from engine.trace import RunResult
@@ -167,6 +169,23 @@ class JobService:
         raw = await loop.run_in_executor(self._prep, prep, job, model, self.settings.limits)
         return task, {k: v.to(model.adapter.device) for k, v in raw.items()}
 
+    def _chunked(
+        self, spec: JobSpec, served: Served, tensors: Tensors, used: list[Peer], predicted_ms: float | None
+    ) -> JobSpec:
+        """``spec`` in fewer chunks where its link has little to hide (:func:`chunks_for`): the
+        bytes one rank sends over the slowest probed link of ``used``, against the compute the
+        decision predicted."""
+        if not spec.overlap or predicted_ms is None or self.distributor is None:
+            return spec
+        links = self.distributor.link_report()
+        rates = [links.get(p.node, {}).get("mbps") or 0.0 for p in used]
+        if not rates or min(rates) <= 0:
+            return spec
+        sent = planned_bytes(served.model.adapter, spec, tensors) / spec.plan.ranks
+        link_ms = sent * 8 / min(rates) / 1e3
+        chunks = chunks_for(spec.batch, link_ms, predicted_ms - link_ms)
+        return spec if chunks == spec.chunks else dataclasses.replace(spec, chunks=chunks)
+
     def _peers(self, job: Job, served: Served) -> list[Peer]:
         peers = self.distributor.peers_for(job.model, served.fingerprint) if self.distributor else []
         if job.peers is None:
@@ -227,6 +246,9 @@ class JobService:
                 comp = Compression(cr=cr, method=Method.parse(method or "means"))
                 adapter = served.model.adapter
                 spec = plan_job(adapter, job.model, task, tensors, ranks=len(used) + 1, comp=comp, weights=weights)
+                if job.peers is None:  # pinned peers (the profiler's passes) keep the default, comparable
+                    spec = self._chunked(spec, served, tensors, used, chosen.predicted_ms)
+                decision["chunks"] = spec.chunks
                 result = await _until(deadline, self.distributor.run_distributed(served, spec, tensors, used))
             except DeadlineExceeded:
                 raise
