@@ -31,7 +31,10 @@ below it says how much those cost.
 
 ``--cap F`` puts every rank's process, rank 0 included (so ``local`` too), in a CPU cgroup of
 its own capped at F of one CPU (testbed/cpucap.py: cgroup v2 ``cpu.max`` or v1 cfs quota, per
-10 ms period): P boxes of that speed, each against local on one such box. ``--half-speed``
+10 ms period, or ``--cap-period-us``): P boxes of that speed, each against local on one such box.
+A capped rank runs its quota at full speed and then waits out the period. A 2 ms period,
+tried so that a rank waiting on a throttled peer would lose less at each exchange, made
+local 9 % and the P = 4 splits 18-26 % slower (docs/benchmarks.md §10), so 10 ms stays. ``--half-speed``
 caps host 1's rank alone at half a CPU; with it, ``--weights`` defaults to 2 for every host
 but host 1, which gets 1. Every row of the jsonl names the cgroups in force (``cgroups``: rank,
 path, quota, and how many periods the kernel has throttled it so far).
@@ -61,7 +64,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from testbed.bed import Testbed, exit_on_sigterm  # noqa: E402
-from testbed.cpucap import CpuCap, cpu_cap  # noqa: E402
+from testbed.cpucap import CPU_PERIOD_US, CpuCap, cpu_cap  # noqa: E402
 
 RANK = str(REPO / "scripts" / "split_rank.py")
 ENV = {"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
@@ -242,9 +245,10 @@ def shares(args: argparse.Namespace) -> dict[int, float]:
 
 def capped(args: argparse.Namespace) -> str:
     """How the hosts' CPUs were capped, in words."""
+    period = "" if args.cap_period_us == CPU_PERIOD_US else f" (a {args.cap_period_us / 1e3:g} ms period)"
     if args.cap:
-        return f"every rank capped at {args.cap:g} CPU"
-    return "host 1 capped at half a CPU" if args.half_speed else "no cap"
+        return f"every rank capped at {args.cap:g} CPU{period}"
+    return f"host 1 capped at half a CPU{period}" if args.half_speed else "no cap"
 
 
 def predicted(args: argparse.Namespace, cells: dict[tuple[float, int, str], dict[str, float]]) -> list[str]:
@@ -348,6 +352,12 @@ def main() -> None:
     cpu = p.add_mutually_exclusive_group()
     cpu.add_argument("--half-speed", action="store_true", help="cap host 1's rank at half a CPU")
     cpu.add_argument("--cap", type=float, default=None, help="cap every rank (local too) at this fraction of a CPU")
+    p.add_argument(
+        "--cap-period-us",
+        type=int,
+        default=CPU_PERIOD_US,
+        help="the caps' period: a capped rank runs its quota, then waits out the period (default 10000)",
+    )
     p.add_argument("--pin", action="store_true", help="each host's rank on a CPU of its own (rank r on CPU r)")
     p.add_argument(
         "--malloc", choices=["agent", "default"], default="agent", help="ranks' glibc settings: the agent's, or glibc's"
@@ -374,7 +384,7 @@ def main() -> None:
         try:
             with contextlib.ExitStack() as stack:
                 caps = {
-                    r: stack.enter_context(cpu_cap(ranks.pid(r), f, f"prism-cap-{bed.tag}-r{r}"))
+                    r: stack.enter_context(cpu_cap(ranks.pid(r), f, f"prism-cap-{bed.tag}-r{r}", args.cap_period_us))
                     for r, f in shares(args).items()
                 }
                 for r, cap in caps.items():
