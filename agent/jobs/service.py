@@ -258,6 +258,7 @@ class JobService:
                 reason = fallback_reason(exc)
                 log.warning("distributed_fallback", job=job.id, reason=reason.value, error=str(exc)[:200])
                 decision["fallback_reason"] = str(exc)[:300] or type(exc).__name__
+                decision.pop("chunks", None)  # the batch ran locally, in one piece
                 result, used, cr, method, fallback = None, [], None, None, True
         elif job.mode is Mode.DISTRIBUTED:
             fallback = True
