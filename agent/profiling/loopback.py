@@ -30,7 +30,7 @@ from engine.adapters import Adapter, Task, Tensors
 from engine.errors import BadRequest
 from engine.inputs import make_inputs
 from engine.models import LoadedModel, fingerprint, load
-from engine.program import chunks_for, plan_job
+from engine.program import plan_job
 from engine.segments import Compression, Method
 from engine.sim import run_local
 from engine.trace import RunResult
@@ -224,11 +224,7 @@ def _runner(
     if cluster is None:
         return lambda: run_local(model.adapter, task, inputs)
     comp = Compression(cr=cr, method=Method.parse(method or Method.MEANS.value))
-    batch = model.adapter.shapes(inputs).batch
-    # Loopback is the fastest link there is: the chunks an agent runs a split in on a link with
-    # nothing to hide (engine.program.chunks_for), so the map prices the split it would run.
-    chunks = chunks_for(batch, 0.0, 1.0)
-    spec = plan_job(model.adapter, model.name, task, inputs, ranks=ranks, comp=comp, chunks=chunks)
+    spec = plan_job(model.adapter, model.name, task, inputs, ranks=ranks, comp=comp)
     return lambda: cluster.run(model, spec, inputs)
 
 
